@@ -1,0 +1,204 @@
+//! `PUT /_matrix/app/v1/transactions/{txnId}` (spec: Application Service API, "Pushing events";
+//! MSC2409 ephemeral data and to-device messages).
+//!
+//! The transaction id and every item it carries are committed to the store in one database
+//! transaction before 200 is answered; a replayed id is answered 200 and not stored again.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use super::Appservice;
+use crate::http::MatrixError;
+use crate::store::{Ingested, ItemKind, NewItem};
+use crate::telemetry::Rejection;
+
+/// The body Synapse sends. Both the stable and the MSC2409 (`de.sorunome.msc2409.*`) keys are read;
+/// when both carry the same data (Synapse duplicates ephemeral data under both), the stable one wins.
+#[derive(Deserialize)]
+struct Transaction<'a> {
+    #[serde(default, borrow)]
+    events: Vec<&'a RawValue>,
+    #[serde(default, borrow)]
+    ephemeral: Option<Vec<&'a RawValue>>,
+    #[serde(default, borrow, rename = "de.sorunome.msc2409.ephemeral")]
+    msc2409_ephemeral: Option<Vec<&'a RawValue>>,
+    #[serde(default, borrow, rename = "to_device")]
+    to_device: Option<Vec<&'a RawValue>>,
+    #[serde(default, borrow, rename = "de.sorunome.msc2409.to_device")]
+    msc2409_to_device: Option<Vec<&'a RawValue>>,
+}
+
+/// The fields of an item that the store indexes; the item itself is stored as received.
+#[derive(Deserialize)]
+struct ItemFields<'a> {
+    #[serde(rename = "type", borrow)]
+    event_type: Cow<'a, str>,
+    #[serde(default, borrow)]
+    sender: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    room_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    event_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    to_user_id: Option<Cow<'a, str>>,
+}
+
+pub(super) async fn put(
+    State(appservice): State<Arc<Appservice>>,
+    txn_id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, MatrixError> {
+    let started = Instant::now();
+    let metrics = &appservice.metrics;
+    let Path(txn_id) = txn_id.map_err(|e| {
+        metrics.reject(Rejection::BadJson);
+        MatrixError::new(
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+            format!("Invalid transaction id: {e}"),
+        )
+    })?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            metrics.reject(Rejection::TooLarge);
+            MatrixError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "M_TOO_LARGE",
+                "Transaction body is too large",
+            )
+        } else {
+            metrics.reject(Rejection::NotJson);
+            MatrixError::new(
+                StatusCode::BAD_REQUEST,
+                "M_NOT_JSON",
+                "Cannot read the request body",
+            )
+        }
+    })?;
+    let transaction: Transaction<'_> = serde_json::from_slice(&body).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            metrics.reject(Rejection::NotJson);
+            MatrixError::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", "Body is not valid JSON")
+        } else {
+            metrics.reject(Rejection::BadJson);
+            MatrixError::new(
+                StatusCode::BAD_REQUEST,
+                "M_BAD_JSON",
+                format!("Not a transaction: {e}"),
+            )
+        }
+    })?;
+    let fields = Fields::parse(&transaction).map_err(|error| {
+        metrics.reject(Rejection::BadJson);
+        MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", error)
+    })?;
+    let items = fields.items();
+
+    let outcome = appservice
+        .store
+        .ingest(&txn_id, unix_millis(), &items)
+        .await
+        .map_err(|error| {
+            metrics.database_errors.inc();
+            metrics.reject(Rejection::Database);
+            tracing::error!(%error, txn_id, "appservice.transaction could not be stored");
+            MatrixError::unknown("Could not store the transaction; retry later")
+        })?;
+    match outcome {
+        Ingested::New { items: stored } => {
+            metrics.transactions_received.inc();
+            for kind in [ItemKind::Event, ItemKind::Ephemeral, ItemKind::ToDevice] {
+                let count = items.iter().filter(|item| item.kind == kind).count();
+                if count > 0 {
+                    metrics.stored(kind, count as u64);
+                }
+            }
+            tracing::debug!(
+                txn_id,
+                items = items.len(),
+                stored,
+                "appservice.transaction stored"
+            );
+        }
+        Ingested::Duplicate => {
+            metrics.transactions_duplicate.inc();
+            tracing::debug!(txn_id, "appservice.transaction replayed; already stored");
+        }
+    }
+    metrics
+        .transaction_seconds
+        .observe(started.elapsed().as_secs_f64());
+    Ok(Json(json!({})))
+}
+
+/// The indexed fields of every item, parsed from the borrowed body.
+struct Fields<'a> {
+    parsed: Vec<(ItemKind, ItemFields<'a>, &'a RawValue)>,
+}
+
+impl<'a> Fields<'a> {
+    fn parse(transaction: &Transaction<'a>) -> Result<Self, String> {
+        let ephemeral = transaction
+            .ephemeral
+            .as_ref()
+            .or(transaction.msc2409_ephemeral.as_ref());
+        let to_device = transaction
+            .to_device
+            .as_ref()
+            .or(transaction.msc2409_to_device.as_ref());
+        let groups = [
+            (ItemKind::Event, Some(&transaction.events)),
+            (ItemKind::Ephemeral, ephemeral),
+            (ItemKind::ToDevice, to_device),
+        ];
+        let mut parsed = Vec::new();
+        for (kind, raws) in groups {
+            for (index, raw) in raws.into_iter().flatten().enumerate() {
+                let fields: ItemFields<'a> = serde_json::from_str(raw.get()).map_err(|e| {
+                    format!(
+                        "{} item {index} is not an object with a string \"type\": {e}",
+                        kind.as_str()
+                    )
+                })?;
+                parsed.push((kind, fields, *raw));
+            }
+        }
+        Ok(Self { parsed })
+    }
+
+    fn items(&self) -> Vec<NewItem<'_>> {
+        self.parsed
+            .iter()
+            .map(|(kind, fields, raw)| NewItem {
+                kind: *kind,
+                event_type: &fields.event_type,
+                sender: fields.sender.as_deref(),
+                room_id: fields.room_id.as_deref(),
+                // Only room events have ids that identify them; EDUs and to-device messages do not.
+                event_id: if *kind == ItemKind::Event {
+                    fields.event_id.as_deref()
+                } else {
+                    None
+                },
+                to_user_id: fields.to_user_id.as_deref(),
+                body: raw.get(),
+            })
+            .collect()
+    }
+}
+
+fn unix_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,329 @@
+//! Switchboard → homeserver, with the `as_token`: token checks (`whoami`), masquerading as users in
+//! the namespace, registering our own sender user, and pinging the homeserver.
+//!
+//! The homeserver may be down when Switchboard starts: [`HomeserverClient::watch_health`] keeps
+//! trying with backoff and publishes what it saw, which `/ready` reports.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ruma::{OwnedDeviceId, OwnedUserId};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::config::{Config, Secret};
+use crate::telemetry::Metrics;
+
+/// Entries kept in the `whoami` cache before expired ones are swept.
+const WHOAMI_CACHE_MAX: usize = 100_000;
+/// Backoff while the homeserver is unreachable: 1 s doubling to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Re-check interval while the homeserver is healthy.
+const HEALTHY_RECHECK: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HomeserverError {
+    #[error("homeserver unreachable: {0}")]
+    Unreachable(#[source] reqwest::Error),
+    #[error("homeserver answered {status} {errcode}: {error}")]
+    Matrix {
+        status: u16,
+        errcode: String,
+        error: String,
+    },
+    #[error("unexpected answer from the homeserver: {0}")]
+    InvalidResponse(String),
+}
+
+impl HomeserverError {
+    /// The Matrix error code, when the homeserver answered with one.
+    pub fn errcode(&self) -> Option<&str> {
+        match self {
+            HomeserverError::Matrix { errcode, .. } => Some(errcode),
+            _ => None,
+        }
+    }
+}
+
+/// Who an access token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Whoami {
+    pub user_id: OwnedUserId,
+    pub device_id: Option<OwnedDeviceId>,
+}
+
+/// What the last health check saw; served by `/ready`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HomeserverStatus {
+    /// The homeserver answered our last request.
+    pub reachable: bool,
+    /// The homeserver could reach our appservice listener (its ping round-trip), in milliseconds.
+    pub appservice_ping_ms: Option<u64>,
+    /// Why the last check failed.
+    pub last_error: Option<String>,
+}
+
+pub struct HomeserverClient {
+    http: reqwest::Client,
+    base: Url,
+    as_token: Secret,
+    appservice_id: String,
+    sender_localpart: String,
+    whoami_ttl: Duration,
+    whoami_cache: Mutex<HashMap<String, (Whoami, Instant)>>,
+    status: watch::Sender<HomeserverStatus>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Deserialize)]
+struct MatrixErrorBody {
+    errcode: String,
+    #[serde(default)]
+    error: String,
+}
+
+#[derive(Deserialize)]
+struct WhoamiBody {
+    user_id: OwnedUserId,
+    device_id: Option<OwnedDeviceId>,
+}
+
+impl HomeserverClient {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Self, HomeserverError> {
+        let http = reqwest::Client::builder()
+            .timeout(config.request_timeout())
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(HomeserverError::Unreachable)?;
+        Ok(Self {
+            http,
+            base: config.homeserver.url.clone(),
+            as_token: config.as_token().clone(),
+            appservice_id: config.appservice.id.clone(),
+            sender_localpart: config.appservice.sender_localpart.clone(),
+            whoami_ttl: config.whoami_cache_ttl(),
+            whoami_cache: Mutex::new(HashMap::new()),
+            status: watch::Sender::new(HomeserverStatus::default()),
+            metrics,
+        })
+    }
+
+    /// The URL of a client-server API path (segments are percent-encoded by the caller's `segments`).
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    /// A request with the `as_token`.
+    fn request(&self, method: reqwest::Method, segments: &[&str]) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(segments))
+            .bearer_auth(self.as_token.expose())
+    }
+
+    /// A request made as `user_id` (and `device_id`), a user in our namespace (masquerading).
+    pub fn request_as(
+        &self,
+        method: reqwest::Method,
+        segments: &[&str],
+        user_id: &ruma::UserId,
+        device_id: Option<&ruma::DeviceId>,
+    ) -> reqwest::RequestBuilder {
+        let mut url = self.url(segments);
+        url.query_pairs_mut().append_pair("user_id", user_id.as_str());
+        if let Some(device_id) = device_id {
+            url.query_pairs_mut().append_pair("device_id", device_id.as_str());
+        }
+        self.http.request(method, url).bearer_auth(self.as_token.expose())
+    }
+
+    /// Sends a request and decodes a JSON answer, turning Matrix errors into [`HomeserverError::Matrix`].
+    pub async fn send<T: for<'de> Deserialize<'de>>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, HomeserverError> {
+        let response = request.send().await.map_err(|e| {
+            self.metrics.homeserver_errors.inc();
+            HomeserverError::Unreachable(e.without_url())
+        })?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| HomeserverError::Unreachable(e.without_url()))?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes)
+                .map_err(|e| HomeserverError::InvalidResponse(e.to_string()));
+        }
+        self.metrics.homeserver_errors.inc();
+        let body: MatrixErrorBody = serde_json::from_slice(&bytes).unwrap_or(MatrixErrorBody {
+            errcode: "M_UNKNOWN".to_owned(),
+            error: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+        });
+        Err(HomeserverError::Matrix {
+            status: status.as_u16(),
+            errcode: body.errcode,
+            error: body.error,
+        })
+    }
+
+    /// Who `access_token` belongs to (`GET /_matrix/client/v3/account/whoami`), cached for the
+    /// configured time. Failures are not cached.
+    pub async fn whoami(&self, access_token: &str) -> Result<Whoami, HomeserverError> {
+        let now = Instant::now();
+        if let Some((whoami, expires)) = self.cache().get(access_token)
+            && *expires > now
+        {
+            return Ok(whoami.clone());
+        }
+        let request = self
+            .http
+            .get(self.url(&["_matrix", "client", "v3", "account", "whoami"]))
+            .bearer_auth(access_token);
+        let body: WhoamiBody = self.send(request).await?;
+        let whoami = Whoami {
+            user_id: body.user_id,
+            device_id: body.device_id,
+        };
+        let mut cache = self.cache();
+        if cache.len() >= WHOAMI_CACHE_MAX {
+            cache.retain(|_, (_, expires)| *expires > now);
+            if cache.len() >= WHOAMI_CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(access_token.to_owned(), (whoami.clone(), now + self.whoami_ttl));
+        Ok(whoami)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Whoami, Instant)>> {
+        self.whoami_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Asks the homeserver to ping our appservice listener
+    /// (`POST /_matrix/client/v1/appservice/{id}/ping`); returns the round-trip it measured.
+    /// This also makes Synapse retry transactions it was holding back.
+    pub async fn ping(&self) -> Result<Duration, HomeserverError> {
+        #[derive(Deserialize)]
+        struct Pong {
+            duration_ms: u64,
+        }
+        let request = self
+            .request(
+                reqwest::Method::POST,
+                &[
+                    "_matrix",
+                    "client",
+                    "v1",
+                    "appservice",
+                    &self.appservice_id,
+                    "ping",
+                ],
+            )
+            .json(&json!({ "transaction_id": format!("switchboard-{}", std::process::id()) }));
+        let pong: Pong = self.send(request).await?;
+        Ok(Duration::from_millis(pong.duration_ms))
+    }
+
+    /// Registers our sender user if the homeserver does not have it yet.
+    pub async fn ensure_sender_registered(&self) -> Result<(), HomeserverError> {
+        let request = self
+            .request(reqwest::Method::POST, &["_matrix", "client", "v3", "register"])
+            .json(&json!({
+                "type": "m.login.application_service",
+                "username": self.sender_localpart,
+                "inhibit_login": true,
+            }));
+        match self.send::<serde_json::Value>(request).await {
+            Ok(_) => {
+                tracing::info!(localpart = %self.sender_localpart, "homeserver.register: sender user created");
+                Ok(())
+            }
+            Err(e) if e.errcode() == Some("M_USER_IN_USE") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What the last health check saw.
+    pub fn status(&self) -> HomeserverStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Checks the homeserver now: ping (both directions) and our sender user.
+    pub async fn check(&self) -> HomeserverStatus {
+        let status = match self.ping().await {
+            Ok(rtt) => match self.ensure_sender_registered().await {
+                Ok(()) => HomeserverStatus {
+                    reachable: true,
+                    appservice_ping_ms: Some(u64::try_from(rtt.as_millis()).unwrap_or(u64::MAX)),
+                    last_error: None,
+                },
+                Err(e) => HomeserverStatus {
+                    reachable: true,
+                    appservice_ping_ms: None,
+                    last_error: Some(e.to_string()),
+                },
+            },
+            // The homeserver answered, but could not reach us (or refused our token).
+            Err(e @ HomeserverError::Matrix { .. }) => HomeserverStatus {
+                reachable: true,
+                appservice_ping_ms: None,
+                last_error: Some(e.to_string()),
+            },
+            Err(e) => HomeserverStatus {
+                reachable: false,
+                appservice_ping_ms: None,
+                last_error: Some(e.to_string()),
+            },
+        };
+        self.status.send_replace(status.clone());
+        status
+    }
+
+    /// Checks the homeserver at start and then periodically, with backoff while it is unreachable,
+    /// until `shutdown`.
+    pub async fn watch_health(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_secs(1);
+        let mut was_healthy = None;
+        loop {
+            let status = self.check().await;
+            let healthy = status.reachable && status.last_error.is_none();
+            if was_healthy != Some(healthy) {
+                match (&status.last_error, status.appservice_ping_ms) {
+                    (None, Some(ms)) => tracing::info!(
+                        appservice_ping_ms = ms,
+                        "homeserver.health: reachable, ping round-trip ok"
+                    ),
+                    (Some(error), _) => {
+                        tracing::warn!(%error, retry_in_s = backoff.as_secs(), "homeserver.health: not ready");
+                    }
+                    (None, None) => {}
+                }
+                was_healthy = Some(healthy);
+            }
+            let wait = if healthy {
+                backoff = Duration::from_secs(1);
+                HEALTHY_RECHECK
+            } else {
+                let wait = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                wait
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}

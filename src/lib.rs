@@ -1,0 +1,139 @@
+//! Switchboard: a Matrix application service that lets Raiden nodes upgrade from messages sent
+//! through the homeserver to direct WebRTC data channels, and fall back when a channel breaks.
+//!
+//! Module map (one folder per capability, protocol logic apart from IO):
+//! - [`config`]: typed configuration, `SWITCHBOARD_*` overrides, `*_file` secrets, validation.
+//! - [`appservice`]: homeserver → Switchboard (transactions, queries, ping); the stored input stream.
+//! - [`homeserver`]: Switchboard → homeserver (whoami, masquerading, ping, sender registration).
+//! - [`store`]: SQLite or PostgreSQL behind one type, with per-backend migrations.
+//! - [`ops`]: `/health`, `/ready`, `/metrics`.
+//! - [`http`], [`telemetry`]: Matrix error JSON and serving; logs and metrics.
+//!
+//! [`run`] takes already-bound listeners and a shutdown token, so tests bind port 0 and call it.
+
+pub mod appservice;
+pub mod config;
+pub mod homeserver;
+pub mod http;
+pub mod ops;
+pub mod store;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::appservice::Appservice;
+use crate::config::Config;
+use crate::homeserver::{HomeserverClient, HomeserverError};
+use crate::ops::Ops;
+use crate::store::{Store, StoreError};
+use crate::telemetry::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Homeserver(#[from] HomeserverError),
+    #[error("listener failed: {0}")]
+    Listener(#[from] std::io::Error),
+}
+
+/// The three TCP listeners, bound before [`run`] so that tests can bind port 0.
+pub struct Listeners {
+    pub appservice: TcpListener,
+    pub client: TcpListener,
+    pub ops: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses of `config`.
+    pub async fn bind(config: &Config) -> std::io::Result<Self> {
+        Ok(Self {
+            appservice: bind(config.appservice.listen).await?,
+            client: bind(config.client.listen).await?,
+            ops: bind(config.ops.listen).await?,
+        })
+    }
+}
+
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// Runs Switchboard until `shutdown` is cancelled: stops accepting, lets in-flight requests (and so
+/// in-flight transactions) finish, stops background tasks and closes the store.
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new());
+    let store = Arc::new(Store::connect(&config.database.url, config.database.max_connections).await?);
+    if config.database.migrate_on_start {
+        store.migrate().await?;
+    }
+    let homeserver = Arc::new(HomeserverClient::new(&config, metrics.clone())?);
+
+    let appservice = appservice::router(Arc::new(Appservice {
+        hs_token: config.hs_token().clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        max_transaction_bytes: config.appservice.max_transaction_bytes,
+    }));
+    let client = client_router();
+    let ops = ops::router(Arc::new(Ops {
+        store: store.clone(),
+        homeserver: homeserver.clone(),
+        metrics,
+    }));
+
+    tracing::info!(
+        appservice = %listeners.appservice.local_addr()?,
+        client = %listeners.client.local_addr()?,
+        ops = %listeners.ops.local_addr()?,
+        database = ?store.backend(),
+        "switchboard.start: listening"
+    );
+    let tasks = TaskTracker::new();
+    tasks.spawn(homeserver.clone().watch_health(shutdown.clone()));
+    tasks.close();
+
+    let served = tokio::try_join!(
+        serve_or_stop(listeners.appservice, appservice, &shutdown),
+        serve_or_stop(listeners.client, client, &shutdown),
+        serve_or_stop(listeners.ops, ops, &shutdown),
+    );
+    shutdown.cancel();
+    tasks.wait().await;
+    store.close().await;
+    served?;
+    tracing::info!("switchboard.stop: stopped cleanly");
+    Ok(())
+}
+
+/// Serves one listener; if it fails, stops the others too.
+async fn serve_or_stop(
+    listener: TcpListener,
+    router: Router,
+    shutdown: &CancellationToken,
+) -> std::io::Result<()> {
+    let result = http::serve(listener, router, shutdown.clone()).await;
+    if let Err(error) = &result {
+        tracing::error!(%error, "switchboard.listener failed; shutting down");
+        shutdown.cancel();
+    }
+    result
+}
+
+/// The client API (`/_switchboard/client/…`); its capabilities arrive with later modules.
+fn client_router() -> Router {
+    http::with_fallbacks(Router::new().route(
+        "/_switchboard/client/versions",
+        get(|| async { axum::Json(serde_json::json!({ "versions": ["v1"] })) }),
+    ))
+}

@@ -1,0 +1,223 @@
+//! The `switchboard` binary: parses the command line, sets up logging and hands over to the library.
+
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use rand::Rng as _;
+use switchboard::config::{self, Config, Rendered};
+use switchboard::{Listeners, appservice, store::Store, telemetry};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for an invalid configuration (sysexits' EX_CONFIG).
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "Matrix appservice brokering WebRTC upgrades for Raiden"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a new switchboard.toml (with fresh secrets) and registration.yaml.
+    Init {
+        /// The homeserver's server_name.
+        #[arg(long)]
+        server_name: String,
+        /// Where Switchboard reaches the homeserver's client API.
+        #[arg(long)]
+        homeserver_url: String,
+        /// Folder to write into.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Print the registration YAML for the homeserver.
+    Registration {
+        #[arg(short, long, env = "SWITCHBOARD_CONFIG", default_value = "switchboard.toml")]
+        config: PathBuf,
+    },
+    /// Check or print configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Apply pending database migrations.
+    Migrate {
+        #[arg(short, long, env = "SWITCHBOARD_CONFIG", default_value = "switchboard.toml")]
+        config: PathBuf,
+    },
+    /// Run the service.
+    Serve {
+        #[arg(short, long, env = "SWITCHBOARD_CONFIG", default_value = "switchboard.toml")]
+        config: PathBuf,
+        /// Do not apply pending migrations at start.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load and validate a configuration file; errors name the key.
+    Check {
+        #[arg(short, long, env = "SWITCHBOARD_CONFIG", default_value = "switchboard.toml")]
+        config: PathBuf,
+    },
+    /// Print a fully commented example configuration.
+    Example,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.downcast_ref::<config::ConfigError>().is_some() => {
+            eprintln!("switchboard: invalid configuration: {error:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(error) => {
+            eprintln!("switchboard: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Init {
+            server_name,
+            homeserver_url,
+            dir,
+        } => init(&server_name, &homeserver_url, &dir),
+        Command::Registration { config } => {
+            print!("{}", appservice::registration::render(&Config::load(&config)?));
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => {
+            Config::load(&config)?;
+            println!("{}: ok", config.display());
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Example,
+        } => {
+            print!("{}", config::render(&Rendered::EXAMPLE));
+            Ok(())
+        }
+        Command::Migrate { config } => {
+            let config = Config::load(&config)?;
+            runtime()?.block_on(async {
+                let store = Store::connect(&config.database.url, 1).await?;
+                store.migrate().await?;
+                store.close().await;
+                anyhow::Ok(())
+            })?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Serve { config, no_migrate } => {
+            let mut config = Config::load(&config)?;
+            if no_migrate {
+                config.database.migrate_on_start = false;
+            }
+            telemetry::init(&config.log);
+            runtime()?.block_on(serve(config))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&config).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    switchboard::run(config, listeners, shutdown).await?;
+    Ok(())
+}
+
+/// SIGTERM or SIGINT: stop accepting, finish in-flight work, exit 0.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("switchboard.stop: SIGTERM received"),
+        _ = int.recv() => tracing::info!("switchboard.stop: SIGINT received"),
+    }
+    shutdown.cancel();
+}
+
+fn init(server_name: &str, homeserver_url: &str, dir: &Path) -> anyhow::Result<()> {
+    let config_path = dir.join("switchboard.toml");
+    let registration_path = dir.join("registration.yaml");
+    for path in [&config_path, &registration_path] {
+        if path.exists() {
+            bail!("{} already exists; not overwriting it", path.display());
+        }
+    }
+    let (as_token, hs_token, turn_shared_secret) = (random_secret(), random_secret(), random_secret());
+    let text = config::render(&Rendered {
+        server_name,
+        homeserver_url,
+        as_token: &as_token,
+        hs_token: &hs_token,
+        turn_shared_secret: &turn_shared_secret,
+    });
+    // Validate before writing anything, so a bad server name or URL leaves no files behind.
+    let config = Config::from_toml_str(&text)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_new_private(&config_path, &text)?;
+    write_new_private(&registration_path, &appservice::registration::render(&config))?;
+    println!(
+        "wrote {} and {}",
+        config_path.display(),
+        registration_path.display()
+    );
+    println!(
+        "add {} to the homeserver's app_service_config_files, then run: switchboard serve -c {}",
+        registration_path.display(),
+        config_path.display()
+    );
+    Ok(())
+}
+
+/// Writes a file that must not exist yet, readable by its owner only (it holds secrets).
+fn write_new_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn random_secret() -> String {
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(64)
+        .map(char::from)
+        .collect()
+}

@@ -1,0 +1,352 @@
+//! The store: SQLite (embedded, the default) or PostgreSQL (production, several instances) behind one
+//! type.
+//!
+//! Both backends run the same runtime queries through sqlx's `Any` driver, so the SQL here is the
+//! portable subset (`$N` placeholders, `ON CONFLICT`, `RETURNING`, integer epoch timestamps); each
+//! backend has its own migration folder (`migrations/sqlite`, `migrations/postgres`) for its DDL.
+//!
+//! Invariants:
+//! - A transaction id and everything it carried are committed together, or not at all.
+//! - Inbox ids are committed in increasing order (one writer at a time: a lock in this process, an
+//!   advisory lock across PostgreSQL instances), so a consumer reading "after id N" never skips a row
+//!   that commits later with a smaller id.
+
+use std::fmt::Write as _;
+use std::str::FromStr;
+
+use prometheus_client::encoding::EncodeLabelValue;
+use serde_json::value::RawValue;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Executor, Row};
+use tokio::sync::{Mutex, watch};
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Key of the PostgreSQL advisory lock that serialises inbox writers across instances.
+const INBOX_WRITER_LOCK: i64 = 0x5357_4244_0001; // "SWBD" 1
+
+/// Rows per multi-row INSERT: 8 parameters each stays far below both backends' parameter limits.
+const INSERT_CHUNK: usize = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database URL (use sqlite:// or postgres://)")]
+    UnsupportedUrl,
+    #[error("stored row is corrupt: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Which part of a transaction an inbox item came from.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ItemKind {
+    /// A timeline or state event (`events`).
+    Event,
+    /// An EDU such as `m.presence` (`ephemeral`).
+    Ephemeral,
+    /// A to-device message (`de.sorunome.msc2409.to_device`).
+    ToDevice,
+}
+
+impl ItemKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ItemKind::Event => "event",
+            ItemKind::Ephemeral => "ephemeral",
+            ItemKind::ToDevice => "to_device",
+        }
+    }
+}
+
+impl FromStr for ItemKind {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "event" => Ok(ItemKind::Event),
+            "ephemeral" => Ok(ItemKind::Ephemeral),
+            "to_device" => Ok(ItemKind::ToDevice),
+            other => Err(StoreError::Corrupt(format!("unknown inbox kind {other:?}"))),
+        }
+    }
+}
+
+/// One item of an incoming transaction, borrowed from the request body.
+#[derive(Debug, Clone, Copy)]
+pub struct NewItem<'a> {
+    pub kind: ItemKind,
+    pub event_type: &'a str,
+    pub sender: Option<&'a str>,
+    pub room_id: Option<&'a str>,
+    pub event_id: Option<&'a str>,
+    pub to_user_id: Option<&'a str>,
+    pub body: &'a str,
+}
+
+/// One stored inbox item.
+#[derive(Debug, Clone)]
+pub struct StoredItem {
+    pub id: i64,
+    pub txn_id: String,
+    pub kind: ItemKind,
+    pub event_type: String,
+    pub sender: Option<String>,
+    pub room_id: Option<String>,
+    pub event_id: Option<String>,
+    pub to_user_id: Option<String>,
+    pub body: Box<RawValue>,
+}
+
+/// The outcome of storing a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingested {
+    /// Stored for the first time; `items` rows were added (an event already stored is not repeated).
+    New { items: usize },
+    /// This transaction id was stored before: nothing was written.
+    Duplicate,
+}
+
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    /// Serialises inbox writers in this process (see the module invariants).
+    ingest_lock: Mutex<()>,
+    /// The highest inbox id committed by this process, for subscribers to wait on.
+    latest: watch::Sender<i64>,
+}
+
+impl Store {
+    /// Opens a pool. SQLite files are created if missing and use WAL with full fsync on commit.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let (backend, url) = if url.starts_with("sqlite:") {
+            let url = if url.contains("mode=") || url.contains(":memory:") {
+                url.to_owned()
+            } else if url.contains('?') {
+                format!("{url}&mode=rwc")
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            (Backend::Sqlite, url)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Backend::Postgres, url.to_owned())
+        } else {
+            return Err(StoreError::UnsupportedUrl);
+        };
+        let options = AnyConnectOptions::from_str(&url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL lets readers run beside the writer; FULL fsyncs the WAL on every commit,
+                        // so an answered transaction survives a power cut.
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = FULL").await?;
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        Ok(Self {
+            pool,
+            backend,
+            ingest_lock: Mutex::new(()),
+            latest: watch::Sender::new(0),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Applies pending migrations of this backend.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// A cheap round trip, for readiness.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Stores a transaction id and its items in one database transaction.
+    pub async fn ingest(
+        &self,
+        txn_id: &str,
+        received_at_ms: i64,
+        items: &[NewItem<'_>],
+    ) -> Result<Ingested, StoreError> {
+        let _writer = self.ingest_lock.lock().await;
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(INBOX_WRITER_LOCK)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO appservice_transactions (txn_id, received_at) VALUES ($1, $2) ON CONFLICT (txn_id) DO NOTHING",
+        )
+        .bind(txn_id)
+        .bind(received_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(Ingested::Duplicate);
+        }
+        let mut stored = 0;
+        let mut max_id = None;
+        for chunk in items.chunks(INSERT_CHUNK) {
+            let sql = insert_items_sql(chunk.len());
+            let mut query = sqlx::query(&sql);
+            for item in chunk {
+                query = query
+                    .bind(txn_id)
+                    .bind(item.kind.as_str())
+                    .bind(item.event_type)
+                    .bind(item.sender)
+                    .bind(item.room_id)
+                    .bind(item.event_id)
+                    .bind(item.to_user_id)
+                    .bind(item.body);
+            }
+            let ids = query.fetch_all(&mut *tx).await?;
+            stored += ids.len();
+            for row in ids {
+                let id: i64 = row.try_get(0)?;
+                max_id = max_id.max(Some(id));
+            }
+        }
+        tx.commit().await?;
+        if let Some(id) = max_id {
+            self.latest.send_if_modified(|latest| {
+                let newer = id > *latest;
+                if newer {
+                    *latest = id;
+                }
+                newer
+            });
+        }
+        Ok(Ingested::New { items: stored })
+    }
+
+    /// Up to `limit` inbox items with an id above `after`, in id order.
+    pub async fn items_after(&self, after: i64, limit: i64) -> Result<Vec<StoredItem>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, txn_id, kind, event_type, sender, room_id, event_id, to_user_id, body \
+             FROM inbox WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let body: String = row.try_get("body")?;
+                Ok(StoredItem {
+                    id: row.try_get("id")?,
+                    txn_id: row.try_get("txn_id")?,
+                    kind: row.try_get::<String, _>("kind")?.parse()?,
+                    event_type: row.try_get("event_type")?,
+                    sender: row.try_get("sender")?,
+                    room_id: row.try_get("room_id")?,
+                    event_id: row.try_get("event_id")?,
+                    to_user_id: row.try_get("to_user_id")?,
+                    body: RawValue::from_string(body).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether a transaction id has been stored.
+    pub async fn has_transaction(&self, txn_id: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM appservice_transactions WHERE txn_id = $1")
+            .bind(txn_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? > 0)
+    }
+
+    /// The last inbox id a consumer has handled (0 for a consumer never seen).
+    pub async fn cursor(&self, consumer: &str) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT last_id FROM inbox_cursors WHERE consumer = $1")
+            .bind(consumer)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(row) => row.try_get(0)?,
+            None => 0,
+        })
+    }
+
+    /// Records that a consumer has handled every item up to `last_id`.
+    pub async fn set_cursor(&self, consumer: &str, last_id: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO inbox_cursors (consumer, last_id) VALUES ($1, $2) \
+             ON CONFLICT (consumer) DO UPDATE SET last_id = excluded.last_id",
+        )
+        .bind(consumer)
+        .bind(last_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Changes whenever this process commits new inbox items.
+    pub fn watch_latest(&self) -> watch::Receiver<i64> {
+        self.latest.subscribe()
+    }
+}
+
+fn insert_items_sql(rows: usize) -> String {
+    const COLUMNS: usize = 8;
+    let mut sql = String::from(
+        "INSERT INTO inbox (txn_id, kind, event_type, sender, room_id, event_id, to_user_id, body) VALUES ",
+    );
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for column in 0..COLUMNS {
+            let sep = if column == 0 { "" } else { ", " };
+            let _ = write!(sql, "{sep}${}", row * COLUMNS + column + 1);
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT DO NOTHING RETURNING id");
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_sql_numbers_every_placeholder() {
+        let sql = insert_items_sql(2);
+        assert!(sql.ends_with("VALUES ($1, $2, $3, $4, $5, $6, $7, $8), ($9, $10, $11, $12, $13, $14, $15, $16) ON CONFLICT DO NOTHING RETURNING id"), "{sql}");
+    }
+}

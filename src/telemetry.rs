@@ -1,0 +1,157 @@
+//! Logs (tracing to stderr, text or JSON) and Prometheus metrics.
+//!
+//! Secrets never reach a log line: tokens are held in [`crate::config::Secret`], whose `Debug` is
+//! redacted, and no span or event records a token, a request's query string or an `Authorization`
+//! header (a test captures the logs of a whole run and checks this).
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+
+use crate::config::{LogConfig, LogFormat};
+use crate::store::ItemKind;
+
+/// Installs the global subscriber writing to stderr. `RUST_LOG`, when set, overrides `log.level`.
+pub fn init(config: &LogConfig) {
+    init_with_writer(config, std::io::stderr);
+}
+
+/// As [`init`], with another writer (tests capture logs with it).
+pub fn init_with_writer<W>(config: &LogConfig, writer: W)
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    // A second initialisation (several servers in one test process) keeps the first subscriber.
+    let _ = match config.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: ItemKind,
+}
+
+/// Why a request to the appservice API was refused.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Rejection {
+    MissingToken,
+    WrongToken,
+    TooLarge,
+    NotJson,
+    BadJson,
+    Database,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: Rejection,
+}
+
+/// Every metric Switchboard exports, registered once at start.
+pub struct Metrics {
+    registry: Registry,
+    pub transactions_received: Counter,
+    pub transactions_duplicate: Counter,
+    pub requests_rejected: Family<ReasonLabel, Counter>,
+    pub items_stored: Family<KindLabel, Counter>,
+    pub transaction_seconds: Histogram,
+    pub database_errors: Counter,
+    pub homeserver_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("switchboard");
+        let transactions_received = Counter::default();
+        let transactions_duplicate = Counter::default();
+        let requests_rejected = Family::<ReasonLabel, Counter>::default();
+        let items_stored = Family::<KindLabel, Counter>::default();
+        // 0.5 ms .. ~4 s, doubling.
+        let transaction_seconds = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+            0.0005, 2.0, 14,
+        ));
+        let database_errors = Counter::default();
+        let homeserver_errors = Counter::default();
+        registry.register(
+            "appservice_transactions_received",
+            "Transactions accepted from the homeserver (new ones, stored)",
+            transactions_received.clone(),
+        );
+        registry.register(
+            "appservice_transactions_duplicate",
+            "Replayed transaction ids, answered 200 and not processed again",
+            transactions_duplicate.clone(),
+        );
+        registry.register(
+            "appservice_requests_rejected",
+            "Appservice API requests refused, by reason",
+            requests_rejected.clone(),
+        );
+        registry.register(
+            "appservice_items_stored",
+            "Events, ephemeral data and to-device messages stored, by kind",
+            items_stored.clone(),
+        );
+        registry.register(
+            "appservice_transaction_duration_seconds",
+            "Time from receiving a transaction to answering it (parse and durable store)",
+            transaction_seconds.clone(),
+        );
+        registry.register(
+            "database_errors",
+            "Failed database operations",
+            database_errors.clone(),
+        );
+        registry.register(
+            "homeserver_errors",
+            "Failed requests to the homeserver",
+            homeserver_errors.clone(),
+        );
+        Self {
+            registry,
+            transactions_received,
+            transactions_duplicate,
+            requests_rejected,
+            items_stored,
+            transaction_seconds,
+            database_errors,
+            homeserver_errors,
+        }
+    }
+
+    pub fn reject(&self, reason: Rejection) {
+        self.requests_rejected
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn stored(&self, kind: ItemKind, count: u64) {
+        self.items_stored.get_or_create(&KindLabel { kind }).inc_by(count);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
