@@ -98,6 +98,15 @@ pub(super) async fn put(
             )
         }
     })?;
+    // serde also reads a struct from a JSON array; a transaction is an object.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        metrics.reject(Rejection::BadJson);
+        return Err(MatrixError::new(
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+            "A transaction is a JSON object",
+        ));
+    }
     let fields = Fields::parse(&transaction).map_err(|error| {
         metrics.reject(Rejection::BadJson);
         MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", error)
@@ -164,12 +173,17 @@ impl<'a> Fields<'a> {
         let mut parsed = Vec::new();
         for (kind, raws) in groups {
             for (index, raw) in raws.into_iter().flatten().enumerate() {
-                let fields: ItemFields<'a> = serde_json::from_str(raw.get()).map_err(|e| {
+                let not_an_item = |e: &dyn std::fmt::Display| {
                     format!(
                         "{} item {index} is not an object with a string \"type\": {e}",
                         kind.as_str()
                     )
-                })?;
+                };
+                // serde would also read the fields from a JSON array; an item is an object.
+                if !raw.get().starts_with('{') {
+                    return Err(not_an_item(&"it is not an object"));
+                }
+                let fields: ItemFields<'a> = serde_json::from_str(raw.get()).map_err(|e| not_an_item(&e))?;
                 parsed.push((kind, fields, *raw));
             }
         }

@@ -1,0 +1,480 @@
+//! Test harness shared by the integration tests: in-process Switchboard on port 0, fresh databases on
+//! both backends, and a real Synapse on a free loopback port.
+//!
+//! Tests that need PostgreSQL or Synapse skip (with a message) when those are not installed, unless
+//! `SWITCHBOARD_TEST_REQUIRE_ALL` is set, as `tests/run` does: then a missing piece fails the test.
+
+// Each test binary uses part of the harness; `User::user_id` mirrors the Matrix field name.
+#![allow(dead_code, clippy::struct_field_names)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use switchboard::config::Config;
+use switchboard::{Listeners, RunError};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const AS_TOKEN: &str = "test-as-token-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+pub const HS_TOKEN: &str = "test-hs-token-hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh";
+pub const TURN_SECRET: &str = "test-turn-secret-tttttttttttttttttttttttttttttttttttttttt";
+pub const SERVER_NAME: &str = "localhost";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn require_all() -> bool {
+    std::env::var_os("SWITCHBOARD_TEST_REQUIRE_ALL").is_some()
+}
+
+/// Says why a test cannot run here; fails it when every piece is required.
+pub fn skip(why: &str) {
+    assert!(!require_all(), "required but unavailable: {why}");
+    eprintln!("SKIPPED: {why}");
+}
+
+/// A configuration for tests: loopback listeners on port 0, the given database and homeserver.
+pub fn config(database_url: &str, homeserver_url: &str) -> Config {
+    Config::from_toml_str(&config_toml(database_url, homeserver_url, [0, 0, 0]))
+        .expect("test config is valid")
+}
+
+/// The TOML of a test configuration with the given appservice, client and ops ports.
+pub fn config_toml(database_url: &str, homeserver_url: &str, [appservice, client, ops]: [u16; 3]) -> String {
+    format!(
+        r#"
+[homeserver]
+server_name = "{SERVER_NAME}"
+url = "{homeserver_url}"
+request_timeout_secs = 10
+[appservice]
+listen = "127.0.0.1:{appservice}"
+url = "http://127.0.0.1:{appservice}"
+as_token = "{AS_TOKEN}"
+hs_token = "{HS_TOKEN}"
+max_transaction_bytes = 1048576
+[client]
+listen = "127.0.0.1:{client}"
+[ops]
+listen = "127.0.0.1:{ops}"
+[database]
+url = "{database_url}"
+[turn]
+shared_secret = "{TURN_SECRET}"
+[log]
+level = "info"
+"#
+    )
+}
+
+/// Switchboard in this process, registered with a real Synapse. `registration_hs_token` replaces the
+/// token Synapse is told to present (to test a wrong one). `None` when Synapse is unavailable.
+pub async fn with_synapse(
+    database_url: &str,
+    registration_hs_token: Option<&str>,
+) -> Option<(Synapse, Running)> {
+    let mut config = config(database_url, "http://127.0.0.1:9");
+    let listeners = bind(&config).await;
+    let appservice = listeners.appservice.local_addr().unwrap();
+    config.appservice.url = format!("http://{appservice}").parse().unwrap();
+    let registration_dir = tempfile::tempdir().unwrap();
+    let mut registration = switchboard::appservice::registration::render(&config);
+    if let Some(token) = registration_hs_token {
+        registration = registration.replace(HS_TOKEN, token);
+    }
+    let path = registration_dir.path().join("registration.yaml");
+    std::fs::write(&path, registration).unwrap();
+    let synapse = Synapse::start(&[&path]).await?;
+    config.homeserver.url = synapse.base_url.parse().unwrap();
+    let running = start_on(config, listeners);
+    running.wait_listening().await;
+    Some((synapse, running))
+}
+
+pub fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}", dir.join("switchboard.db").display())
+}
+
+/// A fresh, empty PostgreSQL database, or `None` (after `skip`) when no server is configured.
+pub async fn fresh_postgres() -> Option<String> {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let Ok(admin) = std::env::var("SWITCHBOARD_TEST_POSTGRES_URL") else {
+        skip("SWITCHBOARD_TEST_POSTGRES_URL is not set (tests/run starts a PostgreSQL and sets it)");
+        return None;
+    };
+    let name = format!(
+        "switchboard_test_{}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        rand::random::<u32>()
+    );
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+        .await
+        .expect("connect to test PostgreSQL");
+    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create test database");
+    let (base, _) = admin.rsplit_once('/').expect("admin URL has a database part");
+    Some(format!("{base}/{name}"))
+}
+
+/// The database URLs of both backends: SQLite in `dir`, and PostgreSQL when available.
+pub async fn backends(dir: &Path) -> Vec<(&'static str, String)> {
+    let mut backends = vec![("sqlite", sqlite_url(dir))];
+    if let Some(url) = fresh_postgres().await {
+        backends.push(("postgres", url));
+    }
+    backends
+}
+
+/// Switchboard running in this process.
+pub struct Running {
+    pub appservice: SocketAddr,
+    pub client: SocketAddr,
+    pub ops: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), RunError>>,
+}
+
+/// Binds the three listeners of `config` (port 0 → any free port).
+pub async fn bind(config: &Config) -> Listeners {
+    Listeners::bind(config).await.expect("bind listeners")
+}
+
+/// Starts Switchboard on already-bound listeners.
+pub fn start_on(config: Config, listeners: Listeners) -> Running {
+    let appservice = listeners.appservice.local_addr().unwrap();
+    let client = listeners.client.local_addr().unwrap();
+    let ops = listeners.ops.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(switchboard::run(config, listeners, shutdown.clone()));
+    Running {
+        appservice,
+        client,
+        ops,
+        shutdown,
+        task,
+    }
+}
+
+pub async fn start(config: Config) -> Running {
+    let listeners = bind(&config).await;
+    let running = start_on(config, listeners);
+    running.wait_listening().await;
+    running
+}
+
+impl Running {
+    pub fn appservice_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.appservice)
+    }
+
+    pub fn ops_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ops)
+    }
+
+    /// Waits until `/health` answers (the store is open and migrated by then).
+    pub async fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(response) = reqwest::get(self.ops_url("/health")).await
+                && response.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("Switchboard did not start listening within 30 s");
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.ops_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Cancels, waits for a clean stop, and returns `run`'s result.
+    pub async fn stop(self) -> Result<(), RunError> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("Switchboard stops within 30 s")
+            .expect("run task did not panic")
+    }
+}
+
+/// The sum of the counter lines starting with `prefix` (0 when absent).
+pub fn metric(metrics: &str, prefix: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A free loopback port (bound and released; fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A real Synapse, with a fresh SQLite database, on a free loopback port; killed on drop.
+pub struct Synapse {
+    child: Child,
+    pub base_url: String,
+    registration_shared_secret: String,
+    pub dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+/// A Matrix user with an access token.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub user_id: String,
+    pub access_token: String,
+    pub device_id: String,
+}
+
+fn synapse_python() -> Option<PathBuf> {
+    let python = std::env::var_os("SWITCHBOARD_SYNAPSE_PYTHON").map_or_else(
+        || repo_root().join(".cache/synapse-venv/bin/python"),
+        PathBuf::from,
+    );
+    python.exists().then_some(python)
+}
+
+impl Synapse {
+    /// Starts Synapse with the given appservice registration files; `None` (after `skip`) when the
+    /// Synapse venv is missing.
+    pub async fn start(registrations: &[&Path]) -> Option<Synapse> {
+        let Some(python) = synapse_python() else {
+            skip("no Synapse venv (deploy/synapse/install creates .cache/synapse-venv)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut writer = Command::new(&python);
+        writer
+            .arg(repo_root().join("deploy/synapse/homeserver.py"))
+            .args([
+                "--dir",
+                dir.path().to_str().unwrap(),
+                "--server-name",
+                SERVER_NAME,
+            ])
+            .args(["--port", &port.to_string()]);
+        for registration in registrations {
+            writer.arg("--registration").arg(registration);
+        }
+        let output = writer.output().expect("run homeserver.py");
+        assert!(
+            output.status.success(),
+            "homeserver.py failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let written: Value =
+            serde_json::from_slice(output.stdout.trim_ascii()).expect("homeserver.py prints JSON");
+        let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let child = Command::new(&python)
+            .args(["-m", "synapse.app.homeserver", "-c"])
+            .arg(dir.path().join("homeserver.yaml"))
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start Synapse");
+        let synapse = Synapse {
+            child,
+            base_url: format!("http://127.0.0.1:{port}"),
+            registration_shared_secret: written["registration_shared_secret"].as_str().unwrap().to_owned(),
+            dir,
+            http: reqwest::Client::new(),
+        };
+        let health = format!("{}/health", synapse.base_url);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(response) = synapse.http.get(&health).send().await
+                && response.status().is_success()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Synapse did not start: {}",
+                synapse.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Some(synapse)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let mut text = std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default();
+        text += &std::fs::read_to_string(self.dir.path().join("homeserver.log")).unwrap_or_default();
+        text.chars()
+            .rev()
+            .take(3000)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect()
+    }
+
+    /// Registers a user through the shared-secret admin API and returns it logged in.
+    pub async fn register(&self, localpart: &str) -> User {
+        use hmac::{Hmac, Mac};
+        let url = format!("{}/_synapse/admin/v1/register", self.base_url);
+        let nonce: Value = self.http.get(&url).send().await.unwrap().json().await.unwrap();
+        let nonce = nonce["nonce"].as_str().unwrap();
+        let password = format!("pw-{localpart}");
+        let mut mac = Hmac::<sha1::Sha1>::new_from_slice(self.registration_shared_secret.as_bytes()).unwrap();
+        mac.update(format!("{nonce}\0{localpart}\0{password}\0notadmin").as_bytes());
+        let body = json!({
+            "nonce": nonce, "username": localpart, "password": password, "admin": false,
+            "mac": hex::encode(mac.finalize().into_bytes()),
+        });
+        let response = self.http.post(&url).json(&body).send().await.unwrap();
+        let status = response.status();
+        let answer: Value = response.json().await.unwrap();
+        assert!(status.is_success(), "register {localpart}: {answer}");
+        User {
+            user_id: answer["user_id"].as_str().unwrap().to_owned(),
+            access_token: answer["access_token"].as_str().unwrap().to_owned(),
+            device_id: answer["device_id"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// A client-server API call as `user`; panics on an error answer.
+    pub async fn call(&self, user: &User, method: reqwest::Method, path: &str, body: &Value) -> Value {
+        let response = self
+            .http
+            .request(method, format!("{}{path}", self.base_url))
+            .bearer_auth(&user.access_token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        assert!(status.is_success(), "{path}: {status} {answer}");
+        answer
+    }
+
+    /// Creates a room with `creator`, invites and joins `members`; returns the room id.
+    pub async fn shared_room(&self, creator: &User, members: &[&User]) -> String {
+        let invite: Vec<&str> = members.iter().map(|m| m.user_id.as_str()).collect();
+        let room = self
+            .call(
+                creator,
+                reqwest::Method::POST,
+                "/_matrix/client/v3/createRoom",
+                &json!({ "invite": invite }),
+            )
+            .await;
+        let room_id = room["room_id"].as_str().unwrap().to_owned();
+        for member in members {
+            let path = format!("/_matrix/client/v3/join/{}", urlencode(&room_id));
+            self.call(member, reqwest::Method::POST, &path, &json!({})).await;
+        }
+        room_id
+    }
+
+    /// Sends a text message; returns its event id.
+    pub async fn send_text(&self, user: &User, room_id: &str, txn: &str, body: &str) -> String {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            urlencode(room_id)
+        );
+        let answer = self
+            .call(
+                user,
+                reqwest::Method::PUT,
+                &path,
+                &json!({ "msgtype": "m.text", "body": body }),
+            )
+            .await;
+        answer["event_id"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Synapse {
+    /// Asks Synapse to ping our appservice (`POST /_matrix/client/v1/appservice/{id}/ping`).
+    pub async fn ping_appservice(&self) -> (reqwest::StatusCode, Value) {
+        let response = self
+            .http
+            .post(format!(
+                "{}/_matrix/client/v1/appservice/switchboard/ping",
+                self.base_url
+            ))
+            .bearer_auth(AS_TOKEN)
+            .json(&json!({ "transaction_id": format!("test-{}", rand::random::<u32>()) }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Synapse {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A Raiden-style user id localpart: `0x` and 40 lower-case hex digits, unique per call.
+pub fn raiden_localpart() -> String {
+    format!("0x{:040x}", rand::random::<u128>())
+}
+
+/// Every stored inbox item of the database at `url`, read through a fresh connection.
+pub async fn stored_items(url: &str) -> Vec<switchboard::store::StoredItem> {
+    let store = switchboard::store::Store::connect(url, 1).await.unwrap();
+    let mut items = Vec::new();
+    loop {
+        let after = items.last().map_or(0, |i: &switchboard::store::StoredItem| i.id);
+        let page = store.items_after(after, 1000).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        items.extend(page);
+    }
+    store.close().await;
+    items
+}
