@@ -297,7 +297,11 @@ impl HomeserverClient {
         let mut backoff = Duration::from_secs(1);
         let mut was_healthy = None;
         loop {
-            let status = self.check().await;
+            // A hanging homeserver must not hold up shutdown.
+            let status = tokio::select! {
+                () = shutdown.cancelled() => return,
+                status = self.check() => status,
+            };
             let healthy = status.reachable && status.last_error.is_none();
             if was_healthy != Some(healthy) {
                 match (&status.last_error, status.appservice_ping_ms) {

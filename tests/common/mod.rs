@@ -67,7 +67,7 @@ url = "{database_url}"
 [turn]
 shared_secret = "{TURN_SECRET}"
 [log]
-level = "info"
+level = "info,switchboard=debug"
 "#
     )
 }
