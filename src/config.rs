@@ -25,20 +25,13 @@ pub enum ConfigError {
     #[error("cannot read configuration: {0}")]
     Load(#[from] Box<figment::Error>),
     #[error("{key}: cannot read secret file {path}: {source}")]
-    SecretFile {
-        key: String,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    SecretFile { key: String, path: PathBuf, source: std::io::Error },
     #[error("{key}: {reason}")]
     Invalid { key: &'static str, reason: String },
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        reason: reason.into(),
-    }
+    ConfigError::Invalid { key, reason: reason.into() }
 }
 
 /// A secret string: never printed by `Debug`, compared by its users in constant time.
@@ -229,16 +222,12 @@ fn default_log_level() -> String {
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self {
-            listen: default_client_listen(),
-        }
+        Self { listen: default_client_listen() }
     }
 }
 impl Default for OpsConfig {
     fn default() -> Self {
-        Self {
-            listen: default_ops_listen(),
-        }
+        Self { listen: default_ops_listen() }
     }
 }
 impl Default for DatabaseConfig {
@@ -262,10 +251,7 @@ impl Default for TurnConfig {
 }
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            level: default_log_level(),
-            format: LogFormat::Text,
-        }
+        Self { level: default_log_level(), format: LogFormat::Text }
     }
 }
 
@@ -282,9 +268,7 @@ impl Config {
 
     fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
         // Only `SECTION__KEY` variables are configuration; other SWITCHBOARD_* names are left alone.
-        let env = Env::prefixed(ENV_PREFIX)
-            .filter(|key| key.as_str().contains("__"))
-            .split("__");
+        let env = Env::prefixed(ENV_PREFIX).filter(|key| key.as_str().contains("__")).split("__");
         let mut config: Config = figment.merge(env).extract().map_err(Box::new)?;
         config.read_secret_files()?;
         config.validate()?;
@@ -327,34 +311,20 @@ impl Config {
             <&ruma::ServerName>::try_from(self.homeserver.server_name.as_str())
                 .map_err(|e| invalid("homeserver.server_name", e.to_string()))?,
         )
-        .map_err(|e| {
-            invalid(
-                "appservice.sender_localpart",
-                format!("not a valid localpart: {e}"),
-            )
-        })?;
+        .map_err(|e| invalid("appservice.sender_localpart", format!("not a valid localpart: {e}")))?;
         let as_token = check_secret("appservice.as_token", self.appservice.as_token.as_ref())?;
         let hs_token = check_secret("appservice.hs_token", self.appservice.hs_token.as_ref())?;
         if as_token == hs_token {
-            return Err(invalid(
-                "appservice.hs_token",
-                "must differ from appservice.as_token",
-            ));
+            return Err(invalid("appservice.hs_token", "must differ from appservice.as_token"));
         }
         if self.appservice.max_transaction_bytes < 64 * 1024 {
-            return Err(invalid(
-                "appservice.max_transaction_bytes",
-                "must be at least 65536 (one event)",
-            ));
+            return Err(invalid("appservice.max_transaction_bytes", "must be at least 65536 (one event)"));
         }
         if !(self.database.url.starts_with("sqlite:")
             || self.database.url.starts_with("postgres://")
             || self.database.url.starts_with("postgresql://"))
         {
-            return Err(invalid(
-                "database.url",
-                "must start with sqlite:, postgres:// or postgresql://",
-            ));
+            return Err(invalid("database.url", "must start with sqlite:, postgres:// or postgresql://"));
         }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
@@ -369,18 +339,12 @@ impl Config {
 
     /// The validated `as_token`.
     pub fn as_token(&self) -> &Secret {
-        self.appservice
-            .as_token
-            .as_ref()
-            .expect("validated: appservice.as_token is set")
+        self.appservice.as_token.as_ref().expect("validated: appservice.as_token is set")
     }
 
     /// The validated `hs_token`.
     pub fn hs_token(&self) -> &Secret {
-        self.appservice
-            .hs_token
-            .as_ref()
-            .expect("validated: appservice.hs_token is set")
+        self.appservice.hs_token.as_ref().expect("validated: appservice.hs_token is set")
     }
 
     pub fn whoami_cache_ttl(&self) -> Duration {
@@ -415,10 +379,7 @@ fn check_secret<'a>(key: &'static str, value: Option<&'a Secret>) -> Result<&'a 
     };
     let secret = secret.expose();
     if secret.chars().count() < MIN_SECRET_LEN {
-        return Err(invalid(
-            key,
-            format!("too short: use at least {MIN_SECRET_LEN} random characters"),
-        ));
+        return Err(invalid(key, format!("too short: use at least {MIN_SECRET_LEN} random characters")));
     }
     if secret.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid(key, "must not contain whitespace"));
@@ -573,9 +534,7 @@ mod tests {
     }
 
     fn error_of(toml: &str) -> String {
-        Config::from_toml_str(toml)
-            .expect_err("must be rejected")
-            .to_string()
+        Config::from_toml_str(toml).expect_err("must be rejected").to_string()
     }
 
     #[test]
@@ -593,11 +552,7 @@ mod tests {
                 .to_owned()
                 + &"a".repeat(40)
                 + "\"\n";
-        assert!(
-            error_of(&toml).contains("appservice.hs_token"),
-            "{}",
-            error_of(&toml)
-        );
+        assert!(error_of(&toml).contains("appservice.hs_token"), "{}", error_of(&toml));
     }
 
     #[test]
@@ -628,20 +583,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hs_token");
         std::fs::write(&path, format!("{}\n", "f".repeat(40))).unwrap();
-        let toml = minimal("").replace(
-            &format!("hs_token = \"{}\"", "h".repeat(40)),
-            &format!("hs_token_file = {path:?}"),
-        );
+        let toml = minimal("")
+            .replace(&format!("hs_token = \"{}\"", "h".repeat(40)), &format!("hs_token_file = {path:?}"));
         let config = Config::from_toml_str(&toml).unwrap();
         assert_eq!(config.hs_token().expose(), "f".repeat(40));
     }
 
     #[test]
     fn missing_secret_file_names_the_key() {
-        let toml = minimal("").replace(
-            &format!("hs_token = \"{}\"", "h".repeat(40)),
-            "hs_token_file = \"/nonexistent/x\"",
-        );
+        let toml = minimal("")
+            .replace(&format!("hs_token = \"{}\"", "h".repeat(40)), "hs_token_file = \"/nonexistent/x\"");
         assert!(error_of(&toml).contains("appservice.hs_token_file"));
     }
 

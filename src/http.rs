@@ -27,11 +27,7 @@ struct MatrixErrorBody<'a> {
 
 impl MatrixError {
     pub fn new(status: StatusCode, errcode: &'static str, error: impl Into<Cow<'static, str>>) -> Self {
-        Self {
-            status,
-            errcode,
-            error: error.into(),
-        }
+        Self { status, errcode, error: error.into() }
     }
 
     pub fn not_found(error: impl Into<Cow<'static, str>>) -> Self {
@@ -49,10 +45,7 @@ impl MatrixError {
 
 impl IntoResponse for MatrixError {
     fn into_response(self) -> Response {
-        let body = MatrixErrorBody {
-            errcode: self.errcode,
-            error: &self.error,
-        };
+        let body = MatrixErrorBody { errcode: self.errcode, error: &self.error };
         (self.status, Json(body)).into_response()
     }
 }
@@ -64,18 +57,12 @@ pub async fn unrecognized() -> MatrixError {
 
 /// Fallback for a known path with the wrong method: 405 `M_UNRECOGNIZED`.
 pub async fn method_not_allowed() -> MatrixError {
-    MatrixError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "M_UNRECOGNIZED",
-        "Method not allowed",
-    )
+    MatrixError::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "Method not allowed")
 }
 
 /// Gives a router the Matrix-style fallbacks.
 pub fn with_fallbacks(router: Router) -> Router {
-    router
-        .fallback(unrecognized)
-        .method_not_allowed_fallback(method_not_allowed)
+    router.fallback(unrecognized).method_not_allowed_fallback(method_not_allowed)
 }
 
 /// Serves `router` on `listener` until `shutdown` is cancelled, then lets in-flight requests finish.
@@ -92,7 +79,5 @@ pub async fn serve(
             tracing::warn!(%error, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }

@@ -86,11 +86,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         max_transaction_bytes: config.appservice.max_transaction_bytes,
     }));
     let client = client_router();
-    let ops = ops::router(Arc::new(Ops {
-        store: store.clone(),
-        homeserver: homeserver.clone(),
-        metrics,
-    }));
+    let ops = ops::router(Arc::new(Ops { store: store.clone(), homeserver: homeserver.clone(), metrics }));
 
     tracing::info!(
         appservice = %listeners.appservice.local_addr()?,

@@ -17,11 +17,7 @@ use tokio_util::sync::CancellationToken;
 const EXIT_CONFIG: u8 = 78;
 
 #[derive(Parser)]
-#[command(
-    name = "switchboard",
-    version,
-    about = "Matrix appservice brokering WebRTC upgrades for Raiden"
-)]
+#[command(name = "switchboard", version, about = "Matrix appservice brokering WebRTC upgrades for Raiden")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -94,25 +90,17 @@ fn main() -> ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Init {
-            server_name,
-            homeserver_url,
-            dir,
-        } => init(&server_name, &homeserver_url, &dir),
+        Command::Init { server_name, homeserver_url, dir } => init(&server_name, &homeserver_url, &dir),
         Command::Registration { config } => {
             print!("{}", appservice::registration::render(&Config::load(&config)?));
             Ok(())
         }
-        Command::Config {
-            command: ConfigCommand::Check { config },
-        } => {
+        Command::Config { command: ConfigCommand::Check { config } } => {
             Config::load(&config)?;
             println!("{}: ok", config.display());
             Ok(())
         }
-        Command::Config {
-            command: ConfigCommand::Example,
-        } => {
+        Command::Config { command: ConfigCommand::Example } => {
             print!("{}", config::render(&Rendered::EXAMPLE));
             Ok(())
         }
@@ -139,10 +127,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -189,11 +174,7 @@ fn init(server_name: &str, homeserver_url: &str, dir: &Path) -> anyhow::Result<(
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     write_new_private(&config_path, &text)?;
     write_new_private(&registration_path, &appservice::registration::render(&config))?;
-    println!(
-        "wrote {} and {}",
-        config_path.display(),
-        registration_path.display()
-    );
+    println!("wrote {} and {}", config_path.display(), registration_path.display());
     println!(
         "add {} to the homeserver's app_service_config_files, then run: switchboard serve -c {}",
         registration_path.display(),
@@ -210,14 +191,9 @@ fn write_new_private(path: &Path, text: &str) -> anyhow::Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(text.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
+    file.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn random_secret() -> String {
-    rand::rng()
-        .sample_iter(rand::distr::Alphanumeric)
-        .take(64)
-        .map(char::from)
-        .collect()
+    rand::rng().sample_iter(rand::distr::Alphanumeric).take(64).map(char::from).collect()
 }

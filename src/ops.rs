@@ -52,25 +52,11 @@ async fn ready(State(ops): State<Arc<Ops>>) -> Response {
     };
     let homeserver = ops.homeserver.status();
     let ready = database["ok"] == true && homeserver.reachable;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        Json(json!({ "ready": ready, "database": database, "homeserver": homeserver })),
-    )
-        .into_response()
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({ "ready": ready, "database": database, "homeserver": homeserver }))).into_response()
 }
 
 async fn metrics(State(ops): State<Arc<Ops>>) -> Response {
-    (
-        [(
-            CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        ops.metrics.render(),
-    )
+    ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], ops.metrics.render())
         .into_response()
 }

@@ -28,9 +28,7 @@ where
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     // A second initialisation (several servers in one test process) keeps the first subscriber.
     let _ = match config.format {
         LogFormat::Text => builder.try_init(),
@@ -85,9 +83,8 @@ impl Metrics {
         let requests_rejected = Family::<ReasonLabel, Counter>::default();
         let items_stored = Family::<KindLabel, Counter>::default();
         // 0.5 ms .. ~4 s, doubling.
-        let transaction_seconds = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-            0.0005, 2.0, 14,
-        ));
+        let transaction_seconds =
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14));
         let database_errors = Counter::default();
         let homeserver_errors = Counter::default();
         registry.register(
@@ -115,11 +112,7 @@ impl Metrics {
             "Time from receiving a transaction to answering it (parse and durable store)",
             transaction_seconds.clone(),
         );
-        registry.register(
-            "database_errors",
-            "Failed database operations",
-            database_errors.clone(),
-        );
+        registry.register("database_errors", "Failed database operations", database_errors.clone());
         registry.register(
             "homeserver_errors",
             "Failed requests to the homeserver",
@@ -138,9 +131,7 @@ impl Metrics {
     }
 
     pub fn reject(&self, reason: Rejection) {
-        self.requests_rejected
-            .get_or_create(&ReasonLabel { reason })
-            .inc();
+        self.requests_rejected.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     pub fn stored(&self, kind: ItemKind, count: u64) {

@@ -67,45 +67,17 @@ fn json_body(value: &Value) -> reqwest::Body {
 async fn transaction_is_stored_and_replay_is_not_processed_twice() {
     let (dir, running) = start().await;
     let body = transaction(3);
-    assert_eq!(
-        put(&running, "1", Some(HS_TOKEN), json_body(&body)).await,
-        (StatusCode::OK, json!({}))
-    );
+    assert_eq!(put(&running, "1", Some(HS_TOKEN), json_body(&body)).await, (StatusCode::OK, json!({})));
     // 3 events + 1 presence (the MSC2409 duplicate is not stored twice) + 1 to-device.
     assert_eq!(stored(&dir).await, 5);
-    assert_eq!(
-        put(&running, "1", Some(HS_TOKEN), json_body(&body)).await,
-        (StatusCode::OK, json!({}))
-    );
-    assert_eq!(
-        stored(&dir).await,
-        5,
-        "a replayed transaction id is not processed again"
-    );
+    assert_eq!(put(&running, "1", Some(HS_TOKEN), json_body(&body)).await, (StatusCode::OK, json!({})));
+    assert_eq!(stored(&dir).await, 5, "a replayed transaction id is not processed again");
 
     let metrics = running.metrics().await;
-    assert_eq!(
-        common::metric(&metrics, "switchboard_appservice_transactions_received_total"),
-        1
-    );
-    assert_eq!(
-        common::metric(&metrics, "switchboard_appservice_transactions_duplicate_total"),
-        1
-    );
-    assert_eq!(
-        common::metric(
-            &metrics,
-            "switchboard_appservice_items_stored_total{kind=\"Event\"}"
-        ),
-        3
-    );
-    assert_eq!(
-        common::metric(
-            &metrics,
-            "switchboard_appservice_items_stored_total{kind=\"ToDevice\"}"
-        ),
-        1
-    );
+    assert_eq!(common::metric(&metrics, "switchboard_appservice_transactions_received_total"), 1);
+    assert_eq!(common::metric(&metrics, "switchboard_appservice_transactions_duplicate_total"), 1);
+    assert_eq!(common::metric(&metrics, "switchboard_appservice_items_stored_total{kind=\"Event\"}"), 3);
+    assert_eq!(common::metric(&metrics, "switchboard_appservice_items_stored_total{kind=\"ToDevice\"}"), 1);
     running.stop().await.unwrap();
 }
 
@@ -113,24 +85,15 @@ async fn transaction_is_stored_and_replay_is_not_processed_twice() {
 async fn replay_is_recognised_across_a_restart() {
     let (dir, running) = start().await;
     let body = transaction(2);
-    assert_eq!(
-        put(&running, "7", Some(HS_TOKEN), json_body(&body)).await.0,
-        StatusCode::OK
-    );
+    assert_eq!(put(&running, "7", Some(HS_TOKEN), json_body(&body)).await.0, StatusCode::OK);
     running.stop().await.unwrap();
 
     let config = common::config(&common::sqlite_url(dir.path()), "http://127.0.0.1:9");
     let running = common::start(config).await;
-    assert_eq!(
-        put(&running, "7", Some(HS_TOKEN), json_body(&body)).await.0,
-        StatusCode::OK
-    );
+    assert_eq!(put(&running, "7", Some(HS_TOKEN), json_body(&body)).await.0, StatusCode::OK);
     assert_eq!(stored(&dir).await, 4);
     let metrics = running.metrics().await;
-    assert_eq!(
-        common::metric(&metrics, "switchboard_appservice_transactions_duplicate_total"),
-        1
-    );
+    assert_eq!(common::metric(&metrics, "switchboard_appservice_transactions_duplicate_total"), 1);
     running.stop().await.unwrap();
 }
 
@@ -139,27 +102,11 @@ async fn missing_token_is_401_and_wrong_token_is_403_and_nothing_is_stored() {
     let (dir, running) = start().await;
     let body = transaction(1);
     let (status, error) = put(&running, "1", None, json_body(&body)).await;
-    assert_eq!(
-        (status, error["errcode"].as_str()),
-        (StatusCode::UNAUTHORIZED, Some("M_UNAUTHORIZED"))
-    );
+    assert_eq!((status, error["errcode"].as_str()), (StatusCode::UNAUTHORIZED, Some("M_UNAUTHORIZED")));
     let (status, error) = put(&running, "1", Some("wrong-token"), json_body(&body)).await;
-    assert_eq!(
-        (status, error["errcode"].as_str()),
-        (StatusCode::FORBIDDEN, Some("M_FORBIDDEN"))
-    );
-    let (status, _) = put(
-        &running,
-        "1",
-        Some(&HS_TOKEN[..HS_TOKEN.len() - 1]),
-        json_body(&body),
-    )
-    .await;
-    assert_eq!(
-        status,
-        StatusCode::FORBIDDEN,
-        "a prefix of the token is not the token"
-    );
+    assert_eq!((status, error["errcode"].as_str()), (StatusCode::FORBIDDEN, Some("M_FORBIDDEN")));
+    let (status, _) = put(&running, "1", Some(&HS_TOKEN[..HS_TOKEN.len() - 1]), json_body(&body)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "a prefix of the token is not the token");
     assert_eq!(stored(&dir).await, 0);
 
     // The legacy query parameter is accepted too.
@@ -170,17 +117,11 @@ async fn missing_token_is_401_and_wrong_token_is_403_and_nothing_is_stored() {
 
     let metrics = running.metrics().await;
     assert_eq!(
-        common::metric(
-            &metrics,
-            "switchboard_appservice_requests_rejected_total{reason=\"MissingToken\"}"
-        ),
+        common::metric(&metrics, "switchboard_appservice_requests_rejected_total{reason=\"MissingToken\"}"),
         1
     );
     assert_eq!(
-        common::metric(
-            &metrics,
-            "switchboard_appservice_requests_rejected_total{reason=\"WrongToken\"}"
-        ),
+        common::metric(&metrics, "switchboard_appservice_requests_rejected_total{reason=\"WrongToken\"}"),
         2
     );
     running.stop().await.unwrap();
@@ -190,33 +131,13 @@ async fn missing_token_is_401_and_wrong_token_is_403_and_nothing_is_stored() {
 async fn bad_bodies_get_matrix_errors_and_nothing_is_stored() {
     let (dir, running) = start().await;
     let cases: [(&str, &[u8], StatusCode, &str); 8] = [
-        (
-            "event-is-array",
-            br#"{"events": [["m.room.message"]]}"#,
-            StatusCode::BAD_REQUEST,
-            "M_BAD_JSON",
-        ),
+        ("event-is-array", br#"{"events": [["m.room.message"]]}"#, StatusCode::BAD_REQUEST, "M_BAD_JSON"),
         ("not-json", b"{not json", StatusCode::BAD_REQUEST, "M_NOT_JSON"),
-        (
-            "truncated",
-            br#"{"events": [{"type": "m.room.message""#,
-            StatusCode::BAD_REQUEST,
-            "M_NOT_JSON",
-        ),
+        ("truncated", br#"{"events": [{"type": "m.room.message""#, StatusCode::BAD_REQUEST, "M_NOT_JSON"),
         ("empty", b"", StatusCode::BAD_REQUEST, "M_NOT_JSON"),
         ("array", b"[]", StatusCode::BAD_REQUEST, "M_BAD_JSON"),
-        (
-            "events-not-array",
-            br#"{"events": {}}"#,
-            StatusCode::BAD_REQUEST,
-            "M_BAD_JSON",
-        ),
-        (
-            "event-without-type",
-            br#"{"events": [{"event_id": "$x"}]}"#,
-            StatusCode::BAD_REQUEST,
-            "M_BAD_JSON",
-        ),
+        ("events-not-array", br#"{"events": {}}"#, StatusCode::BAD_REQUEST, "M_BAD_JSON"),
+        ("event-without-type", br#"{"events": [{"event_id": "$x"}]}"#, StatusCode::BAD_REQUEST, "M_BAD_JSON"),
         (
             "sender-not-string",
             br#"{"events": [{"type": "t", "sender": 5}]}"#,
@@ -226,20 +147,13 @@ async fn bad_bodies_get_matrix_errors_and_nothing_is_stored() {
     ];
     for (txn, body, status, errcode) in cases {
         let (got, error) = put(&running, txn, Some(HS_TOKEN), reqwest::Body::from(body.to_vec())).await;
-        assert_eq!(
-            (got, error["errcode"].as_str()),
-            (status, Some(errcode)),
-            "case {txn}: {error}"
-        );
+        assert_eq!((got, error["errcode"].as_str()), (status, Some(errcode)), "case {txn}: {error}");
         assert!(error["error"].is_string(), "case {txn} explains itself");
     }
     // Over the limit (1 MiB in the test config): 413, whether or not the length is announced.
     let big = json!({ "events": [{ "type": "t", "content": { "body": "x".repeat(1_100_000) } }] });
     let (status, error) = put(&running, "big", Some(HS_TOKEN), json_body(&big)).await;
-    assert_eq!(
-        (status, error["errcode"].as_str()),
-        (StatusCode::PAYLOAD_TOO_LARGE, Some("M_TOO_LARGE"))
-    );
+    assert_eq!((status, error["errcode"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("M_TOO_LARGE")));
     let status_line = chunked_put(&running, "big-chunked", &serde_json::to_vec(&big).unwrap()).await;
     assert!(status_line.starts_with("HTTP/1.1 413"), "{status_line}");
 
@@ -255,12 +169,7 @@ async fn bad_bodies_get_matrix_errors_and_nothing_is_stored() {
 async fn queries_ping_thirdparty_and_legacy_paths_answer_as_the_spec_says() {
     let (dir, running) = start().await;
     let client = reqwest::Client::new();
-    let get = |path: &str| {
-        client
-            .get(running.appservice_url(path))
-            .bearer_auth(HS_TOKEN)
-            .send()
-    };
+    let get = |path: &str| client.get(running.appservice_url(path)).bearer_auth(HS_TOKEN).send();
     for path in [
         "/_matrix/app/v1/users/%400x6e46b62a245d9ee7758b8dd4b3f7e6f8fe4fec40%3Alocalhost",
         "/users/%40alice%3Alocalhost",
@@ -277,11 +186,8 @@ async fn queries_ping_thirdparty_and_legacy_paths_answer_as_the_spec_says() {
         assert_eq!(error["errcode"], "M_NOT_FOUND", "{path}");
     }
     // Queries need the token like everything else.
-    let response = client
-        .get(running.appservice_url("/_matrix/app/v1/users/%40a%3Alocalhost"))
-        .send()
-        .await
-        .unwrap();
+    let response =
+        client.get(running.appservice_url("/_matrix/app/v1/users/%40a%3Alocalhost")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
 
     let ping = client
@@ -304,16 +210,9 @@ async fn queries_ping_thirdparty_and_legacy_paths_answer_as_the_spec_says() {
     assert_eq!(legacy.status(), StatusCode::OK);
     assert_eq!(stored(&dir).await, 3);
 
-    let unknown = client
-        .get(running.appservice_url("/_matrix/app/v1/nope"))
-        .send()
-        .await
-        .unwrap();
+    let unknown = client.get(running.appservice_url("/_matrix/app/v1/nope")).send().await.unwrap();
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
-    assert_eq!(
-        unknown.json::<Value>().await.unwrap()["errcode"],
-        "M_UNRECOGNIZED"
-    );
+    assert_eq!(unknown.json::<Value>().await.unwrap()["errcode"], "M_UNRECOGNIZED");
     let wrong_method = client
         .get(running.appservice_url("/_matrix/app/v1/ping"))
         .bearer_auth(HS_TOKEN)
@@ -329,33 +228,20 @@ async fn ready_reports_an_unreachable_homeserver_while_health_is_ok() {
     let (_dir, running) = start().await;
     let health = reqwest::get(running.ops_url("/health")).await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
-    let ready = common::eventually(
-        std::time::Duration::from_secs(10),
-        "a first homeserver check",
-        || async {
+    let ready =
+        common::eventually(std::time::Duration::from_secs(10), "a first homeserver check", || async {
             let response = reqwest::get(running.ops_url("/ready")).await.ok()?;
             let status = response.status();
             let body: Value = response.json().await.ok()?;
-            body["homeserver"]["last_error"]
-                .is_string()
-                .then_some((status, body))
-        },
-    )
-    .await;
+            body["homeserver"]["last_error"].is_string().then_some((status, body))
+        })
+        .await;
     assert_eq!(ready.0, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(ready.1["ready"], false);
     assert_eq!(ready.1["database"]["ok"], true);
     assert_eq!(ready.1["homeserver"]["reachable"], false);
-    let metrics = reqwest::get(running.ops_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("# TYPE switchboard_appservice_transactions_received counter"),
-        "{metrics}"
-    );
+    let metrics = reqwest::get(running.ops_url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("# TYPE switchboard_appservice_transactions_received counter"), "{metrics}");
     assert!(metrics.ends_with("# EOF\n"));
     running.stop().await.unwrap();
 }
@@ -371,10 +257,7 @@ async fn chunked_put(running: &Running, txn: &str, body: &[u8]) -> String {
     stream.write_all(head.as_bytes()).await.unwrap();
     for chunk in body.chunks(64 * 1024) {
         // The server may answer 413 and close before everything is written.
-        if stream
-            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
-            .await
-            .is_err()
+        if stream.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.is_err()
             || stream.write_all(chunk).await.is_err()
             || stream.write_all(b"\r\n").await.is_err()
         {
@@ -384,9 +267,5 @@ async fn chunked_put(running: &Running, txn: &str, body: &[u8]) -> String {
     let _ = stream.write_all(b"0\r\n\r\n").await;
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer).await;
-    String::from_utf8_lossy(&answer)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
+    String::from_utf8_lossy(&answer).lines().next().unwrap_or_default().to_owned()
 }

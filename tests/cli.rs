@@ -6,11 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn switchboard(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(args)
-        .envs(envs.iter().copied())
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_switchboard")).args(args).envs(envs.iter().copied()).output().unwrap()
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -62,11 +58,7 @@ fn init_writes_a_valid_config_and_registration_with_fresh_secrets_and_refuses_to
     // A second init never overwrites, and a second directory gets different secrets.
     let again = init(dir.path());
     assert!(!again.status.success());
-    assert!(
-        text(&again.stderr).contains("already exists"),
-        "{}",
-        text(&again.stderr)
-    );
+    assert!(text(&again.stderr).contains("already exists"), "{}", text(&again.stderr));
     assert_eq!(std::fs::read_to_string(&config_path).unwrap(), config);
     let other = tempfile::tempdir().unwrap();
     assert!(init(other.path()).status.success());
@@ -94,18 +86,10 @@ fn config_errors_name_the_key_and_exit_78() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     let example = std::fs::read_to_string(common::repo_root().join("switchboard.example.toml")).unwrap();
-    std::fs::write(
-        &path,
-        example.replace("max_connections = 8", "max_connections = \"eight\""),
-    )
-    .unwrap();
+    std::fs::write(&path, example.replace("max_connections = 8", "max_connections = \"eight\"")).unwrap();
     let out = switchboard(&["config", "check", "-c", path.to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(78));
-    assert!(
-        text(&out.stderr).contains("max_connections"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("max_connections"), "{}", text(&out.stderr));
 
     // Environment overrides apply (SWITCHBOARD_<SECTION>__<KEY>) and are validated like the file.
     std::fs::write(&path, &example).unwrap();
@@ -114,11 +98,7 @@ fn config_errors_name_the_key_and_exit_78() {
         &[("SWITCHBOARD_DATABASE__URL", "mysql://nope")],
     );
     assert_eq!(out.status.code(), Some(78));
-    assert!(
-        text(&out.stderr).contains("database.url"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("database.url"), "{}", text(&out.stderr));
     let out = switchboard(
         &["config", "check", "-c", path.to_str().unwrap()],
         &[
@@ -128,21 +108,9 @@ fn config_errors_name_the_key_and_exit_78() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
 
-    let out = switchboard(
-        &[
-            "config",
-            "check",
-            "-c",
-            dir.path().join("missing.toml").to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = switchboard(&["config", "check", "-c", dir.path().join("missing.toml").to_str().unwrap()], &[]);
     assert_eq!(out.status.code(), Some(78));
-    assert!(
-        text(&out.stderr).contains("missing.toml"),
-        "{}",
-        text(&out.stderr)
-    );
+    assert!(text(&out.stderr).contains("missing.toml"), "{}", text(&out.stderr));
 }
 
 #[test]

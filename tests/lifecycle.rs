@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -12,31 +12,14 @@ async fn sigterm_finishes_the_in_flight_transaction_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let db = common::sqlite_url(dir.path());
     let ports = [common::free_port(), common::free_port(), common::free_port()];
-    let config = dir.path().join("switchboard.toml");
-    std::fs::write(&config, common::config_toml(&db, "http://127.0.0.1:9", ports)).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["serve", "-c"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let health = format!("http://127.0.0.1:{}/health", ports[2]);
-    common::eventually(Duration::from_secs(30), "switchboard listening", || async {
-        reqwest::get(&health)
-            .await
-            .ok()
-            .filter(|r| r.status().is_success())
-    })
-    .await;
+    let mut child =
+        common::Process::start(dir.path(), &common::config_toml(&db, "http://127.0.0.1:9", ports), ports);
+    child.wait_for("/health").await;
 
     // Start a transaction and send only half of its body.
     let body = br#"{"events": [{"type": "m.room.message", "event_id": "$inflight", "content": {"body": "in flight"}}]}"#;
     let (first, rest) = body.split_at(body.len() / 2);
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", ports[0]))
-        .await
-        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", ports[0])).await.unwrap();
     let head = format!(
         "PUT /_matrix/app/v1/transactions/1 HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -47,35 +30,23 @@ async fn sigterm_finishes_the_in_flight_transaction_and_exits_zero() {
     stream.write_all(first).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args(["-TERM", &child.pid().to_string()]).status().unwrap().success());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "still running while a transaction is in flight"
-    );
+    assert!(child.try_wait().is_none(), "still running while a transaction is in flight");
     // No new connections are accepted.
     let refused = tokio::net::TcpStream::connect(("127.0.0.1", ports[2])).await;
     assert!(refused.is_err(), "the ops listener is closed after SIGTERM");
 
     stream.write_all(rest).await.unwrap();
     let mut answer = vec![0; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer)).await.unwrap().unwrap();
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     drop(stream);
 
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.try_wait() {
             break status;
         }
         assert!(Instant::now() < deadline, "did not exit within 15 s of SIGTERM");

@@ -42,16 +42,8 @@ async fn transaction_is_stored_once_on_both_backends() {
                 ..event("", to_device)
             },
         ];
-        assert_eq!(
-            store.ingest("1", 0, &items).await.unwrap(),
-            Ingested::New { items: 2 },
-            "{backend}"
-        );
-        assert_eq!(
-            store.ingest("1", 0, &items).await.unwrap(),
-            Ingested::Duplicate,
-            "{backend}"
-        );
+        assert_eq!(store.ingest("1", 0, &items).await.unwrap(), Ingested::New { items: 2 }, "{backend}");
+        assert_eq!(store.ingest("1", 0, &items).await.unwrap(), Ingested::Duplicate, "{backend}");
         assert!(store.has_transaction("1").await.unwrap());
         assert!(!store.has_transaction("2").await.unwrap());
 
@@ -72,10 +64,7 @@ async fn event_seen_in_two_transactions_is_stored_once() {
         let store = open(&url).await;
         let body = r#"{"type":"m.room.message","event_id":"$same"}"#;
         store.ingest("1", 0, &[event("$same", body)]).await.unwrap();
-        let second = store
-            .ingest("2", 0, &[event("$same", body), event("$other", body)])
-            .await
-            .unwrap();
+        let second = store.ingest("2", 0, &[event("$same", body), event("$other", body)]).await.unwrap();
         assert_eq!(second, Ingested::New { items: 1 }, "{backend}");
         assert_eq!(store.items_after(0, 100).await.unwrap().len(), 2, "{backend}");
     }
@@ -86,15 +75,9 @@ async fn unacknowledged_items_are_handed_out_again_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     for (backend, url) in common::backends(dir.path()).await {
         let store = open(&url).await;
-        let bodies: Vec<String> = (0..5)
-            .map(|i| format!(r#"{{"type":"t","event_id":"${i}"}}"#))
-            .collect();
+        let bodies: Vec<String> = (0..5).map(|i| format!(r#"{{"type":"t","event_id":"${i}"}}"#)).collect();
         let ids: Vec<String> = (0..5).map(|i| format!("${i}")).collect();
-        let items: Vec<NewItem<'_>> = ids
-            .iter()
-            .zip(&bodies)
-            .map(|(id, body)| event(id, body))
-            .collect();
+        let items: Vec<NewItem<'_>> = ids.iter().zip(&bodies).map(|(id, body)| event(id, body)).collect();
         store.ingest("1", 0, &items[..3]).await.unwrap();
 
         let mut consumer = Subscription::open(store.clone(), "directory").await.unwrap();
@@ -107,11 +90,7 @@ async fn unacknowledged_items_are_handed_out_again_after_restart() {
         let store = open(&url).await;
         let mut consumer = Subscription::open(store.clone(), "directory").await.unwrap();
         let again = consumer.next().await.unwrap();
-        assert_eq!(
-            again.len(),
-            1,
-            "{backend}: only the unacknowledged item comes back"
-        );
+        assert_eq!(again.len(), 1, "{backend}: only the unacknowledged item comes back");
         assert_eq!(again[0].event_id.as_deref(), Some("$2"));
 
         // A new consumer starts from the beginning; an unrelated one is unaffected by acks.
@@ -122,16 +101,8 @@ async fn unacknowledged_items_are_handed_out_again_after_restart() {
         let waiting = tokio::spawn(async move { consumer.next().await.unwrap() });
         tokio::time::sleep(Duration::from_millis(50)).await;
         store.ingest("2", 0, &items[3..]).await.unwrap();
-        let live = tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("woken")
-            .unwrap();
-        assert_eq!(
-            live.iter()
-                .map(|i| i.event_id.clone().unwrap())
-                .collect::<Vec<_>>(),
-            ["$3", "$4"]
-        );
+        let live = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("woken").unwrap();
+        assert_eq!(live.iter().map(|i| i.event_id.clone().unwrap()).collect::<Vec<_>>(), ["$3", "$4"]);
     }
 }
 
@@ -140,10 +111,7 @@ async fn migrations_are_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     for (backend, url) in common::backends(dir.path()).await {
         let store = open(&url).await;
-        store
-            .migrate()
-            .await
-            .unwrap_or_else(|e| panic!("{backend}: second migrate failed: {e}"));
+        store.migrate().await.unwrap_or_else(|e| panic!("{backend}: second migrate failed: {e}"));
         store.ping().await.unwrap();
     }
 }
@@ -160,10 +128,7 @@ async fn concurrent_writers_keep_ids_in_commit_order() {
                 for n in 0..10 {
                     let id = format!("$t{t}n{n}");
                     let body = format!(r#"{{"type":"t","event_id":"{id}"}}"#);
-                    store
-                        .ingest(&format!("{t}-{n}"), 0, &[event(&id, &body)])
-                        .await
-                        .unwrap();
+                    store.ingest(&format!("{t}-{n}"), 0, &[event(&id, &body)]).await.unwrap();
                 }
             }));
         }
@@ -171,10 +136,8 @@ async fn concurrent_writers_keep_ids_in_commit_order() {
         let mut consumer = Subscription::open(store.clone(), "reader").await.unwrap();
         let mut seen = Vec::new();
         while seen.len() < 80 {
-            let batch = tokio::time::timeout(Duration::from_secs(10), consumer.next())
-                .await
-                .expect("items")
-                .unwrap();
+            let batch =
+                tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("items").unwrap();
             seen.extend(batch.into_iter().map(|i| i.id));
         }
         for task in tasks {

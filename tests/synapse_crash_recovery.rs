@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -17,45 +16,14 @@ const SENDERS: usize = 4;
 /// Switchboard is killed once this many messages have been sent.
 const KILL_AFTER: usize = 150;
 
-fn spawn_switchboard(config: &std::path::Path, log: &std::path::Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["serve", "-c"])
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start switchboard")
-}
-
 #[tokio::test]
 async fn sigkill_during_a_stream_of_events_loses_and_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let db = common::sqlite_url(dir.path());
-    let ports = [common::free_port(), common::free_port(), common::free_port()];
-
-    // The registration only needs our URL and tokens; Synapse's URL is known once it runs.
-    let placeholder =
-        switchboard::config::Config::from_toml_str(&common::config_toml(&db, "http://127.0.0.1:9", ports))
-            .unwrap();
-    let registration = dir.path().join("registration.yaml");
-    std::fs::write(
-        &registration,
-        switchboard::appservice::registration::render(&placeholder),
-    )
-    .unwrap();
-    let Some(synapse) = common::Synapse::start(&[&registration]).await else {
+    let Some((synapse, mut switchboard)) = common::synapse_and_process(dir.path(), &db, |toml| toml).await
+    else {
         return;
     };
-    let config = dir.path().join("switchboard.toml");
-    std::fs::write(&config, common::config_toml(&db, &synapse.base_url, ports)).unwrap();
-    let log = dir.path().join("switchboard.log");
-    let mut switchboard = spawn_switchboard(&config, &log);
 
     let raiden = synapse.register(&common::raiden_localpart()).await;
     let alice = synapse.register("alice").await;
@@ -69,11 +37,8 @@ async fn sigkill_during_a_stream_of_events_loses_and_repeats_nothing() {
         senders.push(tokio::spawn(async move {
             let mut event_ids = Vec::new();
             for n in (worker..MESSAGES).step_by(SENDERS) {
-                event_ids.push(
-                    synapse
-                        .send_text(&alice, &room_id, &format!("m{n}"), &format!("msg {n}"))
-                        .await,
-                );
+                event_ids
+                    .push(synapse.send_text(&alice, &room_id, &format!("m{n}"), &format!("msg {n}")).await);
                 sent.fetch_add(1, Ordering::Relaxed);
             }
             event_ids
@@ -84,10 +49,9 @@ async fn sigkill_during_a_stream_of_events_loses_and_repeats_nothing() {
         (sent.load(Ordering::Relaxed) >= KILL_AFTER).then_some(())
     })
     .await;
-    switchboard.kill().expect("SIGKILL switchboard"); // Child::kill sends SIGKILL
-    switchboard.wait().unwrap();
+    switchboard.kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut switchboard = spawn_switchboard(&config, &log);
+    switchboard.restart();
 
     let mut sent_ids = BTreeSet::new();
     for sender in senders {
@@ -110,12 +74,9 @@ async fn sigkill_during_a_stream_of_events_loses_and_repeats_nothing() {
             "{} messages missing: nudging Synapse's recoverer ({nudge})",
             MESSAGES - count_messages(&items)
         );
-        switchboard.kill().unwrap();
-        switchboard.wait().unwrap();
-        synapse
-            .send_text(&alice, &room_id, &format!("nudge{nudge}"), "nudge")
-            .await;
-        switchboard = spawn_switchboard(&config, &log);
+        switchboard.kill();
+        synapse.send_text(&alice, &room_id, &format!("nudge{nudge}"), "nudge").await;
+        switchboard.restart();
         items = wait_for_messages(&synapse, &db, Duration::from_secs(30)).await;
     }
     assert_eq!(
@@ -126,7 +87,7 @@ async fn sigkill_during_a_stream_of_events_loses_and_repeats_nothing() {
             .iter()
             .filter(|id| !items.iter().any(|i| i.event_id.as_ref() == Some(*id)))
             .collect::<Vec<_>>(),
-        std::fs::read_to_string(&log).unwrap_or_default(),
+        switchboard.log_text(),
         synapse.log_tail()
     );
 
@@ -136,12 +97,7 @@ async fn sigkill_during_a_stream_of_events_loses_and_repeats_nothing() {
     assert_eq!(stored_ids, sent_ids, "exactly the sent events are stored");
     let bodies: BTreeSet<String> = messages
         .iter()
-        .map(|i| {
-            i.parse::<Value>().unwrap()["content"]["body"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
+        .map(|i| i.parse::<Value>().unwrap()["content"]["body"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(bodies, (0..MESSAGES).map(|n| format!("msg {n}")).collect());
     let mut all_ids: Vec<_> = items.iter().filter_map(|i| i.event_id.clone()).collect();
@@ -151,32 +107,17 @@ async fn sigkill_during_a_stream_of_events_loses_and_repeats_nothing() {
     assert_eq!(all_ids.len(), before, "no event of any kind stored twice");
 
     // Stop cleanly: SIGTERM → exit 0.
-    let pid = switchboard.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::task::spawn_blocking(move || switchboard.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(
-        status.success(),
-        "{status}; log:\n{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    let log = switchboard.log_text();
+    let status = switchboard.terminate().await;
+    assert!(status.success(), "{status}; log:\n{log}");
 }
 
 fn is_test_message(item: &StoredItem) -> bool {
     item.kind == ItemKind::Event
         && item.event_type == "m.room.message"
-        && item.parse::<Value>().is_ok_and(|v| {
-            v["content"]["body"]
-                .as_str()
-                .is_some_and(|b| b.starts_with("msg "))
-        })
+        && item
+            .parse::<Value>()
+            .is_ok_and(|v| v["content"]["body"].as_str().is_some_and(|b| b.starts_with("msg ")))
 }
 
 fn count_messages(items: &[StoredItem]) -> usize {

@@ -22,28 +22,18 @@ async fn room_message_and_to_device_message_reach_the_store() {
     let signal = r#"{"type":"offer","sdp":"v=0","call_id":"a|b|1"}"#;
     let to_device = json!({ "messages": { &raiden.user_id: { &raiden.device_id: { "msgtype": "m.notice", "body": signal } } } });
     synapse
-        .call(
-            &alice,
-            reqwest::Method::PUT,
-            "/_matrix/client/v3/sendToDevice/m.room.message/td1",
-            &to_device,
-        )
+        .call(&alice, reqwest::Method::PUT, "/_matrix/client/v3/sendToDevice/m.room.message/td1", &to_device)
         .await;
 
     let items = common::eventually(Duration::from_secs(30), "both messages in the store", || async {
         let items = common::stored_items(&db).await;
-        let has_event = items
-            .iter()
-            .any(|i| i.event_id.as_deref() == Some(event_id.as_str()));
+        let has_event = items.iter().any(|i| i.event_id.as_deref() == Some(event_id.as_str()));
         let has_to_device = items.iter().any(|i| i.kind == ItemKind::ToDevice);
         (has_event && has_to_device).then_some(items)
     })
     .await;
 
-    let message = items
-        .iter()
-        .find(|i| i.event_id.as_deref() == Some(event_id.as_str()))
-        .unwrap();
+    let message = items.iter().find(|i| i.event_id.as_deref() == Some(event_id.as_str())).unwrap();
     assert_eq!(message.kind, ItemKind::Event);
     assert_eq!(message.event_type, "m.room.message");
     assert_eq!(message.room_id.as_deref(), Some(room_id.as_str()));

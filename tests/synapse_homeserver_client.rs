@@ -25,31 +25,13 @@ async fn whoami_masquerading_and_sender_registration_work_against_synapse() {
     // whoami answers the token's owner and device; a wrong token is the homeserver's M_UNKNOWN_TOKEN.
     let who = client.whoami(&raiden.access_token).await.unwrap();
     assert_eq!(who.user_id.as_str(), raiden.user_id);
-    assert_eq!(
-        who.device_id.as_deref().map(|d| d.as_str()),
-        Some(raiden.device_id.as_str())
-    );
+    assert_eq!(who.device_id.as_deref().map(ruma::DeviceId::as_str), Some(raiden.device_id.as_str()));
     let wrong = client.whoami("not-a-token").await.unwrap_err();
     assert_eq!(wrong.errcode(), Some("M_UNKNOWN_TOKEN"));
 
     // Cached: the answer survives the token's logout until the cache expires.
-    synapse
-        .call(
-            &raiden,
-            Method::POST,
-            "/_matrix/client/v3/logout",
-            &serde_json::json!({}),
-        )
-        .await;
-    assert_eq!(
-        client
-            .whoami(&raiden.access_token)
-            .await
-            .unwrap()
-            .user_id
-            .as_str(),
-        raiden.user_id
-    );
+    synapse.call(&raiden, Method::POST, "/_matrix/client/v3/logout", &serde_json::json!({})).await;
+    assert_eq!(client.whoami(&raiden.access_token).await.unwrap().user_id.as_str(), raiden.user_id);
 
     // Masquerading as a namespaced user (with its device) works; outside the namespace it does not.
     let raiden_id = ruma::UserId::parse(&raiden.user_id).unwrap();

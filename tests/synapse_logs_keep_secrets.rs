@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -11,44 +10,19 @@ use serde_json::{Value, json};
 async fn debug_logs_of_a_full_run_contain_no_secret() {
     let dir = tempfile::tempdir().unwrap();
     let db = common::sqlite_url(dir.path());
-    let ports = [common::free_port(), common::free_port(), common::free_port()];
-    let placeholder =
-        switchboard::config::Config::from_toml_str(&common::config_toml(&db, "http://127.0.0.1:9", ports))
-            .unwrap();
-    let registration = dir.path().join("registration.yaml");
-    std::fs::write(
-        &registration,
-        switchboard::appservice::registration::render(&placeholder),
-    )
-    .unwrap();
-    let Some(synapse) = common::Synapse::start(&[&registration]).await else {
+    let debug_json = |toml: String| {
+        toml.replace("level = \"info,switchboard=debug\"", "level = \"debug\"\nformat = \"json\"")
+    };
+    let Some((synapse, switchboard)) = common::synapse_and_process(dir.path(), &db, debug_json).await else {
         return;
     };
-    let toml = common::config_toml(&db, &synapse.base_url, ports).replace(
-        "level = \"info,switchboard=debug\"",
-        "level = \"debug\"\nformat = \"json\"",
-    );
-    let config = dir.path().join("switchboard.toml");
-    std::fs::write(&config, toml).unwrap();
-    let log_path = dir.path().join("switchboard.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["serve", "-c"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
+    let ports = switchboard.ports;
 
     // Exercise every path that handles a token: the start-up ping and registration (as_token),
     // transactions (hs_token), refused requests with wrong tokens in the header and the query.
     let ready = format!("http://127.0.0.1:{}/ready", ports[2]);
     common::eventually(Duration::from_secs(30), "switchboard ready", || async {
-        reqwest::get(&ready)
-            .await
-            .ok()
-            .filter(|r| r.status().is_success())
+        reqwest::get(&ready).await.ok().filter(|r| r.status().is_success())
     })
     .await;
     assert!(synapse.ping_appservice().await.0.is_success());
@@ -57,11 +31,7 @@ async fn debug_logs_of_a_full_run_contain_no_secret() {
     let room_id = synapse.shared_room(&alice, &[&raiden]).await;
     let event_id = synapse.send_text(&alice, &room_id, "t1", "hello").await;
     common::eventually(Duration::from_secs(30), "the message stored", || async {
-        common::stored_items(&db)
-            .await
-            .iter()
-            .any(|i| i.event_id.as_deref() == Some(&event_id))
-            .then_some(())
+        common::stored_items(&db).await.iter().any(|i| i.event_id.as_deref() == Some(&event_id)).then_some(())
     })
     .await;
     let leaked_wrong_token = "wrong-token-that-must-not-be-logged-0123456789";
@@ -70,32 +40,13 @@ async fn debug_logs_of_a_full_run_contain_no_secret() {
         "http://127.0.0.1:{}/_matrix/app/v1/transactions/x?access_token={leaked_wrong_token}",
         ports[0]
     );
-    assert_eq!(
-        http.put(&url).json(&json!({})).send().await.unwrap().status(),
-        403
-    );
+    assert_eq!(http.put(&url).json(&json!({})).send().await.unwrap().status(), 403);
     let url = format!("http://127.0.0.1:{}/_matrix/app/v1/transactions/y", ports[0]);
-    let refused = http
-        .put(&url)
-        .bearer_auth(leaked_wrong_token)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let refused = http.put(&url).bearer_auth(leaked_wrong_token).json(&json!({})).send().await.unwrap();
     assert_eq!(refused.status(), 403);
 
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(status.success());
-
+    let log_path = switchboard.log.clone();
+    assert!(switchboard.terminate().await.success());
     let log = std::fs::read_to_string(&log_path).unwrap();
     for secret in [
         common::AS_TOKEN,
@@ -108,27 +59,11 @@ async fn debug_logs_of_a_full_run_contain_no_secret() {
         assert!(!log.contains(secret), "a secret appears in the logs: {secret}");
     }
     // The logs are not empty: JSON lines that tell the story of the run.
-    let lines: Vec<Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
-        .collect();
+    let lines: Vec<Value> =
+        log.lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect();
     let messages: Vec<&str> = lines.iter().filter_map(|l| l["message"].as_str()).collect();
-    assert!(
-        messages.iter().any(|m| m.contains("switchboard.start")),
-        "{messages:?}"
-    );
-    assert!(
-        messages
-            .iter()
-            .any(|m| m.contains("appservice.transaction stored")),
-        "{messages:?}"
-    );
-    assert!(
-        messages.iter().any(|m| m.contains("wrong homeserver token")),
-        "{messages:?}"
-    );
-    assert!(
-        messages.iter().any(|m| m.contains("stopped cleanly")),
-        "{messages:?}"
-    );
+    assert!(messages.iter().any(|m| m.contains("switchboard.start")), "{messages:?}");
+    assert!(messages.iter().any(|m| m.contains("appservice.transaction stored")), "{messages:?}");
+    assert!(messages.iter().any(|m| m.contains("wrong homeserver token")), "{messages:?}");
+    assert!(messages.iter().any(|m| m.contains("stopped cleanly")), "{messages:?}");
 }

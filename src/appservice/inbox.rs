@@ -41,12 +41,7 @@ impl Subscription {
     pub async fn open(store: Arc<Store>, consumer: &str) -> Result<Self, StoreError> {
         let latest = store.watch_latest();
         let handed = store.cursor(consumer).await?;
-        Ok(Self {
-            consumer: consumer.to_owned(),
-            store,
-            handed,
-            latest,
-        })
+        Ok(Self { consumer: consumer.to_owned(), store, handed, latest })
     }
 
     /// The next batch of items, in the order they were stored; waits while there is none.

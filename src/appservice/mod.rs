@@ -62,20 +62,13 @@ pub fn router(appservice: Arc<Appservice>) -> Router {
 async fn authenticate(State(appservice): State<Arc<Appservice>>, request: Request, next: Next) -> Response {
     let Some(token) = presented_token(&request) else {
         appservice.metrics.reject(Rejection::MissingToken);
-        return MatrixError::new(
-            StatusCode::UNAUTHORIZED,
-            "M_UNAUTHORIZED",
-            "Missing homeserver token",
-        )
-        .into_response();
+        return MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "Missing homeserver token")
+            .into_response();
     };
     let expected = appservice.hs_token.expose().as_bytes();
     if !bool::from(token.as_bytes().ct_eq(expected)) {
         appservice.metrics.reject(Rejection::WrongToken);
-        tracing::warn!(
-            path = request.uri().path(),
-            "appservice request with a wrong homeserver token"
-        );
+        tracing::warn!(path = request.uri().path(), "appservice request with a wrong homeserver token");
         return MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "Wrong homeserver token")
             .into_response();
     }
@@ -84,11 +77,7 @@ async fn authenticate(State(appservice): State<Arc<Appservice>>, request: Reques
 
 fn presented_token(request: &Request) -> Option<String> {
     if let Some(value) = request.headers().get(AUTHORIZATION) {
-        return value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| t.trim().to_owned());
+        return value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(|t| t.trim().to_owned());
     }
     let query = request.uri().query()?;
     url::form_urlencoded::parse(query.as_bytes())

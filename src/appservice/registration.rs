@@ -8,10 +8,7 @@ use crate::config::Config;
 
 /// The user namespace: Raiden user ids on this server, `@0x<40 hex>[.<8 hex>]:<server_name>`.
 pub fn user_namespace_regex(server_name: &str) -> String {
-    format!(
-        r"@0x[0-9a-fA-F]{{40}}(\.[0-9a-f]{{8}})?:{}",
-        regex::escape(server_name)
-    )
+    format!(r"@0x[0-9a-fA-F]{{40}}(\.[0-9a-f]{{8}})?:{}", regex::escape(server_name))
 }
 
 /// The registration YAML for `config`.
@@ -63,10 +60,7 @@ mod tests {
         assert!(re.is_match(&format!("@{address}:example.org")));
         assert!(re.is_match(&format!("@{address}.0a1b2c3d:example.org")));
         assert!(re.is_match("@0x6E46B62A245D9EE7758B8DD4B3F7E6F8FE4FEC40:example.org"));
-        assert!(
-            !re.is_match(&format!("@{address}:exampleXorg")),
-            "the dot is escaped"
-        );
+        assert!(!re.is_match(&format!("@{address}:exampleXorg")), "the dot is escaped");
         assert!(!re.is_match(&format!("@{address}:example.org.evil")));
         assert!(!re.is_match("@0x6e46:example.org"));
         assert!(!re.is_match("@alice:example.org"));

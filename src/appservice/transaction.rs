@@ -62,27 +62,15 @@ pub(super) async fn put(
     let metrics = &appservice.metrics;
     let Path(txn_id) = txn_id.map_err(|e| {
         metrics.reject(Rejection::BadJson);
-        MatrixError::new(
-            StatusCode::BAD_REQUEST,
-            "M_INVALID_PARAM",
-            format!("Invalid transaction id: {e}"),
-        )
+        MatrixError::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", format!("Invalid transaction id: {e}"))
     })?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             metrics.reject(Rejection::TooLarge);
-            MatrixError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "M_TOO_LARGE",
-                "Transaction body is too large",
-            )
+            MatrixError::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", "Transaction body is too large")
         } else {
             metrics.reject(Rejection::NotJson);
-            MatrixError::new(
-                StatusCode::BAD_REQUEST,
-                "M_NOT_JSON",
-                "Cannot read the request body",
-            )
+            MatrixError::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", "Cannot read the request body")
         }
     })?;
     let transaction: Transaction<'_> = serde_json::from_slice(&body).map_err(|e| {
@@ -91,11 +79,7 @@ pub(super) async fn put(
             MatrixError::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", "Body is not valid JSON")
         } else {
             metrics.reject(Rejection::BadJson);
-            MatrixError::new(
-                StatusCode::BAD_REQUEST,
-                "M_BAD_JSON",
-                format!("Not a transaction: {e}"),
-            )
+            MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("Not a transaction: {e}"))
         }
     })?;
     // serde also reads a struct from a JSON array; a transaction is an object.
@@ -113,16 +97,12 @@ pub(super) async fn put(
     })?;
     let items = fields.items();
 
-    let outcome = appservice
-        .store
-        .ingest(&txn_id, unix_millis(), &items)
-        .await
-        .map_err(|error| {
-            metrics.database_errors.inc();
-            metrics.reject(Rejection::Database);
-            tracing::error!(%error, txn_id, "appservice.transaction could not be stored");
-            MatrixError::unknown("Could not store the transaction; retry later")
-        })?;
+    let outcome = appservice.store.ingest(&txn_id, unix_millis(), &items).await.map_err(|error| {
+        metrics.database_errors.inc();
+        metrics.reject(Rejection::Database);
+        tracing::error!(%error, txn_id, "appservice.transaction could not be stored");
+        MatrixError::unknown("Could not store the transaction; retry later")
+    })?;
     match outcome {
         Ingested::New { items: stored } => {
             metrics.transactions_received.inc();
@@ -132,21 +112,14 @@ pub(super) async fn put(
                     metrics.stored(kind, count as u64);
                 }
             }
-            tracing::debug!(
-                txn_id,
-                items = items.len(),
-                stored,
-                "appservice.transaction stored"
-            );
+            tracing::debug!(txn_id, items = items.len(), stored, "appservice.transaction stored");
         }
         Ingested::Duplicate => {
             metrics.transactions_duplicate.inc();
             tracing::debug!(txn_id, "appservice.transaction replayed; already stored");
         }
     }
-    metrics
-        .transaction_seconds
-        .observe(started.elapsed().as_secs_f64());
+    metrics.transaction_seconds.observe(started.elapsed().as_secs_f64());
     Ok(Json(json!({})))
 }
 
@@ -157,14 +130,8 @@ struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     fn parse(transaction: &Transaction<'a>) -> Result<Self, String> {
-        let ephemeral = transaction
-            .ephemeral
-            .as_ref()
-            .or(transaction.msc2409_ephemeral.as_ref());
-        let to_device = transaction
-            .to_device
-            .as_ref()
-            .or(transaction.msc2409_to_device.as_ref());
+        let ephemeral = transaction.ephemeral.as_ref().or(transaction.msc2409_ephemeral.as_ref());
+        let to_device = transaction.to_device.as_ref().or(transaction.msc2409_to_device.as_ref());
         let groups = [
             (ItemKind::Event, Some(&transaction.events)),
             (ItemKind::Ephemeral, ephemeral),
@@ -174,10 +141,7 @@ impl<'a> Fields<'a> {
         for (kind, raws) in groups {
             for (index, raw) in raws.into_iter().flatten().enumerate() {
                 let not_an_item = |e: &dyn std::fmt::Display| {
-                    format!(
-                        "{} item {index} is not an object with a string \"type\": {e}",
-                        kind.as_str()
-                    )
+                    format!("{} item {index} is not an object with a string \"type\": {e}", kind.as_str())
                 };
                 // serde would also read the fields from a JSON array; an item is an object.
                 if !raw.get().starts_with('{') {
@@ -199,11 +163,7 @@ impl<'a> Fields<'a> {
                 sender: fields.sender.as_deref(),
                 room_id: fields.room_id.as_deref(),
                 // Only room events have ids that identify them; EDUs and to-device messages do not.
-                event_id: if *kind == ItemKind::Event {
-                    fields.event_id.as_deref()
-                } else {
-                    None
-                },
+                event_id: if *kind == ItemKind::Event { fields.event_id.as_deref() } else { None },
                 to_user_id: fields.to_user_id.as_deref(),
                 body: raw.get(),
             })

@@ -30,11 +30,7 @@ pub enum HomeserverError {
     #[error("homeserver unreachable: {0}")]
     Unreachable(#[source] reqwest::Error),
     #[error("homeserver answered {status} {errcode}: {error}")]
-    Matrix {
-        status: u16,
-        errcode: String,
-        error: String,
-    },
+    Matrix { status: u16, errcode: String, error: String },
     #[error("unexpected answer from the homeserver: {0}")]
     InvalidResponse(String),
 }
@@ -125,9 +121,7 @@ impl HomeserverClient {
 
     /// A request with the `as_token`.
     fn request(&self, method: reqwest::Method, segments: &[&str]) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, self.url(segments))
-            .bearer_auth(self.as_token.expose())
+        self.http.request(method, self.url(segments)).bearer_auth(self.as_token.expose())
     }
 
     /// A request made as `user_id` (and `device_id`), a user in our namespace (masquerading).
@@ -156,10 +150,7 @@ impl HomeserverClient {
             HomeserverError::Unreachable(e.without_url())
         })?;
         let status = response.status();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| HomeserverError::Unreachable(e.without_url()))?;
+        let bytes = response.bytes().await.map_err(|e| HomeserverError::Unreachable(e.without_url()))?;
         if status.is_success() {
             return serde_json::from_slice(&bytes)
                 .map_err(|e| HomeserverError::InvalidResponse(e.to_string()));
@@ -169,11 +160,7 @@ impl HomeserverClient {
             errcode: "M_UNKNOWN".to_owned(),
             error: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
         });
-        Err(HomeserverError::Matrix {
-            status: status.as_u16(),
-            errcode: body.errcode,
-            error: body.error,
-        })
+        Err(HomeserverError::Matrix { status: status.as_u16(), errcode: body.errcode, error: body.error })
     }
 
     /// Who `access_token` belongs to (`GET /_matrix/client/v3/account/whoami`), cached for the
@@ -190,10 +177,7 @@ impl HomeserverClient {
             .get(self.url(&["_matrix", "client", "v3", "account", "whoami"]))
             .bearer_auth(access_token);
         let body: WhoamiBody = self.send(request).await?;
-        let whoami = Whoami {
-            user_id: body.user_id,
-            device_id: body.device_id,
-        };
+        let whoami = Whoami { user_id: body.user_id, device_id: body.device_id };
         let mut cache = self.cache();
         if cache.len() >= WHOAMI_CACHE_MAX {
             cache.retain(|_, (_, expires)| *expires > now);
@@ -206,9 +190,7 @@ impl HomeserverClient {
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Whoami, Instant)>> {
-        self.whoami_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.whoami_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Asks the homeserver to ping our appservice listener
@@ -222,14 +204,7 @@ impl HomeserverClient {
         let request = self
             .request(
                 reqwest::Method::POST,
-                &[
-                    "_matrix",
-                    "client",
-                    "v1",
-                    "appservice",
-                    &self.appservice_id,
-                    "ping",
-                ],
+                &["_matrix", "client", "v1", "appservice", &self.appservice_id, "ping"],
             )
             .json(&json!({ "transaction_id": format!("switchboard-{}", std::process::id()) }));
         let pong: Pong = self.send(request).await?;
@@ -238,9 +213,8 @@ impl HomeserverClient {
 
     /// Registers our sender user if the homeserver does not have it yet.
     pub async fn ensure_sender_registered(&self) -> Result<(), HomeserverError> {
-        let request = self
-            .request(reqwest::Method::POST, &["_matrix", "client", "v3", "register"])
-            .json(&json!({
+        let request =
+            self.request(reqwest::Method::POST, &["_matrix", "client", "v3", "register"]).json(&json!({
                 "type": "m.login.application_service",
                 "username": self.sender_localpart,
                 "inhibit_login": true,

@@ -161,12 +161,7 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        Ok(Self {
-            pool,
-            backend,
-            ingest_lock: Mutex::new(()),
-            latest: watch::Sender::new(0),
-        })
+        Ok(Self { pool, backend, ingest_lock: Mutex::new(()), latest: watch::Sender::new(0) })
     }
 
     pub fn backend(&self) -> Backend {
@@ -203,10 +198,7 @@ impl Store {
         let _writer = self.ingest_lock.lock().await;
         let mut tx = self.pool.begin().await?;
         if self.backend == Backend::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(INBOX_WRITER_LOCK)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(INBOX_WRITER_LOCK).execute(&mut *tx).await?;
         }
         let inserted = sqlx::query(
             "INSERT INTO appservice_transactions (txn_id, received_at) VALUES ($1, $2) ON CONFLICT (txn_id) DO NOTHING",

@@ -113,9 +113,8 @@ pub async fn fresh_postgres() -> Option<String> {
         COUNTER.fetch_add(1, Ordering::Relaxed),
         rand::random::<u32>()
     );
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
-        .await
-        .expect("connect to test PostgreSQL");
+    let mut conn =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await.expect("connect to test PostgreSQL");
     sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
         .await
         .expect("create test database");
@@ -153,13 +152,7 @@ pub fn start_on(config: Config, listeners: Listeners) -> Running {
     let ops = listeners.ops.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(switchboard::run(config, listeners, shutdown.clone()));
-    Running {
-        appservice,
-        client,
-        ops,
-        shutdown,
-        task,
-    }
+    Running { appservice, client, ops, shutdown, task }
 }
 
 pub async fn start(config: Config) -> Running {
@@ -193,12 +186,7 @@ impl Running {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(self.ops_url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        reqwest::get(self.ops_url("/metrics")).await.unwrap().text().await.unwrap()
     }
 
     /// Cancels, waits for a clean stop, and returns `run`'s result.
@@ -222,11 +210,7 @@ pub fn metric(metrics: &str, prefix: &str) -> u64 {
 
 /// A free loopback port (bound and released; fine for tests).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, for at most `timeout`.
@@ -240,10 +224,7 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -266,10 +247,8 @@ pub struct User {
 }
 
 fn synapse_python() -> Option<PathBuf> {
-    let python = std::env::var_os("SWITCHBOARD_SYNAPSE_PYTHON").map_or_else(
-        || repo_root().join(".cache/synapse-venv/bin/python"),
-        PathBuf::from,
-    );
+    let python = std::env::var_os("SWITCHBOARD_SYNAPSE_PYTHON")
+        .map_or_else(|| repo_root().join(".cache/synapse-venv/bin/python"), PathBuf::from);
     python.exists().then_some(python)
 }
 
@@ -286,22 +265,13 @@ impl Synapse {
         let mut writer = Command::new(&python);
         writer
             .arg(repo_root().join("deploy/synapse/homeserver.py"))
-            .args([
-                "--dir",
-                dir.path().to_str().unwrap(),
-                "--server-name",
-                SERVER_NAME,
-            ])
+            .args(["--dir", dir.path().to_str().unwrap(), "--server-name", SERVER_NAME])
             .args(["--port", &port.to_string()]);
         for registration in registrations {
             writer.arg("--registration").arg(registration);
         }
         let output = writer.output().expect("run homeserver.py");
-        assert!(
-            output.status.success(),
-            "homeserver.py failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "homeserver.py failed: {}", String::from_utf8_lossy(&output.stderr));
         let written: Value =
             serde_json::from_slice(output.stdout.trim_ascii()).expect("homeserver.py prints JSON");
         let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
@@ -329,11 +299,7 @@ impl Synapse {
             {
                 break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "Synapse did not start: {}",
-                synapse.log_tail()
-            );
+            assert!(Instant::now() < deadline, "Synapse did not start: {}", synapse.log_tail());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Some(synapse)
@@ -342,13 +308,7 @@ impl Synapse {
     pub fn log_tail(&self) -> String {
         let mut text = std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default();
         text += &std::fs::read_to_string(self.dir.path().join("homeserver.log")).unwrap_or_default();
-        text.chars()
-            .rev()
-            .take(3000)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect()
+        text.chars().rev().take(3000).collect::<Vec<_>>().into_iter().rev().collect()
     }
 
     /// Registers a user through the shared-secret admin API and returns it logged in.
@@ -412,18 +372,9 @@ impl Synapse {
 
     /// Sends a text message; returns its event id.
     pub async fn send_text(&self, user: &User, room_id: &str, txn: &str, body: &str) -> String {
-        let path = format!(
-            "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
-            urlencode(room_id)
-        );
-        let answer = self
-            .call(
-                user,
-                reqwest::Method::PUT,
-                &path,
-                &json!({ "msgtype": "m.text", "body": body }),
-            )
-            .await;
+        let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", urlencode(room_id));
+        let answer =
+            self.call(user, reqwest::Method::PUT, &path, &json!({ "msgtype": "m.text", "body": body })).await;
         answer["event_id"].as_str().unwrap().to_owned()
     }
 }
@@ -433,10 +384,7 @@ impl Synapse {
     pub async fn ping_appservice(&self) -> (reqwest::StatusCode, Value) {
         let response = self
             .http
-            .post(format!(
-                "{}/_matrix/client/v1/appservice/switchboard/ping",
-                self.base_url
-            ))
+            .post(format!("{}/_matrix/client/v1/appservice/switchboard/ping", self.base_url))
             .bearer_auth(AS_TOKEN)
             .json(&json!({ "transaction_id": format!("test-{}", rand::random::<u32>()) }))
             .send()
@@ -477,4 +425,99 @@ pub async fn stored_items(url: &str) -> Vec<switchboard::store::StoredItem> {
     }
     store.close().await;
     items
+}
+
+/// The `switchboard serve` binary as a child process (for crash, signal and log tests).
+pub struct Process {
+    child: Child,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub ports: [u16; 3],
+}
+
+impl Process {
+    /// Writes `toml` as the config in `dir` and starts `switchboard serve`, stderr appended to a log.
+    pub fn start(dir: &Path, toml: &str, ports: [u16; 3]) -> Process {
+        let config = dir.join("switchboard.toml");
+        std::fs::write(&config, toml).unwrap();
+        let log = dir.join("switchboard.log");
+        let child = Self::spawn(&config, &log);
+        Process { child, config, log, ports }
+    }
+
+    fn spawn(config: &Path, log: &Path) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "-c"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start switchboard")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL switchboard");
+        self.child.wait().unwrap();
+    }
+
+    /// Starts the binary again on the same config (after `kill`).
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(&self.config, &self.log);
+    }
+
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// SIGTERM, then waits at most 15 s for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "did not exit within 15 s of SIGTERM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the ops listener answers `path` with a success status.
+    pub async fn wait_for(&self, path: &str) {
+        let url = format!("http://127.0.0.1:{}{path}", self.ports[2]);
+        eventually(Duration::from_secs(30), &url, || async {
+            reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ())
+        })
+        .await;
+    }
+}
+
+/// A real Synapse with Switchboard registered, Switchboard running as a process on `db`; `edit`
+/// may change the TOML. `None` when Synapse is unavailable.
+pub async fn synapse_and_process(
+    dir: &Path,
+    db: &str,
+    edit: impl Fn(String) -> String,
+) -> Option<(Synapse, Process)> {
+    let ports = [free_port(), free_port(), free_port()];
+    // The registration needs only our URL and tokens; Synapse's URL is known once it runs.
+    let placeholder = Config::from_toml_str(&config_toml(db, "http://127.0.0.1:9", ports)).unwrap();
+    let registration = dir.join("registration.yaml");
+    std::fs::write(&registration, switchboard::appservice::registration::render(&placeholder)).unwrap();
+    let synapse = Synapse::start(&[&registration]).await?;
+    let process = Process::start(dir, &edit(config_toml(db, &synapse.base_url, ports)), ports);
+    Some((synapse, process))
 }
