@@ -1,5 +1,6 @@
 //! The ops listener (private by default): `/health` (the process is alive), `/ready` (database and
-//! homeserver reachable, with JSON detail; 503 otherwise) and `/metrics` (Prometheus text).
+//! homeserver reachable, with JSON detail; 503 otherwise), `POST /ping` (check the homeserver now) and
+//! `/metrics` (Prometheus text).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use http::StatusCode;
 use http::header::CONTENT_TYPE;
 use serde_json::json;
@@ -32,6 +33,7 @@ pub fn router(ops: Arc<Ops>) -> Router {
         Router::new()
             .route("/health", get(health))
             .route("/ready", get(ready))
+            .route("/ping", post(ping))
             .route("/metrics", get(metrics))
             .with_state(ops),
     )
@@ -54,6 +56,13 @@ async fn ready(State(ops): State<Arc<Ops>>) -> Response {
     let ready = database["ok"] == true && homeserver.reachable;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ "ready": ready, "database": database, "homeserver": homeserver }))).into_response()
+}
+
+/// Pings the homeserver (which pings us back) now; 200 with the result when it is reachable.
+async fn ping(State(ops): State<Arc<Ops>>) -> Response {
+    let status = ops.homeserver.check().await;
+    let code = if status.reachable { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(status)).into_response()
 }
 
 async fn metrics(State(ops): State<Arc<Ops>>) -> Response {

@@ -17,18 +17,19 @@ use crate::store::ItemKind;
 
 /// Installs the global subscriber writing to stderr. `RUST_LOG`, when set, overrides `log.level`.
 pub fn init(config: &LogConfig) {
-    init_with_writer(config, std::io::stderr);
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    init_with_writer(config, std::io::stderr, colour);
 }
 
-/// As [`init`], with another writer (tests capture logs with it).
-pub fn init_with_writer<W>(config: &LogConfig, writer: W)
+/// As [`init`], with another writer (tests capture logs with it); `colour` adds ANSI escapes.
+pub fn init_with_writer<W>(config: &LogConfig, writer: W, colour: bool)
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(colour);
     // A second initialisation (several servers in one test process) keeps the first subscriber.
     let _ = match config.format {
         LogFormat::Text => builder.try_init(),

@@ -30,6 +30,12 @@ async fn ping_round_trips_and_fails_when_switchboard_is_down() {
     assert!(ready["homeserver"]["appservice_ping_ms"].is_u64(), "{ready}");
     assert!(ready["homeserver"]["last_error"].is_null(), "{ready}");
 
+    // On demand, through the ops listener.
+    let on_demand = reqwest::Client::new().post(running.ops_url("/ping")).send().await.unwrap();
+    assert_eq!(on_demand.status(), StatusCode::OK);
+    let on_demand: Value = on_demand.json().await.unwrap();
+    assert!(on_demand["appservice_ping_ms"].is_u64(), "{on_demand}");
+
     // With Switchboard stopped, Synapse reports that it cannot reach it.
     running.stop().await.unwrap();
     let (status, error) = synapse.ping_appservice().await;

@@ -77,7 +77,9 @@ async fn authenticate(State(appservice): State<Arc<Appservice>>, request: Reques
 
 fn presented_token(request: &Request) -> Option<String> {
     if let Some(value) = request.headers().get(AUTHORIZATION) {
-        return value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(|t| t.trim().to_owned());
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned());
     }
     let query = request.uri().query()?;
     url::form_urlencoded::parse(query.as_bytes())

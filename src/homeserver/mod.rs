@@ -27,8 +27,9 @@ const HEALTHY_RECHECK: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HomeserverError {
+    /// No answer: connection refused, timeout, TLS failure… (the message carries the causes).
     #[error("homeserver unreachable: {0}")]
-    Unreachable(#[source] reqwest::Error),
+    Unreachable(String),
     #[error("homeserver answered {status} {errcode}: {error}")]
     Matrix { status: u16, errcode: String, error: String },
     #[error("unexpected answer from the homeserver: {0}")]
@@ -96,7 +97,7 @@ impl HomeserverClient {
             .tcp_nodelay(true)
             .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(HomeserverError::Unreachable)?;
+            .map_err(|e| HomeserverError::Unreachable(describe(&e)))?;
         Ok(Self {
             http,
             base: config.homeserver.url.clone(),
@@ -147,10 +148,10 @@ impl HomeserverClient {
     ) -> Result<T, HomeserverError> {
         let response = request.send().await.map_err(|e| {
             self.metrics.homeserver_errors.inc();
-            HomeserverError::Unreachable(e.without_url())
+            HomeserverError::Unreachable(describe(&e))
         })?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(|e| HomeserverError::Unreachable(e.without_url()))?;
+        let bytes = response.bytes().await.map_err(|e| HomeserverError::Unreachable(describe(&e)))?;
         if status.is_success() {
             return serde_json::from_slice(&bytes)
                 .map_err(|e| HomeserverError::InvalidResponse(e.to_string()));
@@ -304,4 +305,20 @@ impl HomeserverClient {
             }
         }
     }
+}
+
+/// An HTTP client error with its causes ("error sending request: … Connection refused"), without
+/// the URL (it may carry a user id or token in its query).
+fn describe(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    if let Some(url) = error.url() {
+        text = text.replace(url.as_str(), "<url>");
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
