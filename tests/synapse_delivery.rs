@@ -8,12 +8,15 @@ use serde_json::{Value, json};
 use switchboard::appservice::inbox::ItemKind;
 
 #[tokio::test]
-async fn room_message_and_to_device_message_reach_the_store() {
+async fn room_message_and_to_device_message_reach_the_store_on_both_backends() {
     let dir = tempfile::tempdir().unwrap();
-    let db = common::sqlite_url(dir.path());
-    let Some((synapse, running)) = common::with_synapse(&db, None).await else {
-        return;
-    };
+    for (_backend, db) in common::backends(dir.path()).await {
+        delivers_to(&db).await;
+    }
+}
+
+async fn delivers_to(db: &str) {
+    let Some((synapse, running)) = common::with_synapse(db, None).await else { return };
 
     let raiden = synapse.register(&common::raiden_localpart()).await;
     let alice = synapse.register("alice").await;
@@ -26,7 +29,7 @@ async fn room_message_and_to_device_message_reach_the_store() {
         .await;
 
     let items = common::eventually(Duration::from_secs(30), "both messages in the store", || async {
-        let items = common::stored_items(&db).await;
+        let items = common::stored_items(db).await;
         let has_event = items.iter().any(|i| i.event_id.as_deref() == Some(event_id.as_str()));
         let has_to_device = items.iter().any(|i| i.kind == ItemKind::ToDevice);
         (has_event && has_to_device).then_some(items)
