@@ -12,10 +12,13 @@ use common::{HS_TOKEN, Running};
 
 async fn start() -> (tempfile::TempDir, Running) {
     let dir = tempfile::tempdir().unwrap();
-    // The homeserver is down (nothing listens there): Switchboard must serve anyway.
-    let config = common::config(&common::sqlite_url(dir.path()), "http://127.0.0.1:9");
-    let running = common::start(config).await;
+    let running = start_on(&common::sqlite_url(dir.path())).await;
     (dir, running)
+}
+
+async fn start_on(database_url: &str) -> Running {
+    // The homeserver is down (nothing listens there): Switchboard must serve anyway.
+    common::start(common::config(database_url, "http://127.0.0.1:9")).await
 }
 
 async fn stored(dir: &tempfile::TempDir) -> usize {
@@ -130,7 +133,13 @@ async fn missing_token_is_401_and_wrong_token_is_403_and_nothing_is_stored() {
 #[tokio::test]
 async fn bad_bodies_get_matrix_errors_and_nothing_is_stored() {
     let (dir, running) = start().await;
-    let cases: [(&str, &[u8], StatusCode, &str); 8] = [
+    let cases: [(&str, &[u8], StatusCode, &str); 9] = [
+        (
+            "nul-in-sender",
+            br#"{"events": [{"type": "t", "sender": "@a\u0000:x"}]}"#,
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+        ),
         ("event-is-array", br#"{"events": [["m.room.message"]]}"#, StatusCode::BAD_REQUEST, "M_BAD_JSON"),
         ("not-json", b"{not json", StatusCode::BAD_REQUEST, "M_NOT_JSON"),
         ("truncated", br#"{"events": [{"type": "m.room.message""#, StatusCode::BAD_REQUEST, "M_NOT_JSON"),
@@ -268,4 +277,63 @@ async fn chunked_put(running: &Running, txn: &str, body: &[u8]) -> String {
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer).await;
     String::from_utf8_lossy(&answer).lines().next().unwrap_or_default().to_owned()
+}
+
+/// Mangled transactions (truncated, bytes flipped, spliced) never get a 5xx or crash the server,
+/// on either backend: each is stored (200) or refused with a Matrix error (400/413).
+#[tokio::test]
+async fn mangled_transactions_never_get_a_server_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for (_backend, url) in common::backends(dir.path()).await {
+        mangle_against(start_on(&url).await).await;
+    }
+}
+
+async fn mangle_against(running: Running) {
+    use rand::{Rng, SeedableRng};
+    let client = reqwest::Client::new();
+    let valid = serde_json::to_vec(&transaction(3)).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5357_4244);
+    let mut statuses = std::collections::BTreeMap::new();
+    for n in 0..400 {
+        let mut body = valid.clone();
+        match n % 4 {
+            0 => body.truncate(rng.random_range(0..body.len())),
+            1 => {
+                for _ in 0..rng.random_range(1..8) {
+                    let at = rng.random_range(0..body.len());
+                    body[at] = rng.random();
+                }
+            }
+            2 => {
+                let at = rng.random_range(0..body.len());
+                let insert: &[u8] =
+                    [&b"null"[..], b"[]", b"{}", b"\"\\ud800\"", b"1e999", b",", b"\xff"][n % 7];
+                body.splice(at..at, insert.iter().copied());
+            }
+            _ => {
+                let from = rng.random_range(0..body.len());
+                let to = rng.random_range(from..body.len());
+                body.drain(from..to);
+            }
+        }
+        let response = client
+            .put(running.appservice_url(&format!("/_matrix/app/v1/transactions/mangled-{n}")))
+            .bearer_auth(HS_TOKEN)
+            .body(body)
+            .send()
+            .await
+            .expect("the server answers every request");
+        let status = response.status();
+        assert!(matches!(status.as_u16(), 200 | 400 | 413), "mangled body {n}: {status}");
+        if status != StatusCode::OK {
+            let error: Value = response.json().await.expect("errors are JSON");
+            assert!(error["errcode"].as_str().is_some_and(|c| c.starts_with("M_")), "{error}");
+        }
+        *statuses.entry(status.as_u16()).or_insert(0) += 1;
+    }
+    assert!(statuses.get(&400).copied().unwrap_or(0) > 100, "most mangled bodies are refused: {statuses:?}");
+    // The server is still healthy and stores a good transaction.
+    assert_eq!(put(&running, "after", Some(HS_TOKEN), json_body(&transaction(1))).await.0, StatusCode::OK);
+    running.stop().await.unwrap();
 }

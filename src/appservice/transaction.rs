@@ -148,6 +148,17 @@ impl<'a> Fields<'a> {
                     return Err(not_an_item(&"it is not an object"));
                 }
                 let fields: ItemFields<'a> = serde_json::from_str(raw.get()).map_err(|e| not_an_item(&e))?;
+                // PostgreSQL text cannot hold NUL; no Matrix identifier or event type contains one.
+                let indexed = [
+                    Some(&fields.event_type),
+                    fields.sender.as_ref(),
+                    fields.room_id.as_ref(),
+                    fields.event_id.as_ref(),
+                    fields.to_user_id.as_ref(),
+                ];
+                if indexed.into_iter().flatten().any(|value| value.contains('\0')) {
+                    return Err(not_an_item(&"an identifier contains a NUL character"));
+                }
                 parsed.push((kind, fields, *raw));
             }
         }
