@@ -47,6 +47,7 @@ pub struct KindLabel {
 pub enum Rejection {
     MissingToken,
     WrongToken,
+    InvalidParam,
     TooLarge,
     NotJson,
     BadJson,

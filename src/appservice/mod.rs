@@ -62,6 +62,7 @@ pub fn router(appservice: Arc<Appservice>) -> Router {
 async fn authenticate(State(appservice): State<Arc<Appservice>>, request: Request, next: Next) -> Response {
     let Some(token) = presented_token(&request) else {
         appservice.metrics.reject(Rejection::MissingToken);
+        tracing::warn!(path = request.uri().path(), "appservice request without a homeserver token");
         return MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "Missing homeserver token")
             .into_response();
     };

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use super::Appservice;
 use crate::http::MatrixError;
 use crate::store::{Ingested, ItemKind, NewItem};
-use crate::telemetry::Rejection;
+use crate::telemetry::{Metrics, Rejection};
 
 /// The body Synapse sends. Both the stable and the MSC2409 (`de.sorunome.msc2409.*`) keys are read;
 /// when both carry the same data (Synapse duplicates ephemeral data under both), the stable one wins.
@@ -61,30 +61,30 @@ pub(super) async fn put(
     let started = Instant::now();
     let metrics = &appservice.metrics;
     let Path(txn_id) = txn_id.map_err(|e| {
-        metrics.reject(Rejection::BadJson);
+        refuse(metrics, Rejection::InvalidParam, "?");
         MatrixError::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", format!("Invalid transaction id: {e}"))
     })?;
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            metrics.reject(Rejection::TooLarge);
+            refuse(metrics, Rejection::TooLarge, &txn_id);
             MatrixError::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", "Transaction body is too large")
         } else {
-            metrics.reject(Rejection::NotJson);
+            refuse(metrics, Rejection::NotJson, &txn_id);
             MatrixError::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", "Cannot read the request body")
         }
     })?;
     let transaction: Transaction<'_> = serde_json::from_slice(&body).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
-            metrics.reject(Rejection::NotJson);
+            refuse(metrics, Rejection::NotJson, &txn_id);
             MatrixError::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", "Body is not valid JSON")
         } else {
-            metrics.reject(Rejection::BadJson);
+            refuse(metrics, Rejection::BadJson, &txn_id);
             MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("Not a transaction: {e}"))
         }
     })?;
     // serde also reads a struct from a JSON array; a transaction is an object.
     if body.trim_ascii_start().first() != Some(&b'{') {
-        metrics.reject(Rejection::BadJson);
+        refuse(metrics, Rejection::BadJson, &txn_id);
         return Err(MatrixError::new(
             StatusCode::BAD_REQUEST,
             "M_BAD_JSON",
@@ -92,7 +92,7 @@ pub(super) async fn put(
         ));
     }
     let fields = Fields::parse(&transaction).map_err(|error| {
-        metrics.reject(Rejection::BadJson);
+        refuse(metrics, Rejection::BadJson, &txn_id);
         MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", error)
     })?;
     let items = fields.items();
@@ -180,6 +180,12 @@ impl<'a> Fields<'a> {
             })
             .collect()
     }
+}
+
+/// Counts and logs a refused transaction. The reason only: the body may hold private messages.
+fn refuse(metrics: &Metrics, reason: Rejection, txn_id: &str) {
+    metrics.reject(reason);
+    tracing::warn!(txn_id, ?reason, "appservice.transaction refused");
 }
 
 fn unix_millis() -> i64 {
