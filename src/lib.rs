@@ -21,6 +21,7 @@ pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
@@ -43,7 +44,12 @@ pub enum RunError {
     Homeserver(#[from] HomeserverError),
     #[error("listener failed: {0}")]
     Listener(#[from] std::io::Error),
+    #[error("connections were still open {0:?} after shutdown began; closed them")]
+    ShutdownTimeout(Duration),
 }
+
+/// How long in-flight requests may take to finish once shutdown begins.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// The three TCP listeners, bound before [`run`] so that tests can bind port 0.
 pub struct Listeners {
@@ -70,7 +76,8 @@ async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Runs Switchboard until `shutdown` is cancelled: stops accepting, lets in-flight requests (and so
-/// in-flight transactions) finish, stops background tasks and closes the store.
+/// in-flight transactions) finish within [`SHUTDOWN_GRACE`], stops background tasks and closes the
+/// store.
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(Store::connect(&config.database.url, config.database.max_connections).await?);
@@ -99,11 +106,22 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     tasks.spawn(homeserver.clone().watch_health(shutdown.clone()));
     tasks.close();
 
-    let served = tokio::try_join!(
-        serve_or_stop(listeners.appservice, appservice, &shutdown),
-        serve_or_stop(listeners.client, client, &shutdown),
-        serve_or_stop(listeners.ops, ops, &shutdown),
-    );
+    let serving = async {
+        tokio::try_join!(
+            serve_or_stop(listeners.appservice, appservice, &shutdown),
+            serve_or_stop(listeners.client, client, &shutdown),
+            serve_or_stop(listeners.ops, ops, &shutdown),
+        )
+    };
+    let grace_over = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let served = tokio::select! {
+        served = serving => served.map(|_| ()).map_err(RunError::from),
+        // A client that never finishes its request must not hold the process forever.
+        () = grace_over => Err(RunError::ShutdownTimeout(SHUTDOWN_GRACE)),
+    };
     shutdown.cancel();
     tasks.wait().await;
     store.close().await;

@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Exit code for an invalid configuration (sysexits' EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
+/// Exit code when a second signal cuts shutdown short (128 + SIGINT, as shells report it).
+const EXIT_INTERRUPTED: i32 = 130;
 
 #[derive(Parser)]
 #[command(name = "switchboard", version, about = "Matrix appservice brokering WebRTC upgrades for Raiden")]
@@ -138,7 +140,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM or SIGINT: stop accepting, finish in-flight work, exit 0.
+/// SIGTERM or SIGINT: stop accepting, finish in-flight work, exit 0. A second signal exits at once.
 async fn cancel_on_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
@@ -147,10 +149,16 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         return;
     };
     tokio::select! {
-        _ = term.recv() => tracing::info!("switchboard.stop: SIGTERM received"),
-        _ = int.recv() => tracing::info!("switchboard.stop: SIGINT received"),
+        _ = term.recv() => tracing::info!("switchboard.stop: SIGTERM received; finishing in-flight requests"),
+        _ = int.recv() => tracing::info!("switchboard.stop: SIGINT received; finishing in-flight requests"),
     }
     shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("switchboard.stop: second signal; exiting without waiting");
+    std::process::exit(EXIT_INTERRUPTED);
 }
 
 fn init(server_name: &str, homeserver_url: &str, dir: &Path) -> anyhow::Result<()> {

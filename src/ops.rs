@@ -1,5 +1,5 @@
-//! The ops listener (private by default): `/health` (the process is alive), `/ready` (database and
-//! homeserver reachable, with JSON detail; 503 otherwise), `POST /ping` (check the homeserver now) and
+//! The ops listener (private by default): `/health` (the process is alive), `/ready` (the database
+//! answers and the homeserver ping works both ways, with JSON detail; 503 otherwise), `POST /ping` (check the homeserver now) and
 //! `/metrics` (Prometheus text).
 
 use std::sync::Arc;
@@ -53,15 +53,15 @@ async fn ready(State(ops): State<Arc<Ops>>) -> Response {
         Err(_) => json!({ "ok": false, "error": "timed out" }),
     };
     let homeserver = ops.homeserver.status();
-    let ready = database["ok"] == true && homeserver.reachable;
+    let ready = database["ok"] == true && homeserver.healthy();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({ "ready": ready, "database": database, "homeserver": homeserver }))).into_response()
 }
 
-/// Pings the homeserver (which pings us back) now; 200 with the result when it is reachable.
+/// Pings the homeserver (which pings us back) now; 200 with the result when both directions work.
 async fn ping(State(ops): State<Arc<Ops>>) -> Response {
     let status = ops.homeserver.check().await;
-    let code = if status.reachable { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if status.healthy() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(status)).into_response()
 }
 

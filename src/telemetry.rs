@@ -4,7 +4,7 @@
 //! redacted, and no span or event records a token, a request's query string or an `Authorization`
 //! header (a test captures the logs of a whole run and checks this).
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
@@ -43,7 +43,7 @@ pub struct KindLabel {
 }
 
 /// Why a request to the appservice API was refused.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Rejection {
     MissingToken,
     WrongToken,
@@ -52,6 +52,26 @@ pub enum Rejection {
     NotJson,
     BadJson,
     Database,
+}
+
+impl Rejection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::MissingToken => "missing_token",
+            Rejection::WrongToken => "wrong_token",
+            Rejection::InvalidParam => "invalid_param",
+            Rejection::TooLarge => "too_large",
+            Rejection::NotJson => "not_json",
+            Rejection::BadJson => "bad_json",
+            Rejection::Database => "database",
+        }
+    }
+}
+
+impl EncodeLabelValue for Rejection {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,6 +86,7 @@ pub struct Metrics {
     pub transactions_duplicate: Counter,
     pub requests_rejected: Family<ReasonLabel, Counter>,
     pub items_stored: Family<KindLabel, Counter>,
+    pub items_skipped: Counter,
     pub transaction_seconds: Histogram,
     pub database_errors: Counter,
     pub homeserver_errors: Counter,
@@ -84,6 +105,7 @@ impl Metrics {
         let transactions_duplicate = Counter::default();
         let requests_rejected = Family::<ReasonLabel, Counter>::default();
         let items_stored = Family::<KindLabel, Counter>::default();
+        let items_skipped = Counter::default();
         // 0.5 ms .. ~4 s, doubling.
         let transaction_seconds =
             Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14));
@@ -110,6 +132,11 @@ impl Metrics {
             items_stored.clone(),
         );
         registry.register(
+            "appservice_items_skipped",
+            "Transaction items that were not JSON objects, left out of the store",
+            items_skipped.clone(),
+        );
+        registry.register(
             "appservice_transaction_duration_seconds",
             "Time from receiving a transaction to answering it (parse and durable store)",
             transaction_seconds.clone(),
@@ -126,6 +153,7 @@ impl Metrics {
             transactions_duplicate,
             requests_rejected,
             items_stored,
+            items_skipped,
             transaction_seconds,
             database_errors,
             homeserver_errors,

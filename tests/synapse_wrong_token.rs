@@ -21,7 +21,7 @@ async fn wrong_hs_token_is_refused_and_nothing_is_stored() {
     // Synapse did push (and was refused): the refusal is counted.
     common::eventually(Duration::from_secs(30), "a refused transaction", || async {
         let metrics = running.metrics().await;
-        (common::metric(&metrics, "switchboard_appservice_requests_rejected_total{reason=\"WrongToken\"}")
+        (common::metric(&metrics, "switchboard_appservice_requests_rejected_total{reason=\"wrong_token\"}")
             >= 1)
             .then_some(())
     })

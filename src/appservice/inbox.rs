@@ -26,6 +26,8 @@ impl StoredItem {
 
 /// Most items handed out in one batch.
 const BATCH: i64 = 500;
+/// How often a waiting subscription looks for items committed by another Switchboard instance.
+const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A consumer's position in the inbox.
 pub struct Subscription {
@@ -55,9 +57,16 @@ impl Subscription {
                 self.handed = last.id;
                 return Ok(items);
             }
-            if self.latest.changed().await.is_err() {
-                // The store is gone; nothing more will come.
-                return Ok(Vec::new());
+            // Commits of this process wake us at once; those of other instances sharing the
+            // database are picked up by the poll.
+            tokio::select! {
+                changed = self.latest.changed() => {
+                    if changed.is_err() {
+                        // The store is gone; nothing more will come.
+                        return Ok(Vec::new());
+                    }
+                }
+                () = tokio::time::sleep(POLL_INTERVAL) => {}
             }
         }
     }

@@ -14,6 +14,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use http::StatusCode;
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
@@ -41,16 +42,43 @@ struct Transaction<'a> {
 /// The fields of an item that the store indexes; the item itself is stored as received.
 #[derive(Deserialize)]
 struct ItemFields<'a> {
-    #[serde(rename = "type", borrow)]
-    event_type: Cow<'a, str>,
+    #[serde(default, rename = "type", borrow)]
+    event_type: Option<Indexed<'a>>,
     #[serde(default, borrow)]
-    sender: Option<Cow<'a, str>>,
+    sender: Option<Indexed<'a>>,
     #[serde(default, borrow)]
-    room_id: Option<Cow<'a, str>>,
+    room_id: Option<Indexed<'a>>,
     #[serde(default, borrow)]
-    event_id: Option<Cow<'a, str>>,
+    event_id: Option<Indexed<'a>>,
     #[serde(default, borrow)]
-    to_user_id: Option<Cow<'a, str>>,
+    to_user_id: Option<Indexed<'a>>,
+}
+
+/// An indexed field as sent. An odd value (not a string, too long, holding NUL) is not indexed but
+/// never refuses the transaction: Synapse would retry a refused transaction forever and hold every
+/// later event behind it.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Indexed<'a> {
+    Text(#[serde(borrow)] Cow<'a, str>),
+    Other(IgnoredAny),
+}
+
+/// Longest indexed value, in bytes (Matrix identifiers are at most 255 bytes).
+const MAX_INDEXED_BYTES: usize = 255;
+
+impl Indexed<'_> {
+    fn usable(&self) -> Option<&str> {
+        match self {
+            // PostgreSQL text cannot hold NUL; no Matrix identifier or event type contains one.
+            Indexed::Text(text) if text.len() <= MAX_INDEXED_BYTES && !text.contains('\0') => Some(text),
+            _ => None,
+        }
+    }
+}
+
+fn usable<'f>(field: Option<&'f Indexed<'_>>) -> Option<&'f str> {
+    field.and_then(Indexed::usable)
 }
 
 pub(super) async fn put(
@@ -64,6 +92,12 @@ pub(super) async fn put(
         refuse(metrics, Rejection::InvalidParam, "?");
         MatrixError::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", format!("Invalid transaction id: {e}"))
     })?;
+    // Synapse counts up from 1; anything long or with control characters is not from a homeserver
+    // (and PostgreSQL could not index or hold it).
+    if txn_id.is_empty() || txn_id.len() > MAX_INDEXED_BYTES || txn_id.chars().any(char::is_control) {
+        refuse(metrics, Rejection::InvalidParam, "?");
+        return Err(MatrixError::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", "Invalid transaction id"));
+    }
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             refuse(metrics, Rejection::TooLarge, &txn_id);
@@ -91,10 +125,7 @@ pub(super) async fn put(
             "A transaction is a JSON object",
         ));
     }
-    let fields = Fields::parse(&transaction).map_err(|error| {
-        refuse(metrics, Rejection::BadJson, &txn_id);
-        MatrixError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", error)
-    })?;
+    let fields = Fields::parse(&transaction, metrics, &txn_id);
     let items = fields.items();
 
     let outcome = appservice.store.ingest(&txn_id, unix_millis(), &items).await.map_err(|error| {
@@ -129,7 +160,9 @@ struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
-    fn parse(transaction: &Transaction<'a>) -> Result<Self, String> {
+    /// Reads the indexed fields of every item. Items that are not JSON objects cannot be indexed or
+    /// handled by anyone; they are left out, counted and logged.
+    fn parse(transaction: &Transaction<'a>, metrics: &Metrics, txn_id: &str) -> Self {
         let ephemeral = transaction.ephemeral.as_ref().or(transaction.msc2409_ephemeral.as_ref());
         let to_device = transaction.to_device.as_ref().or(transaction.msc2409_to_device.as_ref());
         let groups = [
@@ -140,29 +173,24 @@ impl<'a> Fields<'a> {
         let mut parsed = Vec::new();
         for (kind, raws) in groups {
             for (index, raw) in raws.into_iter().flatten().enumerate() {
-                let not_an_item = |e: &dyn std::fmt::Display| {
-                    format!("{} item {index} is not an object with a string \"type\": {e}", kind.as_str())
-                };
                 // serde would also read the fields from a JSON array; an item is an object.
-                if !raw.get().starts_with('{') {
-                    return Err(not_an_item(&"it is not an object"));
+                let fields =
+                    if raw.get().starts_with('{') { serde_json::from_str(raw.get()).ok() } else { None };
+                if let Some(fields) = fields {
+                    parsed.push((kind, fields, *raw));
+                } else {
+                    metrics.items_skipped.inc();
+                    let kind = kind.as_str();
+                    tracing::warn!(
+                        txn_id,
+                        kind,
+                        index,
+                        "appservice.transaction item is not an object; skipped"
+                    );
                 }
-                let fields: ItemFields<'a> = serde_json::from_str(raw.get()).map_err(|e| not_an_item(&e))?;
-                // PostgreSQL text cannot hold NUL; no Matrix identifier or event type contains one.
-                let indexed = [
-                    Some(&fields.event_type),
-                    fields.sender.as_ref(),
-                    fields.room_id.as_ref(),
-                    fields.event_id.as_ref(),
-                    fields.to_user_id.as_ref(),
-                ];
-                if indexed.into_iter().flatten().any(|value| value.contains('\0')) {
-                    return Err(not_an_item(&"an identifier contains a NUL character"));
-                }
-                parsed.push((kind, fields, *raw));
             }
         }
-        Ok(Self { parsed })
+        Self { parsed }
     }
 
     fn items(&self) -> Vec<NewItem<'_>> {
@@ -170,12 +198,12 @@ impl<'a> Fields<'a> {
             .iter()
             .map(|(kind, fields, raw)| NewItem {
                 kind: *kind,
-                event_type: &fields.event_type,
-                sender: fields.sender.as_deref(),
-                room_id: fields.room_id.as_deref(),
+                event_type: usable(fields.event_type.as_ref()).unwrap_or_default(),
+                sender: usable(fields.sender.as_ref()),
+                room_id: usable(fields.room_id.as_ref()),
                 // Only room events have ids that identify them; EDUs and to-device messages do not.
-                event_id: if *kind == ItemKind::Event { fields.event_id.as_deref() } else { None },
-                to_user_id: fields.to_user_id.as_deref(),
+                event_id: if *kind == ItemKind::Event { usable(fields.event_id.as_ref()) } else { None },
+                to_user_id: usable(fields.to_user_id.as_ref()),
                 body: raw.get(),
             })
             .collect()

@@ -5,6 +5,7 @@
 //! trying with backoff and publishes what it saw, which `/ready` reports.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,7 @@ pub struct HomeserverClient {
     whoami_ttl: Duration,
     whoami_cache: Mutex<HashMap<String, (Whoami, Instant)>>,
     status: watch::Sender<HomeserverStatus>,
+    sender_registered: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -87,6 +89,13 @@ struct MatrixErrorBody {
 struct WhoamiBody {
     user_id: OwnedUserId,
     device_id: Option<OwnedDeviceId>,
+}
+
+impl HomeserverStatus {
+    /// Both directions work: the homeserver answered, and could reach our appservice listener.
+    pub fn healthy(&self) -> bool {
+        self.reachable && self.appservice_ping_ms.is_some() && self.last_error.is_none()
+    }
 }
 
 impl HomeserverClient {
@@ -107,6 +116,7 @@ impl HomeserverClient {
             whoami_ttl: config.whoami_cache_ttl(),
             whoami_cache: Mutex::new(HashMap::new()),
             status: watch::Sender::new(HomeserverStatus::default()),
+            sender_registered: AtomicBool::new(false),
             metrics,
         })
     }
@@ -142,21 +152,30 @@ impl HomeserverClient {
     }
 
     /// Sends a request and decodes a JSON answer, turning Matrix errors into [`HomeserverError::Matrix`].
+    /// Failures are counted in `switchboard_homeserver_errors_total`.
     pub async fn send<T: for<'de> Deserialize<'de>>(
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<T, HomeserverError> {
-        let response = request.send().await.map_err(|e| {
+        let result = self.send_uncounted(request).await;
+        if result.is_err() {
             self.metrics.homeserver_errors.inc();
-            HomeserverError::Unreachable(describe(&e))
-        })?;
+        }
+        result
+    }
+
+    /// As [`Self::send`], for callers that expect some Matrix errors and count the others themselves.
+    async fn send_uncounted<T: for<'de> Deserialize<'de>>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, HomeserverError> {
+        let response = request.send().await.map_err(|e| HomeserverError::Unreachable(describe(&e)))?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(|e| HomeserverError::Unreachable(describe(&e)))?;
         if status.is_success() {
             return serde_json::from_slice(&bytes)
                 .map_err(|e| HomeserverError::InvalidResponse(e.to_string()));
         }
-        self.metrics.homeserver_errors.inc();
         let body: MatrixErrorBody = serde_json::from_slice(&bytes).unwrap_or(MatrixErrorBody {
             errcode: "M_UNKNOWN".to_owned(),
             error: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
@@ -177,7 +196,12 @@ impl HomeserverClient {
             .http
             .get(self.url(&["_matrix", "client", "v3", "account", "whoami"]))
             .bearer_auth(access_token);
-        let body: WhoamiBody = self.send(request).await?;
+        // An unknown token is the client's mistake, not a homeserver failure: count only the latter.
+        let body: WhoamiBody = self.send_uncounted(request).await.inspect_err(|e| {
+            if !matches!(e, HomeserverError::Matrix { .. }) {
+                self.metrics.homeserver_errors.inc();
+            }
+        })?;
         let whoami = Whoami { user_id: body.user_id, device_id: body.device_id };
         let mut cache = self.cache();
         if cache.len() >= WHOAMI_CACHE_MAX {
@@ -212,22 +236,29 @@ impl HomeserverClient {
         Ok(Duration::from_millis(pong.duration_ms))
     }
 
-    /// Registers our sender user if the homeserver does not have it yet.
+    /// Registers our sender user if the homeserver does not have it yet (once per process).
     pub async fn ensure_sender_registered(&self) -> Result<(), HomeserverError> {
+        if self.sender_registered.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let request =
             self.request(reqwest::Method::POST, &["_matrix", "client", "v3", "register"]).json(&json!({
                 "type": "m.login.application_service",
                 "username": self.sender_localpart,
                 "inhibit_login": true,
             }));
-        match self.send::<serde_json::Value>(request).await {
+        match self.send_uncounted::<serde_json::Value>(request).await {
             Ok(_) => {
                 tracing::info!(localpart = %self.sender_localpart, "homeserver.register: sender user created");
-                Ok(())
             }
-            Err(e) if e.errcode() == Some("M_USER_IN_USE") => Ok(()),
-            Err(e) => Err(e),
+            Err(e) if e.errcode() == Some("M_USER_IN_USE") => {}
+            Err(e) => {
+                self.metrics.homeserver_errors.inc();
+                return Err(e);
+            }
         }
+        self.sender_registered.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// What the last health check saw.
@@ -277,7 +308,7 @@ impl HomeserverClient {
                 () = shutdown.cancelled() => return,
                 status = self.check() => status,
             };
-            let healthy = status.reachable && status.last_error.is_none();
+            let healthy = status.healthy();
             if was_healthy != Some(healthy) {
                 match (&status.last_error, status.appservice_ping_ms) {
                     (None, Some(ms)) => tracing::info!(

@@ -477,10 +477,15 @@ impl Process {
         self.child.try_wait().unwrap()
     }
 
-    /// SIGTERM, then waits at most 15 s for the exit status.
-    pub async fn terminate(mut self) -> std::process::ExitStatus {
+    /// Sends SIGTERM (through the `kill` program: the crate forbids `unsafe`).
+    pub fn sigterm(&self) {
         let pid = self.child.id().to_string();
         assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    }
+
+    /// SIGTERM, then waits at most 15 s for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        self.sigterm();
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -502,6 +507,14 @@ impl Process {
             reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ())
         })
         .await;
+    }
+}
+
+impl Drop for Process {
+    /// A failed test must not leave a `switchboard serve` behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
