@@ -1,3 +1,5 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2034 # these variables are used by the scripts that source this file
 # Shared by deploy/local/up and deploy/local/down (sourced, not run).
 # Layout of the local stack's state (all git-ignored):
 #   .local/stack/synapse/       Synapse config, SQLite DB, homeserver.log

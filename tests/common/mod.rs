@@ -256,12 +256,16 @@ impl Synapse {
     /// Starts Synapse with the given appservice registration files; `None` (after `skip`) when the
     /// Synapse venv is missing.
     pub async fn start(registrations: &[&Path]) -> Option<Synapse> {
+        Self::start_on_port(registrations, free_port()).await
+    }
+
+    /// As [`Synapse::start`], on a given loopback port.
+    pub async fn start_on_port(registrations: &[&Path], port: u16) -> Option<Synapse> {
         let Some(python) = synapse_python() else {
             skip("no Synapse venv (deploy/synapse/install creates .cache/synapse-venv)");
             return None;
         };
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let mut writer = Command::new(&python);
         writer
             .arg(repo_root().join("deploy/synapse/homeserver.py"))
