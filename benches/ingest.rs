@@ -647,8 +647,9 @@ impl Bench {
             .collect();
         let ingest = async |index: usize| {
             let started = Instant::now();
-            let outcome = store.ingest(&txns[index].id, 0, &items[index]).await.expect("ingest");
-            assert_eq!(outcome, Ingested::New { items: EVENTS_PER_TXN });
+            let outcome =
+                store.ingest(&txns[index].id, &txns[index].id, 0, &items[index]).await.expect("ingest");
+            assert_eq!(outcome, Ingested::New { items: EVENTS_PER_TXN, reused_id: false });
             started.elapsed()
         };
         for index in 0..WARMUP_TXNS {

@@ -84,6 +84,7 @@ pub struct Metrics {
     registry: Registry,
     pub transactions_received: Counter,
     pub transactions_duplicate: Counter,
+    pub transactions_reused_id: Counter,
     pub requests_rejected: Family<ReasonLabel, Counter>,
     pub items_stored: Family<KindLabel, Counter>,
     pub items_skipped: Counter,
@@ -103,6 +104,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("switchboard");
         let transactions_received = Counter::default();
         let transactions_duplicate = Counter::default();
+        let transactions_reused_id = Counter::default();
         let requests_rejected = Family::<ReasonLabel, Counter>::default();
         let items_stored = Family::<KindLabel, Counter>::default();
         let items_skipped = Counter::default();
@@ -120,6 +122,11 @@ impl Metrics {
             "appservice_transactions_duplicate",
             "Replayed transaction ids, answered 200 and not processed again",
             transactions_duplicate.clone(),
+        );
+        registry.register(
+            "appservice_transactions_reused_id",
+            "Transaction ids seen again with other content (a homeserver database reset?), stored as new",
+            transactions_reused_id.clone(),
         );
         registry.register(
             "appservice_requests_rejected",
@@ -151,6 +158,7 @@ impl Metrics {
             registry,
             transactions_received,
             transactions_duplicate,
+            transactions_reused_id,
             requests_rejected,
             items_stored,
             items_skipped,

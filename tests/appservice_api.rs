@@ -84,6 +84,33 @@ async fn transaction_is_stored_and_replay_is_not_processed_twice() {
     running.stop().await.unwrap();
 }
 
+/// Synapse's retry of a transaction carries the same events (with a newer `unsigned.age`) and drops
+/// its ephemeral data and to-device messages; an id reused after a homeserver reset carries other
+/// events. The first stores nothing new, the second is stored.
+#[tokio::test]
+async fn retries_add_nothing_and_a_reused_id_with_new_events_is_stored() {
+    let (dir, running) = start().await;
+    let original = transaction(2);
+    assert_eq!(put(&running, "5", Some(HS_TOKEN), json_body(&original)).await.0, StatusCode::OK);
+    assert_eq!(stored(&dir).await, 4);
+
+    let mut retry = json!({ "events": original["events"].clone() });
+    retry["events"][0]["unsigned"] = json!({ "age": 12_345 });
+    assert_eq!(put(&running, "5", Some(HS_TOKEN), json_body(&retry)).await.0, StatusCode::OK);
+    assert_eq!(stored(&dir).await, 4, "a retry adds nothing");
+
+    let mut after_reset = transaction(1);
+    after_reset["events"][0]["event_id"] = json!("$after-reset");
+    after_reset["ephemeral"] = json!([]);
+    after_reset["de.sorunome.msc2409.ephemeral"] = json!([]);
+    after_reset["de.sorunome.msc2409.to_device"] = json!([]);
+    assert_eq!(put(&running, "5", Some(HS_TOKEN), json_body(&after_reset)).await.0, StatusCode::OK);
+    assert_eq!(stored(&dir).await, 5, "the new event under a reused id is stored");
+    let metrics = running.metrics().await;
+    assert_eq!(common::metric(&metrics, "switchboard_appservice_transactions_reused_id_total"), 1);
+    running.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn replay_is_recognised_across_a_restart() {
     let (dir, running) = start().await;

@@ -42,8 +42,12 @@ async fn transaction_is_stored_once_on_both_backends() {
                 ..event("", to_device)
             },
         ];
-        assert_eq!(store.ingest("1", 0, &items).await.unwrap(), Ingested::New { items: 2 }, "{backend}");
-        assert_eq!(store.ingest("1", 0, &items).await.unwrap(), Ingested::Duplicate, "{backend}");
+        assert_eq!(
+            store.ingest("1", "f", 0, &items).await.unwrap(),
+            Ingested::New { items: 2, reused_id: false },
+            "{backend}"
+        );
+        assert_eq!(store.ingest("1", "f", 0, &items).await.unwrap(), Ingested::Duplicate, "{backend}");
         assert!(store.has_transaction("1").await.unwrap());
         assert!(!store.has_transaction("2").await.unwrap());
 
@@ -63,9 +67,9 @@ async fn event_seen_in_two_transactions_is_stored_once() {
     for (backend, url) in common::backends(dir.path()).await {
         let store = open(&url).await;
         let body = r#"{"type":"m.room.message","event_id":"$same"}"#;
-        store.ingest("1", 0, &[event("$same", body)]).await.unwrap();
-        let second = store.ingest("2", 0, &[event("$same", body), event("$other", body)]).await.unwrap();
-        assert_eq!(second, Ingested::New { items: 1 }, "{backend}");
+        store.ingest("1", "f", 0, &[event("$same", body)]).await.unwrap();
+        let second = store.ingest("2", "f", 0, &[event("$same", body), event("$other", body)]).await.unwrap();
+        assert_eq!(second, Ingested::New { items: 1, reused_id: false }, "{backend}");
         assert_eq!(store.items_after(0, 100).await.unwrap().len(), 2, "{backend}");
     }
 }
@@ -78,7 +82,7 @@ async fn unacknowledged_items_are_handed_out_again_after_restart() {
         let bodies: Vec<String> = (0..5).map(|i| format!(r#"{{"type":"t","event_id":"${i}"}}"#)).collect();
         let ids: Vec<String> = (0..5).map(|i| format!("${i}")).collect();
         let items: Vec<NewItem<'_>> = ids.iter().zip(&bodies).map(|(id, body)| event(id, body)).collect();
-        store.ingest("1", 0, &items[..3]).await.unwrap();
+        store.ingest("1", "f", 0, &items[..3]).await.unwrap();
 
         let mut consumer = Subscription::open(store.clone(), "directory").await.unwrap();
         let batch = consumer.next().await.unwrap();
@@ -100,7 +104,7 @@ async fn unacknowledged_items_are_handed_out_again_after_restart() {
         // Live items wake a waiting consumer.
         let waiting = tokio::spawn(async move { consumer.next().await.unwrap() });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        store.ingest("2", 0, &items[3..]).await.unwrap();
+        store.ingest("2", "f", 0, &items[3..]).await.unwrap();
         let live = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("woken").unwrap();
         assert_eq!(live.iter().map(|i| i.event_id.clone().unwrap()).collect::<Vec<_>>(), ["$3", "$4"]);
     }
@@ -130,7 +134,7 @@ async fn concurrent_writers_keep_ids_in_commit_order() {
                 for n in 0..10 {
                     let id = format!("$t{t}n{n}");
                     let body = format!(r#"{{"type":"t","event_id":"{id}"}}"#);
-                    store.ingest(&format!("{t}-{n}"), 0, &[event(&id, &body)]).await.unwrap();
+                    store.ingest(&format!("{t}-{n}"), "f", 0, &[event(&id, &body)]).await.unwrap();
                 }
             }));
         }
@@ -151,5 +155,24 @@ async fn concurrent_writers_keep_ids_in_commit_order() {
         sorted.dedup();
         assert_eq!(sorted.len(), 80, "{backend}: no item skipped or repeated");
         assert_eq!(sorted, seen, "{backend}: handed out in id order");
+    }
+}
+
+#[tokio::test]
+async fn reused_transaction_id_with_other_content_is_stored_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, url) in common::backends(dir.path()).await {
+        let store = open(&url).await;
+        let first = r#"{"type":"t","event_id":"$before-reset"}"#;
+        let second = r#"{"type":"t","event_id":"$after-reset"}"#;
+        let one = store.ingest("1", "before", 0, &[event("$before-reset", first)]).await.unwrap();
+        assert_eq!(one, Ingested::New { items: 1, reused_id: false });
+        // A homeserver whose database was reset counts from 1 again, with other events.
+        let again = store.ingest("1", "after", 0, &[event("$after-reset", second)]).await.unwrap();
+        assert_eq!(again, Ingested::New { items: 1, reused_id: true }, "{backend}");
+        // Its retries are recognised like any other.
+        let retry = store.ingest("1", "after", 0, &[event("$after-reset", second)]).await.unwrap();
+        assert_eq!(retry, Ingested::Duplicate, "{backend}");
+        assert_eq!(store.items_after(0, 100).await.unwrap().len(), 2, "{backend}");
     }
 }

@@ -1,7 +1,10 @@
--- Every appservice transaction the homeserver delivered, by id: a replayed id is not processed again.
+-- Every appservice transaction the homeserver delivered. A retry (same id, same fingerprint) is not
+-- processed again; an id reused for other content (a homeserver whose database was reset) is stored.
 CREATE TABLE appservice_transactions (
-    txn_id      TEXT PRIMARY KEY NOT NULL,
-    received_at BIGINT NOT NULL -- unix milliseconds
+    txn_id      TEXT NOT NULL,
+    fingerprint TEXT NOT NULL, -- hash of the event ids and other items carried
+    received_at BIGINT NOT NULL, -- unix milliseconds
+    PRIMARY KEY (txn_id, fingerprint)
 );
 
 -- What the transactions carried, one row per event, ephemeral item or to-device message, in arrival

@@ -5,6 +5,7 @@
 //! transaction before 200 is answered; a replayed id is answered 200 and not stored again.
 
 use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +18,7 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use super::Appservice;
 use crate::http::MatrixError;
@@ -128,15 +130,25 @@ pub(super) async fn put(
     let fields = Fields::parse(&transaction, metrics, &txn_id);
     let items = fields.items();
 
-    let outcome = appservice.store.ingest(&txn_id, unix_millis(), &items).await.map_err(|error| {
-        metrics.database_errors.inc();
-        metrics.reject(Rejection::Database);
-        tracing::error!(%error, txn_id, "appservice.transaction could not be stored");
-        MatrixError::unknown("Could not store the transaction; retry later")
-    })?;
+    let fingerprint = fingerprint(&items);
+    let outcome =
+        appservice.store.ingest(&txn_id, &fingerprint, unix_millis(), &items).await.map_err(|error| {
+            metrics.database_errors.inc();
+            metrics.reject(Rejection::Database);
+            tracing::error!(%error, txn_id, "appservice.transaction could not be stored");
+            MatrixError::unknown("Could not store the transaction; retry later")
+        })?;
     match outcome {
-        Ingested::New { items: stored } => {
+        Ingested::New { items: stored, reused_id } => {
             metrics.transactions_received.inc();
+            if reused_id {
+                metrics.transactions_reused_id.inc();
+                tracing::warn!(
+                    txn_id,
+                    "appservice.transaction id seen before with other content (was the homeserver's \
+                     database reset?); stored as a new transaction"
+                );
+            }
             for kind in [ItemKind::Event, ItemKind::Ephemeral, ItemKind::ToDevice] {
                 let count = items.iter().filter(|item| item.kind == kind).count();
                 if count > 0 {
@@ -208,6 +220,29 @@ impl<'a> Fields<'a> {
             })
             .collect()
     }
+}
+
+/// What tells a homeserver's retry of a transaction from a new transaction under a reused id.
+///
+/// A Synapse retry carries the same room events (with a newer `unsigned.age`) and none of the
+/// ephemeral data or to-device messages of the first attempt. So the fingerprint is the hash of the
+/// event ids when there are events, and of the other items as sent when there are none (a retry of
+/// such a transaction carries nothing, and the store treats an empty transaction under a known id as
+/// a retry).
+fn fingerprint(items: &[NewItem<'_>]) -> String {
+    let events: Vec<&str> = items.iter().filter_map(|item| item.event_id).collect();
+    let parts: Vec<&str> =
+        if events.is_empty() { items.iter().map(|item| item.body).collect() } else { events };
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update(part);
+        hash.update(b"\0");
+    }
+    let mut hex = String::with_capacity(32);
+    for byte in &hash.finalize()[..16] {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
 }
 
 /// Counts and logs a refused transaction. The reason only: the body may hold private messages.

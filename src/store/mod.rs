@@ -121,8 +121,9 @@ pub struct StoredItem {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ingested {
     /// Stored for the first time; `items` rows were added (an event already stored is not repeated).
-    New { items: usize },
-    /// This transaction id was stored before: nothing was written.
+    /// `reused_id`: this id was stored before with other content.
+    New { items: usize, reused_id: bool },
+    /// This transaction (id and content) was stored before: nothing was written.
     Duplicate,
 }
 
@@ -215,29 +216,44 @@ impl Store {
         self.pool.close().await;
     }
 
-    /// Stores a transaction id and its items in one database transaction.
+    /// Stores a transaction and its items in one database transaction. `fingerprint` identifies the
+    /// content: the same id with the same fingerprint is a retry (nothing is written); with another
+    /// fingerprint the id was reused, and the content is stored (`reused_id`).
     pub async fn ingest(
         &self,
         txn_id: &str,
+        fingerprint: &str,
         received_at_ms: i64,
         items: &[NewItem<'_>],
     ) -> Result<Ingested, StoreError> {
         let _writer = self.ingest_lock.lock().await;
-        let mut tx = self.pool.begin().await?;
+        // SQLite: take the write lock at BEGIN, so the read below cannot make the transaction fail
+        // to upgrade when another instance writes meanwhile (it waits on busy_timeout instead).
+        let mut tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
         if self.backend == Backend::Postgres {
             sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(INBOX_WRITER_LOCK).execute(&mut *tx).await?;
         }
-        let inserted = sqlx::query(
-            "INSERT INTO appservice_transactions (txn_id, received_at) VALUES ($1, $2) ON CONFLICT (txn_id) DO NOTHING",
-        )
-        .bind(txn_id)
-        .bind(received_at_ms)
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
+        let seen: Vec<String> =
+            sqlx::query_scalar("SELECT fingerprint FROM appservice_transactions WHERE txn_id = $1")
+                .bind(txn_id)
+                .fetch_all(&mut *tx)
+                .await?;
+        // An empty transaction under a known id is a retry of one whose ephemeral data was not resent.
+        if seen.iter().any(|seen| seen == fingerprint) || (!seen.is_empty() && items.is_empty()) {
             tx.rollback().await?;
             return Ok(Ingested::Duplicate);
         }
+        sqlx::query(
+            "INSERT INTO appservice_transactions (txn_id, fingerprint, received_at) VALUES ($1, $2, $3)",
+        )
+        .bind(txn_id)
+        .bind(fingerprint)
+        .bind(received_at_ms)
+        .execute(&mut *tx)
+        .await?;
         let mut stored = 0;
         let mut max_id = None;
         for chunk in items.chunks(INSERT_CHUNK) {
@@ -271,7 +287,7 @@ impl Store {
                 newer
             });
         }
-        Ok(Ingested::New { items: stored })
+        Ok(Ingested::New { items: stored, reused_id: !seen.is_empty() })
     }
 
     /// Up to `limit` inbox items with an id above `after`, in id order.
