@@ -1,10 +1,10 @@
 -- Every appservice transaction the homeserver delivered. A retry (same id, same fingerprint) is not
--- processed again; an id reused for other content (a homeserver whose database was reset) is stored.
+-- processed again. An id reused for other content (a homeserver whose database was reset) is stored
+-- under `<txn_id>~<fingerprint>`.
 CREATE TABLE appservice_transactions (
-    txn_id      TEXT NOT NULL,
-    fingerprint TEXT NOT NULL, -- hash of the event ids and other items carried
-    received_at BIGINT NOT NULL, -- unix milliseconds
-    PRIMARY KEY (txn_id, fingerprint)
+    txn_id      TEXT PRIMARY KEY NOT NULL,
+    fingerprint TEXT NOT NULL, -- hash of the event ids (or other items) carried
+    received_at BIGINT NOT NULL -- unix milliseconds
 );
 
 -- What the transactions carried, one row per event, ephemeral item or to-device message, in arrival

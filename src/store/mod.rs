@@ -11,6 +11,7 @@
 //!   advisory lock across PostgreSQL instances), so a consumer reading "after id N" never skips a row
 //!   that commits later with a smaller id.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::str::FromStr;
 
@@ -179,9 +180,8 @@ impl Store {
                         conn.execute("PRAGMA journal_mode = WAL").await?;
                         conn.execute("PRAGMA synchronous = FULL").await?;
                         conn.execute("PRAGMA busy_timeout = 5000").await?;
-                        // Checkpoints run in `checkpoint_wal`, not inside a committing transaction;
-                        // the automatic one stays as a backstop, at 64 MiB of WAL instead of 4 MiB.
-                        conn.execute("PRAGMA wal_autocheckpoint = 16384").await?;
+                        // Checkpoints run in `checkpoint_wal`, not inside a committing transaction.
+                        conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
                     }
                     Ok(())
                 })
@@ -218,7 +218,8 @@ impl Store {
 
     /// Stores a transaction and its items in one database transaction. `fingerprint` identifies the
     /// content: the same id with the same fingerprint is a retry (nothing is written); with another
-    /// fingerprint the id was reused, and the content is stored (`reused_id`).
+    /// fingerprint the id was reused, and the content is stored under `<txn_id>~<fingerprint>`
+    /// (`reused_id`).
     pub async fn ingest(
         &self,
         txn_id: &str,
@@ -227,33 +228,31 @@ impl Store {
         items: &[NewItem<'_>],
     ) -> Result<Ingested, StoreError> {
         let _writer = self.ingest_lock.lock().await;
-        // SQLite: take the write lock at BEGIN, so the read below cannot make the transaction fail
-        // to upgrade when another instance writes meanwhile (it waits on busy_timeout instead).
-        let mut tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        };
+        let mut tx = self.pool.begin().await?;
         if self.backend == Backend::Postgres {
             sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(INBOX_WRITER_LOCK).execute(&mut *tx).await?;
         }
-        let seen: Vec<String> =
-            sqlx::query_scalar("SELECT fingerprint FROM appservice_transactions WHERE txn_id = $1")
-                .bind(txn_id)
-                .fetch_all(&mut *tx)
-                .await?;
-        // An empty transaction under a known id is a retry of one whose ephemeral data was not resent.
-        if seen.iter().any(|seen| seen == fingerprint) || (!seen.is_empty() && items.is_empty()) {
-            tx.rollback().await?;
-            return Ok(Ingested::Duplicate);
+        // One INSERT on the common path; only a known id costs more.
+        let mut key = Cow::Borrowed(txn_id);
+        let mut reused_id = false;
+        if !insert_transaction(&mut tx, txn_id, fingerprint, received_at_ms).await? {
+            let seen: String =
+                sqlx::query_scalar("SELECT fingerprint FROM appservice_transactions WHERE txn_id = $1")
+                    .bind(txn_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            // An empty transaction under a known id is a retry whose ephemeral data was not resent.
+            if seen == fingerprint || items.is_empty() {
+                tx.rollback().await?;
+                return Ok(Ingested::Duplicate);
+            }
+            key = Cow::Owned(format!("{txn_id}~{fingerprint}"));
+            if !insert_transaction(&mut tx, &key, fingerprint, received_at_ms).await? {
+                tx.rollback().await?; // a retry of the transaction that reused the id
+                return Ok(Ingested::Duplicate);
+            }
+            reused_id = true;
         }
-        sqlx::query(
-            "INSERT INTO appservice_transactions (txn_id, fingerprint, received_at) VALUES ($1, $2, $3)",
-        )
-        .bind(txn_id)
-        .bind(fingerprint)
-        .bind(received_at_ms)
-        .execute(&mut *tx)
-        .await?;
         let mut stored = 0;
         let mut max_id = None;
         for chunk in items.chunks(INSERT_CHUNK) {
@@ -261,7 +260,7 @@ impl Store {
             let mut query = sqlx::query(&sql);
             for item in chunk {
                 query = query
-                    .bind(txn_id)
+                    .bind(key.as_ref())
                     .bind(item.kind.as_str())
                     .bind(item.event_type)
                     .bind(item.sender)
@@ -287,7 +286,7 @@ impl Store {
                 newer
             });
         }
-        Ok(Ingested::New { items: stored, reused_id: !seen.is_empty() })
+        Ok(Ingested::New { items: stored, reused_id })
     }
 
     /// Up to `limit` inbox items with an id above `after`, in id order.
@@ -358,17 +357,50 @@ impl Store {
     }
 }
 
+/// Records a transaction key; false when the key is already stored.
+async fn insert_transaction(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    key: &str,
+    fingerprint: &str,
+    received_at_ms: i64,
+) -> Result<bool, StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO appservice_transactions (txn_id, fingerprint, received_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (txn_id) DO NOTHING",
+    )
+    .bind(key)
+    .bind(fingerprint)
+    .bind(received_at_ms)
+    .execute(&mut **tx)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
 /// How often the SQLite WAL is checkpointed into the database file.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+/// WAL size (4 KiB frames) past which the checkpointer also truncates the WAL: 256 MiB.
+const WAL_TRUNCATE_FRAMES: i64 = 65_536;
 
 /// Copies the SQLite WAL into the database file from a background task, so that commits (and the
-/// homeserver waiting on them) do not pay for it. `PASSIVE` never blocks readers or the writer.
+/// homeserver waiting on them) do not pay for it. `PASSIVE` never blocks readers or the writer, but
+/// under a steady stream of commits the WAL may never find a quiet moment to start over; when it
+/// has grown past [`WAL_TRUNCATE_FRAMES`], a `TRUNCATE` checkpoint (which waits for the writer, a
+/// rare pause) bounds it.
 async fn checkpoint_wal(pool: AnyPool) {
     let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !pool.is_closed() {
         tick.tick().await;
-        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await
+        let result = async {
+            // (busy, frames in the WAL, frames copied to the database)
+            let (_, frames, _): (i64, i64, i64) =
+                sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&pool).await?;
+            if frames > WAL_TRUNCATE_FRAMES {
+                sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&pool).await?;
+            }
+            Ok::<_, sqlx::Error>(())
+        };
+        if let Err(error) = result.await
             && !pool.is_closed()
         {
             tracing::warn!(%error, "store.checkpoint failed; retrying");
