@@ -5,6 +5,7 @@
 //! - [`config`]: typed configuration, `SWITCHBOARD_*` overrides, `*_file` secrets, validation.
 //! - [`appservice`]: homeserver → Switchboard (transactions, queries, ping); the stored input stream.
 //! - [`homeserver`]: Switchboard → homeserver (whoami, masquerading, ping, sender registration).
+//! - [`directory`]: Raiden identities (signature recovery) and capabilities; presence is next.
 //! - [`store`]: SQLite or PostgreSQL behind one type, with per-backend migrations.
 //! - [`ops`]: `/health`, `/ready`, `/metrics`.
 //! - [`http`], [`telemetry`]: Matrix error JSON and serving; logs and metrics.
@@ -13,6 +14,7 @@
 
 pub mod appservice;
 pub mod config;
+pub mod directory;
 pub mod homeserver;
 pub mod http;
 pub mod ops;
