@@ -176,3 +176,49 @@ async fn reused_transaction_id_with_other_content_is_stored_not_dropped() {
         assert_eq!(store.items_after(0, 100).await.unwrap().len(), 2, "{backend}");
     }
 }
+
+/// The directory is stored and rebuilt on both backends: verification is recomputed from the stored
+/// displayname, and presence older than the staleness limit comes back offline.
+#[tokio::test]
+async fn directory_survives_a_restart_and_stale_presence_is_offline() {
+    use switchboard::directory::identity::Address;
+    use switchboard::directory::model::{Directory, Presence};
+    // Signed with eth-account by the well-known example key 0x4c0883a6…f362318.
+    const FRESH: &str = "@0x2c7536e3605d9c16a7a3d7b1898e529396a65c23:example.org";
+    const FRESH_SIGNATURE: &str = "0x465cfd0e1acba2f1142a1e5c1c0aa539a23871410ae2cfcfbea5f058c610c626\
+                                   702365fe24a5978f29c219626059474727eb1a9967497a989805c0217fc68c8a1b";
+    const STALE: &str = "@0x2c7536e3605d9c16a7a3d7b1898e529396a65c23:other.example";
+    const STALE_SIGNATURE: &str = "0x83f09a358fd0ca4998b47f95062e5c2637a7cce24cf4731a9c69ce15b8fa053a\
+                                   09d018ec145ded2665e8b6da027b7a2d2a398ac2120ac6433903339cb13659d51c";
+    let address = Address::parse("0x2c7536E3605D9C16a7a3D7b1898e529396a65c23").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, url) in common::backends(dir.path()).await {
+        let mut directory = Directory::new();
+        directory.apply_profile(FRESH, Some(FRESH_SIGNATURE), Some("mxc://raiden.network/cap?webRTC=1"));
+        directory.apply_presence(FRESH, Presence::Online, Some(9_000), 10_000);
+        directory.apply_profile(STALE, Some(STALE_SIGNATURE), None);
+        directory.apply_presence(STALE, Presence::Online, Some(1_000), 1_000);
+        directory.apply_profile("@0x0000000000000000000000000000000000000001:x", Some("garbage"), None);
+        let rows: Vec<_> = directory.users().map(switchboard::directory::to_row).collect();
+
+        let store = open(&url).await;
+        store.save_directory_users(&rows).await.unwrap();
+        store.save_directory_users(&rows).await.unwrap(); // upserts, no duplicates
+        store.close().await;
+
+        let store = open(&url).await;
+        let stored = store.directory_users().await.unwrap();
+        assert_eq!(stored.len(), 3, "{backend}");
+        // Restarted at t = 12 s with a 5 s limit: FRESH (learnt at 10 s) stays online, STALE (1 s) not.
+        let restored = switchboard::directory::restore(&stored, 12_000, 5_000);
+        let fresh = restored.user(FRESH).unwrap();
+        assert!(fresh.verified && fresh.presence == Presence::Online, "{backend}: {fresh:?}");
+        assert!(fresh.capabilities.as_ref().unwrap().webrtc());
+        assert_eq!(fresh.last_active_ms, Some(9_000));
+        let stale = restored.user(STALE).unwrap();
+        assert!(stale.verified, "{backend}");
+        assert_eq!(stale.presence, Presence::Offline, "{backend}: stale presence is not trusted");
+        assert!(!restored.user("@0x0000000000000000000000000000000000000001:x").unwrap().verified);
+        assert_eq!(restored.best(&address).unwrap().user_id, FRESH, "{backend}");
+    }
+}

@@ -3,8 +3,37 @@
 //!
 //! So far: [`identity`] (user ids, displayname signatures), [`capabilities`] (the `avatar_url` form)
 //! and [`model`] (the sans-IO directory: verification binding, presence, best user per address).
-//! Feeding it from the inbox and profile look-ups, persisting it, and its HTTP API come next (issue 3).
+//! [`restore`] and [`to_row`] move it to and from the store (`directory_users`). Feeding it from the
+//! inbox and profile look-ups, and its HTTP API, come next (issue 3).
 
 pub mod capabilities;
 pub mod identity;
 pub mod model;
+
+use crate::store::DirectoryRow;
+use model::{Directory, Presence, User};
+
+/// Rebuilds the directory from stored rows. Presence learnt more than `stale_after_ms` before
+/// `now_ms` counts as offline until the homeserver confirms it (presence pushes are lossy).
+pub fn restore(rows: &[DirectoryRow], now_ms: i64, stale_after_ms: i64) -> Directory {
+    let mut directory = Directory::new();
+    for row in rows {
+        directory.apply_profile(&row.user_id, row.displayname.as_deref(), row.avatar_url.as_deref());
+        let fresh = now_ms.saturating_sub(row.presence_at) <= stale_after_ms;
+        let presence = if fresh { Presence::from_matrix(&row.presence) } else { Presence::Offline };
+        directory.apply_presence(&row.user_id, presence, row.last_active_ms, row.presence_at);
+    }
+    directory
+}
+
+/// The stored form of a user.
+pub fn to_row(user: &User) -> DirectoryRow {
+    DirectoryRow {
+        user_id: user.user_id.clone(),
+        displayname: user.displayname.clone(),
+        avatar_url: user.avatar_url.clone(),
+        presence: user.presence.as_matrix().to_owned(),
+        presence_at: user.presence_at_ms,
+        last_active_ms: user.last_active_ms,
+    }
+}

@@ -36,6 +36,15 @@ impl Presence {
         }
     }
 
+    /// The Matrix presence string.
+    pub fn as_matrix(self) -> &'static str {
+        match self {
+            Presence::Online => "online",
+            Presence::Unavailable => "unavailable",
+            Presence::Offline => "offline",
+        }
+    }
+
     /// Online and unavailable users can be reached.
     pub fn reachable(self) -> bool {
         self != Presence::Offline
@@ -51,8 +60,12 @@ pub struct User {
     /// The displayname proves the claim.
     pub verified: bool,
     pub displayname: Option<String>,
+    /// The `avatar_url` as given (kept to store it); `capabilities` is parsed from it.
+    pub avatar_url: Option<String>,
     pub capabilities: Option<Capabilities>,
     pub presence: Presence,
+    /// Unix milliseconds when the presence was learnt.
+    pub presence_at_ms: i64,
     /// Unix milliseconds of the user's last activity, when known.
     pub last_active_ms: Option<i64>,
 }
@@ -94,23 +107,28 @@ impl Directory {
         let verified = displayname.is_some_and(|name| verify_displayname(user_id, name).is_ok());
         let capabilities = avatar_url.and_then(|url| Capabilities::parse(url).ok());
         let displayname = displayname.map(str::to_owned);
-        if user.verified == verified && user.displayname == displayname && user.capabilities == capabilities {
+        let avatar_url = avatar_url.map(str::to_owned);
+        if user.verified == verified && user.displayname == displayname && user.avatar_url == avatar_url {
             return None;
         }
         user.verified = verified;
         user.displayname = displayname;
+        user.avatar_url = avatar_url;
         user.capabilities = capabilities;
         Some(Change { address: user.address, what: Changed::Profile })
     }
 
-    /// Records a user's presence; `last_active_ms` when the source says when the user was last active.
+    /// Records a user's presence, learnt at `now_ms`; `last_active_ms` when the source says when the
+    /// user was last active.
     pub fn apply_presence(
         &mut self,
         user_id: &str,
         presence: Presence,
         last_active_ms: Option<i64>,
+        now_ms: i64,
     ) -> Option<Change> {
         let user = self.entry(user_id)?;
+        user.presence_at_ms = now_ms;
         let last_active_ms = last_active_ms.max(user.last_active_ms);
         if user.presence == presence && user.last_active_ms == last_active_ms {
             return None;
@@ -119,6 +137,11 @@ impl Directory {
         user.presence = presence;
         user.last_active_ms = last_active_ms;
         presence_changed.then_some(Change { address: user.address, what: Changed::Presence })
+    }
+
+    /// Every known user, in no particular order.
+    pub fn users(&self) -> impl Iterator<Item = &User> {
+        self.users.values()
     }
 
     /// The known user, if any.
@@ -163,8 +186,10 @@ impl Directory {
                     address,
                     verified: false,
                     displayname: None,
+                    avatar_url: None,
                     capabilities: None,
                     presence: Presence::Offline,
+                    presence_at_ms: 0,
                     last_active_ms: None,
                 },
             );
@@ -200,7 +225,7 @@ mod tests {
         assert_eq!(change, Some(Change { address: address(), what: Changed::Profile }));
         assert_eq!(dir.best(&address()), None, "offline until presence says otherwise");
         assert_eq!(
-            dir.apply_presence(USER, Presence::Online, Some(1_000)),
+            dir.apply_presence(USER, Presence::Online, Some(1_000), 0),
             Some(Change { address: address(), what: Changed::Presence })
         );
         let best = dir.best(&address()).unwrap();
@@ -208,7 +233,7 @@ mod tests {
         assert!(best.verified && best.capabilities.as_ref().unwrap().webrtc());
         assert!(dir.reachable(&address()));
         assert_eq!(
-            dir.apply_presence(USER, Presence::Offline, None).map(|c| c.what),
+            dir.apply_presence(USER, Presence::Offline, None, 0).map(|c| c.what),
             Some(Changed::Presence)
         );
         assert!(!dir.reachable(&address()));
@@ -221,7 +246,7 @@ mod tests {
         // Claims the victim's address on another server, with the victim's displayname copied over
         // (a signature of the victim's user id, not of its own) — and is online.
         dir.apply_profile(ROAMED, Some(SIGNATURE), Some(CAPS));
-        dir.apply_presence(ROAMED, Presence::Online, Some(5_000));
+        dir.apply_presence(ROAMED, Presence::Online, Some(5_000), 0);
         assert!(!dir.user(ROAMED).unwrap().verified);
         assert_eq!(dir.best(&address()), None);
         // Garbage displaynames neither.
@@ -229,7 +254,7 @@ mod tests {
         assert_eq!(dir.best(&address()), None);
 
         dir.apply_profile(USER, Some(SIGNATURE), None);
-        dir.apply_presence(USER, Presence::Unavailable, Some(1_000));
+        dir.apply_presence(USER, Presence::Unavailable, Some(1_000), 0);
         let users = dir.users_of(&address());
         assert_eq!(users.len(), 2);
         assert_eq!(users[0].user_id, USER, "the verified user ranks first though the impostor is online");
@@ -245,12 +270,12 @@ mod tests {
         dir.apply_profile(USER, Some(SIGNATURE), None);
         dir.apply_profile(ROAMED, Some(ROAMED_SIGNATURE), None);
         assert!(dir.user(ROAMED).unwrap().verified);
-        dir.apply_presence(USER, Presence::Unavailable, Some(9_000));
-        dir.apply_presence(ROAMED, Presence::Online, Some(1_000));
+        dir.apply_presence(USER, Presence::Unavailable, Some(9_000), 0);
+        dir.apply_presence(ROAMED, Presence::Online, Some(1_000), 0);
         assert_eq!(dir.best(&address()).unwrap().user_id, ROAMED, "online beats unavailable");
-        dir.apply_presence(ROAMED, Presence::Unavailable, None);
+        dir.apply_presence(ROAMED, Presence::Unavailable, None, 0);
         assert_eq!(dir.best(&address()).unwrap().user_id, USER, "then the most recent activity");
-        dir.apply_presence(USER, Presence::Offline, None);
+        dir.apply_presence(USER, Presence::Offline, None, 0);
         assert_eq!(dir.best(&address()).unwrap().user_id, ROAMED, "offline users are not reachable");
     }
 
@@ -258,13 +283,13 @@ mod tests {
     fn non_raiden_users_and_repeats_change_nothing() {
         let mut dir = Directory::new();
         assert_eq!(dir.apply_profile("@alice:example.org", Some("Alice"), None), None);
-        assert_eq!(dir.apply_presence("@alice:example.org", Presence::Online, None), None);
+        assert_eq!(dir.apply_presence("@alice:example.org", Presence::Online, None, 0), None);
         assert!(dir.is_empty());
         assert!(dir.apply_profile(USER, Some(SIGNATURE), Some(CAPS)).is_some());
         assert_eq!(dir.apply_profile(USER, Some(SIGNATURE), Some(CAPS)), None, "same profile: no change");
-        assert!(dir.apply_presence(USER, Presence::Online, None).is_some());
+        assert!(dir.apply_presence(USER, Presence::Online, None, 0).is_some());
         assert_eq!(
-            dir.apply_presence(USER, Presence::Online, Some(7)),
+            dir.apply_presence(USER, Presence::Online, Some(7), 0),
             None,
             "activity alone is not a change"
         );

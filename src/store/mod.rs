@@ -357,6 +357,68 @@ impl Store {
     }
 }
 
+/// One user of the directory as stored (see migrations/*/0002_directory.sql).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryRow {
+    pub user_id: String,
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+    /// `online`, `unavailable` or `offline`.
+    pub presence: String,
+    /// Unix milliseconds when the presence was learnt.
+    pub presence_at: i64,
+    /// Unix milliseconds of the user's last activity, when known.
+    pub last_active_ms: Option<i64>,
+}
+
+impl Store {
+    /// Inserts or replaces directory users, all in one database transaction.
+    pub async fn save_directory_users(&self, rows: &[DirectoryRow]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for row in rows {
+            sqlx::query(
+                "INSERT INTO directory_users (user_id, displayname, avatar_url, presence, presence_at, last_active_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (user_id) DO UPDATE SET displayname = excluded.displayname, \
+                 avatar_url = excluded.avatar_url, presence = excluded.presence, \
+                 presence_at = excluded.presence_at, last_active_ms = excluded.last_active_ms",
+            )
+            .bind(&row.user_id)
+            .bind(row.displayname.as_deref())
+            .bind(row.avatar_url.as_deref())
+            .bind(&row.presence)
+            .bind(row.presence_at)
+            .bind(row.last_active_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every stored directory user, by user id.
+    pub async fn directory_users(&self) -> Result<Vec<DirectoryRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT user_id, displayname, avatar_url, presence, presence_at, last_active_ms \
+             FROM directory_users ORDER BY user_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(DirectoryRow {
+                    user_id: row.try_get("user_id")?,
+                    displayname: row.try_get("displayname")?,
+                    avatar_url: row.try_get("avatar_url")?,
+                    presence: row.try_get("presence")?,
+                    presence_at: row.try_get("presence_at")?,
+                    last_active_ms: row.try_get("last_active_ms")?,
+                })
+            })
+            .collect()
+    }
+}
+
 /// Records a transaction key; false when the key is already stored.
 async fn insert_transaction(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
