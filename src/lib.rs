@@ -32,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::appservice::Appservice;
+use crate::appservice::inbox::Subscription;
 use crate::config::Config;
+use crate::directory::service::DirectoryService;
 use crate::homeserver::{HomeserverClient, HomeserverError};
 use crate::ops::Ops;
 use crate::store::{Store, StoreError};
@@ -49,6 +51,9 @@ pub enum RunError {
     #[error("connections were still open {0:?} after shutdown began; closed them")]
     ShutdownTimeout(Duration),
 }
+
+/// Presence stored longer ago than this counts as offline after a restart, until confirmed.
+const PRESENCE_STALE_AFTER_MS: i64 = 5 * 60 * 1000;
 
 /// How long in-flight requests may take to finish once shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -104,8 +109,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         database = ?store.backend(),
         "switchboard.start: listening"
     );
+    let directory = DirectoryService::load(store.clone(), unix_millis(), PRESENCE_STALE_AFTER_MS).await?;
+    let directory_inbox = Subscription::open(store.clone(), directory::service::CONSUMER).await?;
+
     let tasks = TaskTracker::new();
     tasks.spawn(homeserver.clone().watch_health(shutdown.clone()));
+    tasks.spawn(directory.consume(directory_inbox, shutdown.clone()));
     tasks.close();
 
     let serving = async {
@@ -152,4 +161,11 @@ fn client_router() -> Router {
         "/_switchboard/client/versions",
         get(|| async { axum::Json(serde_json::json!({ "versions": ["v1"] })) }),
     ))
+}
+
+/// Wall-clock time in unix milliseconds (what the store and Matrix timestamps use).
+pub(crate) fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

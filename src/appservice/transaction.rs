@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -132,12 +132,14 @@ pub(super) async fn put(
 
     let fingerprint = fingerprint(&items);
     let outcome =
-        appservice.store.ingest(&txn_id, &fingerprint, unix_millis(), &items).await.map_err(|error| {
-            metrics.database_errors.inc();
-            metrics.reject(Rejection::Database);
-            tracing::error!(%error, txn_id, "appservice.transaction could not be stored");
-            MatrixError::unknown("Could not store the transaction; retry later")
-        })?;
+        appservice.store.ingest(&txn_id, &fingerprint, crate::unix_millis(), &items).await.map_err(
+            |error| {
+                metrics.database_errors.inc();
+                metrics.reject(Rejection::Database);
+                tracing::error!(%error, txn_id, "appservice.transaction could not be stored");
+                MatrixError::unknown("Could not store the transaction; retry later")
+            },
+        )?;
     match outcome {
         Ingested::New { items: stored, reused_id } => {
             metrics.transactions_received.inc();
@@ -249,10 +251,4 @@ fn fingerprint(items: &[NewItem<'_>]) -> String {
 fn refuse(metrics: &Metrics, reason: Rejection, txn_id: &str) {
     metrics.reject(reason);
     tracing::warn!(txn_id, ?reason, "appservice.transaction refused");
-}
-
-fn unix_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

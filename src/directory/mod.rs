@@ -3,12 +3,13 @@
 //!
 //! So far: [`identity`] (user ids, displayname signatures), [`capabilities`] (the `avatar_url` form)
 //! and [`model`] (the sans-IO directory: verification binding, presence, best user per address).
-//! [`restore`] and [`to_row`] move it to and from the store (`directory_users`). Feeding it from the
-//! inbox and profile look-ups, and its HTTP API, come next (issue 3).
+//! [`restore`] and [`to_row`] move it to and from the store (`directory_users`); [`service`] feeds it
+//! from the inbox. Profile look-ups, presence reconciliation and the HTTP API come next (issue 3).
 
 pub mod capabilities;
 pub mod identity;
 pub mod model;
+pub mod service;
 
 use crate::store::DirectoryRow;
 use model::{Directory, Presence, User};

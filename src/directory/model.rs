@@ -139,6 +139,18 @@ impl Directory {
         presence_changed.then_some(Change { address: user.address, what: Changed::Presence })
     }
 
+    /// Records that a known user was active at `at_ms` (it sent an event); true when that is newer
+    /// than what was known. Unknown users are not added: activity alone says nothing of a profile.
+    pub fn apply_activity(&mut self, user_id: &str, at_ms: i64) -> bool {
+        match self.users.get_mut(user_id) {
+            Some(user) if user.last_active_ms < Some(at_ms) => {
+                user.last_active_ms = Some(at_ms);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Every known user, in no particular order.
     pub fn users(&self) -> impl Iterator<Item = &User> {
         self.users.values()
