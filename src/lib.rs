@@ -92,6 +92,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         store.migrate().await?;
     }
     let homeserver = Arc::new(HomeserverClient::new(&config, metrics.clone())?);
+    let discovery = DirectoryService::load(store.clone(), unix_millis(), PRESENCE_STALE_AFTER_MS).await?;
+    let discovery_inbox = Subscription::open(store.clone(), directory::service::CONSUMER).await?;
 
     let appservice = appservice::router(Arc::new(Appservice {
         hs_token: config.hs_token().clone(),
@@ -99,7 +101,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         metrics: metrics.clone(),
         max_transaction_bytes: config.appservice.max_transaction_bytes,
     }));
-    let client = client_router();
+    let discovery_api = directory::api::Api { directory: discovery.clone(), homeserver: homeserver.clone() };
+    let client = http::with_fallbacks(client_router().merge(directory::api::router(Arc::new(discovery_api))));
     let ops = ops::router(Arc::new(Ops { store: store.clone(), homeserver: homeserver.clone(), metrics }));
 
     tracing::info!(
@@ -109,12 +112,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         database = ?store.backend(),
         "switchboard.start: listening"
     );
-    let directory = DirectoryService::load(store.clone(), unix_millis(), PRESENCE_STALE_AFTER_MS).await?;
-    let directory_inbox = Subscription::open(store.clone(), directory::service::CONSUMER).await?;
 
     let tasks = TaskTracker::new();
     tasks.spawn(homeserver.clone().watch_health(shutdown.clone()));
-    tasks.spawn(directory.consume(directory_inbox, shutdown.clone()));
+    tasks.spawn(discovery.consume(discovery_inbox, shutdown.clone()));
     tasks.close();
 
     let serving = async {
@@ -155,12 +156,12 @@ async fn serve_or_stop(
     result
 }
 
-/// The client API (`/_switchboard/client/…`); its capabilities arrive with later modules.
+/// The client API's own routes (`/_switchboard/client/versions`); capabilities add theirs.
 fn client_router() -> Router {
-    http::with_fallbacks(Router::new().route(
+    Router::new().route(
         "/_switchboard/client/versions",
         get(|| async { axum::Json(serde_json::json!({ "versions": ["v1"] })) }),
-    ))
+    )
 }
 
 /// Wall-clock time in unix milliseconds (what the store and Matrix timestamps use).

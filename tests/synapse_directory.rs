@@ -1,14 +1,14 @@
 //! A Raiden user whose displayname is a valid signature and whose avatar carries capabilities, on a
-//! real Synapse, reaches Switchboard's directory within a second; its presence follows; an impostor
-//! is stored unverified.
+//! real Synapse, is discoverable through the client API, and reachable within a second of going
+//! online; an impostor is listed unverified and never shadows it.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
-use serde_json::json;
-use switchboard::directory::model::Presence;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
 use switchboard::store::DirectoryRow;
 
 /// The eth-account example key's address, and its `personal_sign` of the user id on "localhost".
@@ -25,7 +25,7 @@ async fn row(db: &str, user_id: &str) -> Option<DirectoryRow> {
 }
 
 #[tokio::test]
-async fn signed_user_with_capabilities_reaches_the_directory_within_a_second() {
+async fn signed_user_with_capabilities_is_discoverable_and_reachable_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
     let db = common::sqlite_url(dir.path());
     let Some((synapse, running)) = common::with_synapse(&db, None).await else { return };
@@ -37,27 +37,68 @@ async fn signed_user_with_capabilities_reaches_the_directory_within_a_second() {
     synapse.call(&raiden, Method::PUT, &profile("avatar_url"), &json!({ "avatar_url": CAPS })).await;
 
     // Joining a room sends the member event (with the profile) to the appservice.
-    let started = Instant::now();
+    let client = reqwest::Client::new();
+    let api = |path: &str| format!("http://{}/_switchboard/client/v1{path}", running.client);
+    let peer_url = api(&format!("/peers/{LOCALPART}"));
     synapse.call(&raiden, Method::POST, "/_matrix/client/v3/createRoom", &json!({})).await;
-    let stored = common::eventually(Duration::from_secs(10), "the user in the directory", || async {
-        row(&db, &raiden.user_id).await.filter(|row| row.avatar_url.as_deref() == Some(CAPS))
+    let peer: Value = common::eventually(Duration::from_secs(10), "the user in the directory", || async {
+        let peer: Value =
+            client.get(&peer_url).bearer_auth(&raiden.access_token).send().await.ok()?.json().await.ok()?;
+        (peer["users"][0]["capabilities"]["webRTC"] == true).then_some(peer)
+    })
+    .await;
+    assert_eq!(peer["address"], "0x2c7536E3605D9C16a7a3D7b1898e529396a65c23");
+    assert_eq!(peer["users"][0]["user_id"], raiden.user_id.as_str());
+    assert_eq!(peer["users"][0]["verified"], true, "the displayname proves the address");
+    assert_eq!(peer["reachable"], false, "offline until presence says otherwise");
+
+    // Online: the metadata Raiden's path-finding service used to answer, within a second.
+    let status = format!("/_matrix/client/v3/presence/{}/status", common::urlencode(&raiden.user_id));
+    let metadata_url = api(&format!("/address/{}/metadata", "0x2c7536E3605D9C16a7a3D7b1898e529396a65c23"));
+    let started = Instant::now();
+    synapse.call(&raiden, Method::PUT, &status, &json!({ "presence": "online" })).await;
+    let metadata: Value = common::eventually(Duration::from_secs(10), "the user reachable", || async {
+        let response = client.get(&metadata_url).bearer_auth(&raiden.access_token).send().await.ok()?;
+        (response.status() == StatusCode::OK).then_some(())?;
+        response.json().await.ok()
     })
     .await;
     let elapsed = started.elapsed();
     assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
-    assert_eq!(stored.displayname.as_deref(), Some(SIGNATURE));
-    let restored = switchboard::directory::restore(&[stored], 0, i64::MAX);
-    let user = restored.user(&raiden.user_id).unwrap();
-    assert!(user.verified, "the displayname proves the address");
-    assert!(user.capabilities.as_ref().unwrap().webrtc());
+    assert_eq!(
+        metadata,
+        json!({ "user_id": raiden.user_id, "capabilities": CAPS, "displayname": SIGNATURE })
+    );
 
-    // Presence flows in as ephemeral data.
-    let status = format!("/_matrix/client/v3/presence/{}/status", common::urlencode(&raiden.user_id));
-    synapse.call(&raiden, Method::PUT, &status, &json!({ "presence": "online" })).await;
-    common::eventually(Duration::from_secs(10), "online presence", || async {
-        row(&db, &raiden.user_id).await.filter(|row| Presence::from_matrix(&row.presence) == Presence::Online)
-    })
-    .await;
+    // Errors a client can act on.
+    let response = client.get(&metadata_url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(response.json::<Value>().await.unwrap()["errcode"], "M_MISSING_TOKEN");
+    let response = client.get(&metadata_url).bearer_auth("not-a-token").send().await.unwrap();
+    assert_eq!(response.json::<Value>().await.unwrap()["errcode"], "M_UNKNOWN_TOKEN");
+    let response = client.get(api("/peers/0x1234")).bearer_auth(&raiden.access_token).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(response.json::<Value>().await.unwrap()["errcode"], "M_INVALID_PARAM");
+    let unknown = "0x0000000000000000000000000000000000000001";
+    let response = client
+        .get(api(&format!("/address/{unknown}/metadata")))
+        .bearer_auth(&raiden.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let answer: Value = client
+        .post(api("/peers/query"))
+        .bearer_auth(&raiden.access_token)
+        .json(&json!({ "addresses": [LOCALPART, unknown] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer[LOCALPART]["reachable"], true);
+    assert_eq!(answer[unknown]["users"], json!([]));
 
     // An impostor claiming the same address on this server with a garbage displayname is stored
     // unverified, and never shadows the real user.
@@ -70,10 +111,23 @@ async fn signed_user_with_capabilities_reaches_the_directory_within_a_second() {
         row(&db, &impostor.user_id)
     })
     .await;
-    let both = [row(&db, &raiden.user_id).await.unwrap(), impostor_row];
-    let restored = switchboard::directory::restore(&both, 0, i64::MAX);
-    assert!(!restored.user(&impostor.user_id).unwrap().verified);
-    let address = restored.user(&raiden.user_id).unwrap().address;
-    assert_eq!(restored.best(&address).unwrap().user_id, raiden.user_id);
+    assert_eq!(impostor_row.displayname.as_deref(), Some(SIGNATURE));
+    let peer: Value =
+        client.get(&peer_url).bearer_auth(&raiden.access_token).send().await.unwrap().json().await.unwrap();
+    let users = peer["users"].as_array().unwrap();
+    assert_eq!(users.len(), 2);
+    assert_eq!(users[0]["user_id"], raiden.user_id.as_str(), "the verified user first");
+    assert_eq!(users[1]["user_id"], impostor.user_id.as_str());
+    assert_eq!(users[1]["verified"], false);
+    let metadata: Value = client
+        .get(&metadata_url)
+        .bearer_auth(&raiden.access_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(metadata["user_id"], raiden.user_id.as_str(), "the impostor never shadows the user");
     running.stop().await.unwrap();
 }

@@ -4,8 +4,10 @@
 //! So far: [`identity`] (user ids, displayname signatures), [`capabilities`] (the `avatar_url` form)
 //! and [`model`] (the sans-IO directory: verification binding, presence, best user per address).
 //! [`restore`] and [`to_row`] move it to and from the store (`directory_users`); [`service`] feeds it
-//! from the inbox. Profile look-ups, presence reconciliation and the HTTP API come next (issue 3).
+//! from the inbox; [`api`] answers discovery on the client listener. Profile look-ups and presence
+//! reconciliation come next (issue 3).
 
+pub mod api;
 pub mod capabilities;
 pub mod identity;
 pub mod model;

@@ -1,0 +1,171 @@
+//! Discovery on the client listener, authenticated with the caller's Matrix access token (checked
+//! with the homeserver's `whoami`, cached):
+//! - `GET /_switchboard/client/v1/address/{address}/metadata` → `{"user_id", "capabilities",
+//!   "displayname"}` of the best reachable verified user (the shape Raiden's path-finding service
+//!   answered; `capabilities` is the `avatar_url` string), or 404 `M_NOT_FOUND`;
+//! - `GET /_switchboard/client/v1/peers/{address}` → `{address, reachable, users: [...]}`;
+//! - `POST /_switchboard/client/v1/peers/query` with `{"addresses": [...]}` (at most 1,000) → a map
+//!   by address (as given).
+//!
+//! Addresses are accepted checksummed or in one case; an invalid one is 400 `M_INVALID_PARAM`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::identity::Address;
+use super::model::{Directory, Presence, User};
+use super::service::DirectoryService;
+use crate::homeserver::{HomeserverClient, HomeserverError};
+use crate::http::MatrixError;
+
+/// Most addresses in one query.
+const MAX_QUERY: usize = 1000;
+
+pub struct Api {
+    pub directory: Arc<DirectoryService>,
+    pub homeserver: Arc<HomeserverClient>,
+}
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/_switchboard/client/v1/address/{address}/metadata", get(metadata))
+        .route("/_switchboard/client/v1/peers/{address}", get(peer))
+        .route("/_switchboard/client/v1/peers/query", post(query))
+        .route_layer(middleware::from_fn_with_state(api.clone(), authenticate))
+        .with_state(api)
+}
+
+/// The caller must hold a valid access token of this homeserver.
+async fn authenticate(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    let Some(token) = access_token(&request) else {
+        return MatrixError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token")
+            .into_response();
+    };
+    match api.homeserver.whoami(&token).await {
+        Ok(_) => next.run(request).await,
+        Err(HomeserverError::Matrix { status: 401 | 403, .. }) => {
+            MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unknown access token")
+                .into_response()
+        }
+        Err(error) => {
+            tracing::warn!(%error, "directory.api cannot check an access token");
+            MatrixError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "M_UNKNOWN",
+                "Cannot reach the homeserver to check the token",
+            )
+            .into_response()
+        }
+    }
+}
+
+fn access_token(request: &Request) -> Option<String> {
+    if let Some(value) = request.headers().get(AUTHORIZATION) {
+        let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned());
+    }
+    url::form_urlencoded::parse(request.uri().query()?.as_bytes())
+        .find(|(key, _)| key == "access_token")
+        .map(|(_, value)| value.into_owned())
+}
+
+fn parse_address(text: &str) -> Result<Address, MatrixError> {
+    Address::parse(text)
+        .map_err(|e| MatrixError::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", format!("{text}: {e}")))
+}
+
+#[derive(Serialize)]
+struct Metadata<'a> {
+    user_id: &'a str,
+    capabilities: Option<&'a str>,
+    displayname: Option<&'a str>,
+}
+
+async fn metadata(State(api): State<Arc<Api>>, Path(address): Path<String>) -> Result<Response, MatrixError> {
+    let address = parse_address(&address)?;
+    let directory = api.directory.read();
+    let user =
+        directory.best(&address).ok_or_else(|| MatrixError::not_found("No reachable verified user"))?;
+    let body = Metadata {
+        user_id: &user.user_id,
+        capabilities: user.avatar_url.as_deref(),
+        displayname: user.displayname.as_deref(),
+    };
+    Ok(Json(body).into_response())
+}
+
+#[derive(Serialize)]
+struct PeerUser<'a> {
+    user_id: &'a str,
+    presence: Presence,
+    last_active_ago: Option<i64>,
+    capabilities: Value,
+    verified: bool,
+}
+
+fn peer_json(directory: &Directory, address: &Address, now_ms: i64) -> Value {
+    let users: Vec<PeerUser<'_>> = directory
+        .users_of(address)
+        .into_iter()
+        .map(|user: &User| PeerUser {
+            user_id: &user.user_id,
+            presence: user.presence,
+            last_active_ago: user.last_active_ms.map(|at| now_ms.saturating_sub(at).max(0)),
+            capabilities: user.capabilities.as_ref().map_or(Value::Null, |c| json!(c)),
+            verified: user.verified,
+        })
+        .collect();
+    json!({ "address": address.to_checksum(), "reachable": directory.reachable(address), "users": users })
+}
+
+async fn peer(State(api): State<Arc<Api>>, Path(address): Path<String>) -> Result<Json<Value>, MatrixError> {
+    let address = parse_address(&address)?;
+    Ok(Json(peer_json(&api.directory.read(), &address, crate::unix_millis())))
+}
+
+#[derive(Deserialize)]
+struct Query {
+    addresses: Vec<String>,
+}
+
+async fn query(
+    State(api): State<Arc<Api>>,
+    body: Result<Json<Query>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, MatrixError> {
+    let Json(query) = body.map_err(|e| {
+        MatrixError::new(
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+            format!("Expected {{\"addresses\": [...]}}: {e}"),
+        )
+    })?;
+    if query.addresses.len() > MAX_QUERY {
+        return Err(MatrixError::new(
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+            format!("At most {MAX_QUERY} addresses per query"),
+        ));
+    }
+    let addresses = query
+        .addresses
+        .iter()
+        .map(|text| Ok((text, parse_address(text)?)))
+        .collect::<Result<Vec<_>, MatrixError>>()?;
+    let directory = api.directory.read();
+    let now_ms = crate::unix_millis();
+    let answer: BTreeMap<&String, Value> = addresses
+        .into_iter()
+        .map(|(text, address)| (text, peer_json(&directory, &address, now_ms)))
+        .collect();
+    Ok(Json(json!(answer)))
+}
