@@ -124,13 +124,19 @@ fn count_messages(items: &[StoredItem]) -> usize {
     items.iter().filter(|i| is_test_message(i)).count()
 }
 
-/// Reads the store until all messages are there or `timeout` passes, pinging Synapse meanwhile
-/// (a successful ping makes a recovering Synapse retry at once).
+/// Reads the store until all messages are there, `timeout` passes, or nothing new has arrived for
+/// 5 s; pings Synapse meanwhile (a successful ping makes a recovering Synapse retry at once).
 async fn wait_for_messages(synapse: &common::Synapse, db: &str, timeout: Duration) -> Vec<StoredItem> {
     let deadline = std::time::Instant::now() + timeout;
+    let mut progress = (0, std::time::Instant::now());
     loop {
         let items = common::stored_items(db).await;
-        if count_messages(&items) >= MESSAGES || std::time::Instant::now() > deadline {
+        let count = count_messages(&items);
+        if count != progress.0 {
+            progress = (count, std::time::Instant::now());
+        }
+        let stalled = progress.1.elapsed() > Duration::from_secs(5);
+        if count >= MESSAGES || stalled || std::time::Instant::now() > deadline {
             return items;
         }
         synapse.ping_appservice().await;
