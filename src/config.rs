@@ -67,6 +67,8 @@ pub struct Config {
     #[serde(default)]
     pub database: DatabaseConfig,
     #[serde(default)]
+    pub directory: DirectoryConfig,
+    #[serde(default)]
     pub turn: TurnConfig,
     #[serde(default)]
     pub log: LogConfig,
@@ -145,6 +147,17 @@ pub struct DatabaseConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// Presence learnt longer ago than this counts as offline after a restart, until confirmed.
+    #[serde(default = "default_presence_stale_secs")]
+    pub presence_stale_secs: u64,
+    /// Let clients without an access token read the directory.
+    #[serde(default)]
+    pub anonymous_read: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TurnConfig {
     /// TURN REST shared secret (Synapse `turn_shared_secret`, coturn `static-auth-secret`).
     pub shared_secret: Option<Secret>,
@@ -213,6 +226,9 @@ fn default_max_connections() -> u32 {
 fn default_true() -> bool {
     true
 }
+fn default_presence_stale_secs() -> u64 {
+    300
+}
 fn default_turn_user_lifetime_secs() -> u64 {
     86_400
 }
@@ -237,6 +253,11 @@ impl Default for DatabaseConfig {
             max_connections: default_max_connections(),
             migrate_on_start: true,
         }
+    }
+}
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        Self { presence_stale_secs: default_presence_stale_secs(), anonymous_read: false }
     }
 }
 impl Default for TurnConfig {
@@ -464,6 +485,12 @@ max_connections = {db_max}
 # Apply pending migrations when `switchboard serve` starts (`serve --no-migrate` turns this off).
 migrate_on_start = {db_migrate}
 
+[directory]
+# Presence learnt longer ago than this (seconds) counts as offline after a restart, until confirmed.
+presence_stale_secs = {presence_stale}
+# Let clients without an access token read the directory (lookups of addresses and their users).
+anonymous_read = false
+
 [turn]
 # TURN REST shared secret: Synapse's turn_shared_secret and coturn's static-auth-secret.
 shared_secret = {turn_secret}
@@ -494,6 +521,7 @@ format = "text"
         db_url = toml_str(&db.url),
         db_max = db.max_connections,
         db_migrate = db.migrate_on_start,
+        presence_stale = default_presence_stale_secs(),
         turn_secret = toml_str(v.turn_shared_secret),
         turn_lifetime = default_turn_user_lifetime_secs(),
         log_level = toml_str(&default_log_level()),

@@ -52,9 +52,6 @@ pub enum RunError {
     ShutdownTimeout(Duration),
 }
 
-/// Presence stored longer ago than this counts as offline after a restart, until confirmed.
-const PRESENCE_STALE_AFTER_MS: i64 = 5 * 60 * 1000;
-
 /// How long in-flight requests may take to finish once shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -92,7 +89,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         store.migrate().await?;
     }
     let homeserver = Arc::new(HomeserverClient::new(&config, metrics.clone())?);
-    let discovery = DirectoryService::load(store.clone(), unix_millis(), PRESENCE_STALE_AFTER_MS).await?;
+    let stale_after_ms =
+        i64::try_from(config.directory.presence_stale_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let discovery = DirectoryService::load(store.clone(), unix_millis(), stale_after_ms).await?;
     let discovery_inbox = Subscription::open(store.clone(), directory::service::CONSUMER).await?;
 
     let appservice = appservice::router(Arc::new(Appservice {
@@ -101,7 +100,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         metrics: metrics.clone(),
         max_transaction_bytes: config.appservice.max_transaction_bytes,
     }));
-    let discovery_api = directory::api::Api { directory: discovery.clone(), homeserver: homeserver.clone() };
+    let discovery_api = directory::api::Api {
+        directory: discovery.clone(),
+        homeserver: homeserver.clone(),
+        anonymous_read: config.directory.anonymous_read,
+    };
     let client = http::with_fallbacks(client_router().merge(directory::api::router(Arc::new(discovery_api))));
     let ops = ops::router(Arc::new(Ops { store: store.clone(), homeserver: homeserver.clone(), metrics }));
 

@@ -34,6 +34,9 @@ const MAX_QUERY: usize = 1000;
 pub struct Api {
     pub directory: Arc<DirectoryService>,
     pub homeserver: Arc<HomeserverClient>,
+    /// Requests without a token are served (`[directory] anonymous_read`); a token, when given, is
+    /// still checked.
+    pub anonymous_read: bool,
 }
 
 pub fn router(api: Arc<Api>) -> Router {
@@ -48,6 +51,9 @@ pub fn router(api: Arc<Api>) -> Router {
 /// The caller must hold a valid access token of this homeserver.
 async fn authenticate(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
     let Some(token) = access_token(&request) else {
+        if api.anonymous_read {
+            return next.run(request).await;
+        }
         return MatrixError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token")
             .into_response();
     };
