@@ -60,6 +60,18 @@ pub async fn method_not_allowed() -> MatrixError {
     MatrixError::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "Method not allowed")
 }
 
+/// The token a request presents: `Authorization: Bearer <token>` (the scheme is case-insensitive,
+/// RFC 9110 §11.1), or else the legacy `access_token` query parameter.
+pub fn access_token(request: &axum::extract::Request) -> Option<String> {
+    if let Some(value) = request.headers().get(http::header::AUTHORIZATION) {
+        let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned());
+    }
+    url::form_urlencoded::parse(request.uri().query()?.as_bytes())
+        .find(|(key, _)| key == "access_token")
+        .map(|(_, value)| value.into_owned())
+}
+
 /// Gives a router the Matrix-style fallbacks.
 pub fn with_fallbacks(router: Router) -> Router {
     router.fallback(unrecognized).method_not_allowed_fallback(method_not_allowed)

@@ -22,7 +22,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use http::StatusCode;
-use http::header::AUTHORIZATION;
 use subtle::ConstantTimeEq;
 
 use crate::config::Secret;
@@ -60,7 +59,7 @@ pub fn router(appservice: Arc<Appservice>) -> Router {
 /// Checks the homeserver's token: `Authorization: Bearer` or the legacy `access_token` query
 /// parameter. Missing → 401 `M_UNAUTHORIZED`; wrong → 403 `M_FORBIDDEN`. Compared in constant time.
 async fn authenticate(State(appservice): State<Arc<Appservice>>, request: Request, next: Next) -> Response {
-    let Some(token) = presented_token(&request) else {
+    let Some(token) = crate::http::access_token(&request) else {
         appservice.metrics.reject(Rejection::MissingToken);
         tracing::warn!(path = request.uri().path(), "appservice request without a homeserver token");
         return MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "Missing homeserver token")
@@ -74,18 +73,6 @@ async fn authenticate(State(appservice): State<Arc<Appservice>>, request: Reques
             .into_response();
     }
     next.run(request).await
-}
-
-fn presented_token(request: &Request) -> Option<String> {
-    if let Some(value) = request.headers().get(AUTHORIZATION) {
-        // The scheme is case-insensitive (RFC 9110 §11.1).
-        let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned());
-    }
-    let query = request.uri().query()?;
-    url::form_urlencoded::parse(query.as_bytes())
-        .find(|(key, _)| key == "access_token")
-        .map(|(_, value)| value.into_owned())
 }
 
 async fn query_user() -> MatrixError {

@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
-use axum::http::header::AUTHORIZATION;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -50,7 +49,7 @@ pub fn router(api: Arc<Api>) -> Router {
 
 /// The caller must hold a valid access token of this homeserver.
 async fn authenticate(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
-    let Some(token) = access_token(&request) else {
+    let Some(token) = crate::http::access_token(&request) else {
         if api.anonymous_read {
             return next.run(request).await;
         }
@@ -73,16 +72,6 @@ async fn authenticate(State(api): State<Arc<Api>>, request: Request, next: Next)
             .into_response()
         }
     }
-}
-
-fn access_token(request: &Request) -> Option<String> {
-    if let Some(value) = request.headers().get(AUTHORIZATION) {
-        let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned());
-    }
-    url::form_urlencoded::parse(request.uri().query()?.as_bytes())
-        .find(|(key, _)| key == "access_token")
-        .map(|(_, value)| value.into_owned())
 }
 
 fn parse_address(text: &str) -> Result<Address, MatrixError> {
