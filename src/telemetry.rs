@@ -10,27 +10,20 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::MakeWriter;
 
 use crate::config::{LogConfig, LogFormat};
 use crate::store::ItemKind;
 
-/// Installs the global subscriber writing to stderr. `RUST_LOG`, when set, overrides `log.level`.
+/// Installs the global subscriber writing to stderr (ANSI colours only on a terminal). `RUST_LOG`,
+/// when set, overrides `log.level`.
 pub fn init(config: &LogConfig) {
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    init_with_writer(config, std::io::stderr, colour);
-}
-
-/// As [`init`], with another writer (tests capture logs with it); `colour` adds ANSI escapes.
-pub fn init_with_writer<W>(config: &LogConfig, writer: W, colour: bool)
-where
-    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
-{
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(colour);
-    // A second initialisation (several servers in one test process) keeps the first subscriber.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
+    // A second initialisation keeps the first subscriber.
     let _ = match config.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

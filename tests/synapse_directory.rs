@@ -100,8 +100,8 @@ async fn signed_user_with_capabilities_is_discoverable_and_reachable_within_a_se
     assert_eq!(answer[LOCALPART]["reachable"], true);
     assert_eq!(answer[unknown]["users"], json!([]));
 
-    // An impostor claiming the same address on this server with a garbage displayname is stored
-    // unverified, and never shadows the real user.
+    // An impostor claiming the same address on this server (a suffixed user id) with the user's
+    // displayname copied over is stored unverified, and never shadows the real user.
     let impostor = synapse.register(&format!("{LOCALPART}.0a1b2c3d")).await;
     let impostor_name =
         format!("/_matrix/client/v3/profile/{}/displayname", common::urlencode(&impostor.user_id));
@@ -112,22 +112,14 @@ async fn signed_user_with_capabilities_is_discoverable_and_reachable_within_a_se
     })
     .await;
     assert_eq!(impostor_row.displayname.as_deref(), Some(SIGNATURE));
-    let peer: Value =
-        client.get(&peer_url).bearer_auth(&raiden.access_token).send().await.unwrap().json().await.unwrap();
+    let read = |url: &str| client.get(url).bearer_auth(&raiden.access_token).send();
+    let peer: Value = read(&peer_url).await.unwrap().json().await.unwrap();
     let users = peer["users"].as_array().unwrap();
     assert_eq!(users.len(), 2);
     assert_eq!(users[0]["user_id"], raiden.user_id.as_str(), "the verified user first");
     assert_eq!(users[1]["user_id"], impostor.user_id.as_str());
     assert_eq!(users[1]["verified"], false);
-    let metadata: Value = client
-        .get(&metadata_url)
-        .bearer_auth(&raiden.access_token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let metadata: Value = read(&metadata_url).await.unwrap().json().await.unwrap();
     assert_eq!(metadata["user_id"], raiden.user_id.as_str(), "the impostor never shadows the user");
     running.stop().await.unwrap();
 }
