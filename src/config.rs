@@ -154,6 +154,18 @@ pub struct DirectoryConfig {
     /// Let clients without an access token read the directory.
     #[serde(default)]
     pub anonymous_read: bool,
+    /// Requests per second, at most, that the directory makes to the homeserver for profiles and
+    /// presence (look-ups and reconciliation). 0 turns them off.
+    #[serde(default = "default_lookups_per_sec")]
+    pub lookups_per_sec: u32,
+    /// Each online or watched local user's presence is asked of the homeserver at most this often
+    /// (seconds), because presence pushes are lost when the appservice is down.
+    #[serde(default = "default_reconcile_interval_secs")]
+    pub reconcile_interval_secs: u64,
+    /// A profile looked up on the homeserver (or its absence) is trusted this long (seconds)
+    /// before a look-up asks again.
+    #[serde(default = "default_profile_cache_secs")]
+    pub profile_cache_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +238,15 @@ fn default_max_connections() -> u32 {
 fn default_true() -> bool {
     true
 }
+fn default_lookups_per_sec() -> u32 {
+    20
+}
+fn default_reconcile_interval_secs() -> u64 {
+    60
+}
+fn default_profile_cache_secs() -> u64 {
+    600
+}
 fn default_presence_stale_secs() -> u64 {
     300
 }
@@ -257,7 +278,13 @@ impl Default for DatabaseConfig {
 }
 impl Default for DirectoryConfig {
     fn default() -> Self {
-        Self { presence_stale_secs: default_presence_stale_secs(), anonymous_read: false }
+        Self {
+            presence_stale_secs: default_presence_stale_secs(),
+            anonymous_read: false,
+            lookups_per_sec: default_lookups_per_sec(),
+            reconcile_interval_secs: default_reconcile_interval_secs(),
+            profile_cache_secs: default_profile_cache_secs(),
+        }
     }
 }
 impl Default for TurnConfig {
@@ -490,6 +517,14 @@ migrate_on_start = {db_migrate}
 presence_stale_secs = {presence_stale}
 # Let clients without an access token read the directory (lookups of addresses and their users).
 anonymous_read = false
+# Requests per second, at most, that the directory makes to the homeserver: profile look-ups of
+# users it has not seen yet, and presence reconciliation. 0 turns both off.
+lookups_per_sec = {lookups_per_sec}
+# How often (seconds), at most, the presence of each online or watched local user is asked of the
+# homeserver: presence pushes are lost while Switchboard is down, and never retried.
+reconcile_interval_secs = {reconcile_interval}
+# How long (seconds) a profile looked up on the homeserver, or its absence, is trusted.
+profile_cache_secs = {profile_cache}
 
 [turn]
 # TURN REST shared secret: Synapse's turn_shared_secret and coturn's static-auth-secret.
@@ -522,6 +557,9 @@ format = "text"
         db_max = db.max_connections,
         db_migrate = db.migrate_on_start,
         presence_stale = default_presence_stale_secs(),
+        lookups_per_sec = default_lookups_per_sec(),
+        reconcile_interval = default_reconcile_interval_secs(),
+        profile_cache = default_profile_cache_secs(),
         turn_secret = toml_str(v.turn_shared_secret),
         turn_lifetime = default_turn_user_lifetime_secs(),
         log_level = toml_str(&default_log_level()),

@@ -5,7 +5,8 @@
 //! - [`config`]: typed configuration, `SWITCHBOARD_*` overrides, `*_file` secrets, validation.
 //! - [`appservice`]: homeserver → Switchboard (transactions, queries, ping); the stored input stream.
 //! - [`homeserver`]: Switchboard → homeserver (whoami, masquerading, ping, sender registration).
-//! - [`directory`]: Raiden identities (signature recovery) and capabilities; presence is next.
+//! - [`directory`]: presence and discovery: who is online, which address they provably hold, what
+//!   they can do; fed by the inbox, the homeserver and signalling connections.
 //! - [`store`]: SQLite or PostgreSQL behind one type, with per-backend migrations.
 //! - [`ops`]: `/health`, `/ready`, `/metrics`.
 //! - [`http`], [`telemetry`]: Matrix error JSON and serving; logs and metrics.
@@ -89,9 +90,14 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         store.migrate().await?;
     }
     let homeserver = Arc::new(HomeserverClient::new(&config, metrics.clone())?);
-    let stale_after_ms =
-        i64::try_from(config.directory.presence_stale_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-    let discovery = DirectoryService::load(store.clone(), unix_millis(), stale_after_ms).await?;
+    let discovery = DirectoryService::load(
+        store.clone(),
+        homeserver.clone(),
+        metrics.clone(),
+        directory::service::Settings::from_config(&config),
+        unix_millis(),
+    )
+    .await?;
     let discovery_inbox = Subscription::open(store.clone(), directory::service::CONSUMER).await?;
 
     let appservice = appservice::router(Arc::new(Appservice {
@@ -118,7 +124,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
 
     let tasks = TaskTracker::new();
     tasks.spawn(homeserver.clone().watch_health(shutdown.clone()));
-    tasks.spawn(discovery.consume(discovery_inbox, shutdown.clone()));
+    tasks.spawn(discovery.clone().consume(discovery_inbox, shutdown.clone()));
+    tasks.spawn(discovery.refresh(shutdown.clone()));
     tasks.close();
 
     let serving = async {

@@ -7,6 +7,7 @@
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tracing_subscriber::EnvFilter;
@@ -72,6 +73,14 @@ pub struct ReasonLabel {
     pub reason: Rejection,
 }
 
+/// A directory request to the homeserver: `kind` is `profile` or `presence`, `outcome` is `found`,
+/// `absent` or `failed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabel {
+    pub kind: &'static str,
+    pub outcome: &'static str,
+}
+
 /// Every metric Switchboard exports, registered once at start.
 pub struct Metrics {
     registry: Registry,
@@ -84,6 +93,9 @@ pub struct Metrics {
     pub transaction_seconds: Histogram,
     pub database_errors: Counter,
     pub homeserver_errors: Counter,
+    pub directory_users: Gauge,
+    pub directory_lookups: Family<LookupLabel, Counter>,
+    pub directory_lookups_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -106,6 +118,9 @@ impl Metrics {
             Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 14));
         let database_errors = Counter::default();
         let homeserver_errors = Counter::default();
+        let directory_users = Gauge::default();
+        let directory_lookups = Family::<LookupLabel, Counter>::default();
+        let directory_lookups_dropped = Counter::default();
         registry.register(
             "appservice_transactions_received",
             "Transactions accepted from the homeserver (new ones, stored)",
@@ -147,6 +162,17 @@ impl Metrics {
             "Failed requests to the homeserver",
             homeserver_errors.clone(),
         );
+        registry.register("directory_users", "Raiden users the directory knows", directory_users.clone());
+        registry.register(
+            "directory_lookups",
+            "Profile and presence requests the directory made to the homeserver, by kind and outcome",
+            directory_lookups.clone(),
+        );
+        registry.register(
+            "directory_lookups_dropped",
+            "Look-ups not queued because the queue was full",
+            directory_lookups_dropped.clone(),
+        );
         Self {
             registry,
             transactions_received,
@@ -158,11 +184,18 @@ impl Metrics {
             transaction_seconds,
             database_errors,
             homeserver_errors,
+            directory_users,
+            directory_lookups,
+            directory_lookups_dropped,
         }
     }
 
     pub fn reject(&self, reason: Rejection) {
         self.requests_rejected.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn lookup(&self, kind: &'static str, outcome: &'static str) {
+        self.directory_lookups.get_or_create(&LookupLabel { kind, outcome }).inc();
     }
 
     pub fn stored(&self, kind: ItemKind, count: u64) {

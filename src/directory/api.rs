@@ -8,6 +8,8 @@
 //!   by address (as given).
 //!
 //! Addresses are accepted checksummed or in one case; an invalid one is 400 `M_INVALID_PARAM`.
+//! An address no user is known for is looked up on the homeserver first (see
+//! [`DirectoryService::discover`]); a query does that for its first 16 unknown addresses.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,6 +31,8 @@ use crate::http::MatrixError;
 
 /// Most addresses in one query.
 const MAX_QUERY: usize = 1000;
+/// Unknown addresses of one query that are looked up on the homeserver before answering.
+const QUERY_LOOKUPS: usize = 16;
 
 pub struct Api {
     pub directory: Arc<DirectoryService>,
@@ -88,12 +92,13 @@ struct Metadata<'a> {
 
 async fn metadata(State(api): State<Arc<Api>>, Path(address): Path<String>) -> Result<Response, MatrixError> {
     let address = parse_address(&address)?;
+    api.directory.discover(&address).await;
     let directory = api.directory.read();
     let user =
         directory.best(&address).ok_or_else(|| MatrixError::not_found("No reachable verified user"))?;
     let body = Metadata {
         user_id: &user.user_id,
-        capabilities: user.avatar_url.as_deref(),
+        capabilities: user.avatar_url(),
         displayname: user.displayname.as_deref(),
     };
     Ok(Json(body).into_response())
@@ -114,9 +119,9 @@ fn peer_json(directory: &Directory, address: &Address, now_ms: i64) -> Value {
         .into_iter()
         .map(|user: &User| PeerUser {
             user_id: &user.user_id,
-            presence: user.presence,
+            presence: user.presence(),
             last_active_ago: user.last_active_ms.map(|at| now_ms.saturating_sub(at).max(0)),
-            capabilities: user.capabilities.as_ref().map_or(Value::Null, |c| json!(c)),
+            capabilities: user.capabilities().map_or(Value::Null, |c| json!(c)),
             verified: user.verified,
         })
         .collect();
@@ -125,7 +130,23 @@ fn peer_json(directory: &Directory, address: &Address, now_ms: i64) -> Value {
 
 async fn peer(State(api): State<Arc<Api>>, Path(address): Path<String>) -> Result<Json<Value>, MatrixError> {
     let address = parse_address(&address)?;
+    api.directory.discover(&address).await;
     Ok(Json(peer_json(&api.directory.read(), &address, crate::unix_millis())))
+}
+
+/// Watches every address of a query, and looks up the first [`QUERY_LOOKUPS`] unknown ones on the
+/// homeserver (concurrently); the others are answered as they are, and looked up when asked alone.
+async fn discover_some(api: &Api, addresses: impl Iterator<Item = Address>) {
+    let now_ms = crate::unix_millis();
+    let mut lookups = tokio::task::JoinSet::new();
+    for address in addresses {
+        api.directory.watch(&address, now_ms);
+        if lookups.len() < QUERY_LOOKUPS && !api.directory.read().knows(&address) {
+            let directory = api.directory.clone();
+            lookups.spawn(async move { directory.discover(&address).await });
+        }
+    }
+    lookups.join_all().await;
 }
 
 #[derive(Deserialize)]
@@ -156,6 +177,7 @@ async fn query(
         .iter()
         .map(|text| Ok((text, parse_address(text)?)))
         .collect::<Result<Vec<_>, MatrixError>>()?;
+    discover_some(&api, addresses.iter().map(|(_, address)| *address)).await;
     let directory = api.directory.read();
     let now_ms = crate::unix_millis();
     let answer: BTreeMap<&String, Value> = addresses

@@ -21,21 +21,34 @@ use model::{Directory, Presence, User};
 pub fn restore(rows: &[DirectoryRow], now_ms: i64, stale_after_ms: i64) -> Directory {
     let mut directory = Directory::new();
     for row in rows {
-        directory.apply_profile(&row.user_id, row.displayname.as_deref(), row.avatar_url.as_deref());
-        let fresh = now_ms.saturating_sub(row.presence_at) <= stale_after_ms;
-        let presence = if fresh { Presence::from_matrix(&row.presence) } else { Presence::Offline };
-        directory.apply_presence(&row.user_id, presence, row.last_active_ms, row.presence_at);
+        restore_row(&mut directory, row, now_ms, stale_after_ms);
     }
     directory
+}
+
+/// Adds one stored row to `directory` (see [`restore`]). The stored verification is trusted (it was
+/// computed from the same user id and displayname); rows without one are verified now.
+pub fn restore_row(directory: &mut Directory, row: &DirectoryRow, now_ms: i64, stale_after_ms: i64) {
+    let (displayname, avatar_url) = (row.displayname.as_deref(), row.avatar_url.as_deref());
+    match row.verified {
+        Some(verified) => directory.restore_profile(&row.user_id, displayname, avatar_url, verified),
+        None => {
+            directory.apply_profile(&row.user_id, displayname, avatar_url, 0);
+        }
+    }
+    let fresh = now_ms.saturating_sub(row.presence_at) <= stale_after_ms;
+    let presence = if fresh { Presence::from_matrix(&row.presence) } else { Presence::Offline };
+    directory.apply_presence(&row.user_id, presence, row.last_active_ms, row.presence_at);
 }
 
 /// The stored form of a user.
 pub fn to_row(user: &User) -> DirectoryRow {
     DirectoryRow {
-        user_id: user.user_id.clone(),
-        displayname: user.displayname.clone(),
-        avatar_url: user.avatar_url.clone(),
-        presence: user.presence.as_matrix().to_owned(),
+        user_id: user.user_id.to_string(),
+        displayname: user.displayname.as_deref().map(str::to_owned),
+        avatar_url: user.avatar_url().map(str::to_owned),
+        verified: Some(user.verified),
+        presence: user.homeserver_presence.as_matrix().to_owned(),
         presence_at: user.presence_at_ms,
         last_active_ms: user.last_active_ms,
     }

@@ -10,6 +10,7 @@
 //!   one with the best presence (online, then unavailable), then the most recent activity.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -52,22 +53,57 @@ impl Presence {
 }
 
 /// What the directory knows of one Raiden user.
+///
+/// Kept small, because a directory may hold millions: strings are boxed, and the `avatar_url` (with
+/// the capabilities parsed from it) is shared between all users that have the same one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
-    pub user_id: String,
+    pub user_id: Box<str>,
     /// The address the user id claims.
     pub address: Address,
     /// The displayname proves the claim.
     pub verified: bool,
-    pub displayname: Option<String>,
-    /// The `avatar_url` as given (kept to store it); `capabilities` is parsed from it.
-    pub avatar_url: Option<String>,
-    pub capabilities: Option<Capabilities>,
-    pub presence: Presence,
+    /// Presence as the homeserver reported it; see [`User::presence`].
+    pub homeserver_presence: Presence,
+    /// Live signalling connections of this user: while there is one, the user is online.
+    pub connections: u32,
+    pub displayname: Option<Box<str>>,
+    pub avatar: Option<Arc<Avatar>>,
     /// Unix milliseconds when the presence was learnt.
     pub presence_at_ms: i64,
     /// Unix milliseconds of the user's last activity, when known.
     pub last_active_ms: Option<i64>,
+    /// Unix milliseconds when the profile was last learnt from the homeserver (0: restored from the
+    /// store and not confirmed since).
+    pub profile_at_ms: i64,
+}
+
+/// An `avatar_url` and the capabilities it carries, if it is a capabilities URL.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Avatar {
+    pub url: Box<str>,
+    pub capabilities: Option<Capabilities>,
+}
+
+impl User {
+    /// The user's presence: online while it has a live signalling connection, else what the
+    /// homeserver said.
+    pub fn presence(&self) -> Presence {
+        if self.connections > 0 { Presence::Online } else { self.homeserver_presence }
+    }
+
+    pub fn avatar_url(&self) -> Option<&str> {
+        self.avatar.as_deref().map(|avatar| &*avatar.url)
+    }
+
+    pub fn capabilities(&self) -> Option<&Capabilities> {
+        self.avatar.as_deref().and_then(|avatar| avatar.capabilities.as_ref())
+    }
+
+    /// The server part of the user id.
+    pub fn server_name(&self) -> &str {
+        self.user_id.split_once(':').map_or("", |(_, server)| server)
+    }
 }
 
 /// What changed, for the change feed.
@@ -84,10 +120,18 @@ pub enum Changed {
     Presence,
 }
 
+/// Avatars interned before the first sweep of unused ones.
+const AVATAR_SWEEP_MIN: usize = 1024;
+
 #[derive(Debug, Default)]
 pub struct Directory {
-    users: HashMap<String, User>,
-    by_address: HashMap<Address, Vec<String>>,
+    /// Users by the address they claim (usually one each), in no particular order.
+    by_address: HashMap<Address, Vec<User>>,
+    /// Interned avatars by URL.
+    avatars: HashMap<Box<str>, Arc<Avatar>>,
+    /// Interned avatars after the last sweep.
+    avatars_swept: usize,
+    len: usize,
 }
 
 impl Directory {
@@ -95,26 +139,51 @@ impl Directory {
         Self::default()
     }
 
-    /// Records a user's profile (from an `m.room.member` event or a profile look-up). Users whose id
-    /// is not a Raiden user id are ignored.
+    /// Records a user's profile (from an `m.room.member` event or a profile look-up) learnt at
+    /// `now_ms`. Users whose id is not a Raiden user id are ignored.
     pub fn apply_profile(
         &mut self,
         user_id: &str,
         displayname: Option<&str>,
         avatar_url: Option<&str>,
+        now_ms: i64,
     ) -> Option<Change> {
-        let user = self.entry(user_id)?;
         let verified = displayname.is_some_and(|name| verify_displayname(user_id, name).is_ok());
-        let capabilities = avatar_url.and_then(|url| Capabilities::parse(url).ok());
-        let displayname = displayname.map(str::to_owned);
-        let avatar_url = avatar_url.map(str::to_owned);
-        if user.verified == verified && user.displayname == displayname && user.avatar_url == avatar_url {
+        let change = self.set_profile(user_id, displayname, avatar_url, verified);
+        if let Some(user) = self.user_mut(user_id) {
+            user.profile_at_ms = now_ms;
+        }
+        change
+    }
+
+    /// Records a profile whose verification was already computed (by [`Self::apply_profile`],
+    /// before it was stored).
+    pub(crate) fn restore_profile(
+        &mut self,
+        user_id: &str,
+        displayname: Option<&str>,
+        avatar_url: Option<&str>,
+        verified: bool,
+    ) {
+        self.set_profile(user_id, displayname, avatar_url, verified);
+    }
+
+    /// Sets the profile (of a Raiden user id); `None` when nothing changed.
+    fn set_profile(
+        &mut self,
+        user_id: &str,
+        displayname: Option<&str>,
+        avatar_url: Option<&str>,
+        verified: bool,
+    ) -> Option<Change> {
+        let avatar = avatar_url.map(|url| self.intern_avatar(url));
+        let user = self.entry(user_id)?;
+        if user.verified == verified && user.displayname.as_deref() == displayname && user.avatar == avatar {
             return None;
         }
         user.verified = verified;
-        user.displayname = displayname;
-        user.avatar_url = avatar_url;
-        user.capabilities = capabilities;
+        user.displayname = displayname.map(Box::from);
+        user.avatar = avatar;
         Some(Change { address: user.address, what: Changed::Profile })
     }
 
@@ -128,21 +197,31 @@ impl Directory {
         now_ms: i64,
     ) -> Option<Change> {
         let user = self.entry(user_id)?;
+        let before = user.presence();
         user.presence_at_ms = now_ms;
-        let last_active_ms = last_active_ms.max(user.last_active_ms);
-        if user.presence == presence && user.last_active_ms == last_active_ms {
-            return None;
+        user.homeserver_presence = presence;
+        user.last_active_ms = last_active_ms.max(user.last_active_ms);
+        (user.presence() != before).then_some(Change { address: user.address, what: Changed::Presence })
+    }
+
+    /// Records that a signalling connection of `user_id` opened (`opened`) or closed at `now_ms`.
+    /// While a user has one, it is online.
+    pub fn apply_connection(&mut self, user_id: &str, opened: bool, now_ms: i64) -> Option<Change> {
+        let user = self.entry(user_id)?;
+        let before = user.presence();
+        if opened {
+            user.connections = user.connections.saturating_add(1);
+            user.last_active_ms = user.last_active_ms.max(Some(now_ms));
+        } else {
+            user.connections = user.connections.saturating_sub(1);
         }
-        let presence_changed = user.presence != presence;
-        user.presence = presence;
-        user.last_active_ms = last_active_ms;
-        presence_changed.then_some(Change { address: user.address, what: Changed::Presence })
+        (user.presence() != before).then_some(Change { address: user.address, what: Changed::Presence })
     }
 
     /// Records that a known user was active at `at_ms` (it sent an event); true when that is newer
     /// than what was known. Unknown users are not added: activity alone says nothing of a profile.
     pub fn apply_activity(&mut self, user_id: &str, at_ms: i64) -> bool {
-        match self.users.get_mut(user_id) {
+        match self.user_mut(user_id) {
             Some(user) if user.last_active_ms < Some(at_ms) => {
                 user.last_active_ms = Some(at_ms);
                 true
@@ -153,25 +232,34 @@ impl Directory {
 
     /// Every known user, in no particular order.
     pub fn users(&self) -> impl Iterator<Item = &User> {
-        self.users.values()
+        self.by_address.values().flatten()
     }
 
     /// The known user, if any.
     pub fn user(&self, user_id: &str) -> Option<&User> {
-        self.users.get(user_id)
+        let address = claimed_address(user_id)?;
+        self.by_address.get(&address)?.iter().find(|user| &*user.user_id == user_id)
+    }
+
+    fn user_mut(&mut self, user_id: &str) -> Option<&mut User> {
+        let address = claimed_address(user_id)?;
+        self.by_address.get_mut(&address)?.iter_mut().find(|user| &*user.user_id == user_id)
     }
 
     /// Every user claiming `address`, best first (verified before unverified).
     pub fn users_of(&self, address: &Address) -> Vec<&User> {
-        let mut users: Vec<&User> =
-            self.by_address.get(address).into_iter().flatten().filter_map(|id| self.users.get(id)).collect();
+        let mut users: Vec<&User> = self.by_address.get(address).into_iter().flatten().collect();
         users.sort_by(|a, b| rank(b).cmp(&rank(a)).then_with(|| a.user_id.cmp(&b.user_id)));
         users
     }
 
     /// The verified, reachable user to contact for `address`.
     pub fn best(&self, address: &Address) -> Option<&User> {
-        self.users_of(address).into_iter().find(|user| user.verified && user.presence.reachable())
+        self.by_address
+            .get(address)?
+            .iter()
+            .filter(|user| user.verified && user.presence().reachable())
+            .max_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| b.user_id.cmp(&a.user_id)))
     }
 
     /// Whether any verified user of `address` is online or unavailable.
@@ -179,40 +267,63 @@ impl Directory {
         self.best(address).is_some()
     }
 
+    /// Whether any user claims `address`.
+    pub fn knows(&self, address: &Address) -> bool {
+        self.by_address.contains_key(address)
+    }
+
     pub fn len(&self) -> usize {
-        self.users.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
+        self.len == 0
     }
 
     fn entry(&mut self, user_id: &str) -> Option<&mut User> {
-        if !self.users.contains_key(user_id) {
-            let address = claimed_address(user_id)?;
-            self.by_address.entry(address).or_default().push(user_id.to_owned());
-            self.users.insert(
-                user_id.to_owned(),
-                User {
-                    user_id: user_id.to_owned(),
-                    address,
-                    verified: false,
-                    displayname: None,
-                    avatar_url: None,
-                    capabilities: None,
-                    presence: Presence::Offline,
-                    presence_at_ms: 0,
-                    last_active_ms: None,
-                },
-            );
+        let address = claimed_address(user_id)?;
+        let users = self.by_address.entry(address).or_default();
+        let index = if let Some(index) = users.iter().position(|user| &*user.user_id == user_id) {
+            index
+        } else {
+            // Most addresses have one user: do not let the vector over-allocate.
+            users.reserve_exact(1);
+            users.push(User {
+                user_id: user_id.into(),
+                address,
+                verified: false,
+                homeserver_presence: Presence::Offline,
+                connections: 0,
+                displayname: None,
+                avatar: None,
+                presence_at_ms: 0,
+                last_active_ms: None,
+                profile_at_ms: 0,
+            });
+            self.len += 1;
+            users.len() - 1
+        };
+        users.get_mut(index)
+    }
+
+    /// The shared [`Avatar`] for `url`; avatars no user holds any more are swept now and then.
+    fn intern_avatar(&mut self, url: &str) -> Arc<Avatar> {
+        if let Some(avatar) = self.avatars.get(url) {
+            return avatar.clone();
         }
-        self.users.get_mut(user_id)
+        if self.avatars.len() >= (2 * self.avatars_swept).max(AVATAR_SWEEP_MIN) {
+            self.avatars.retain(|_, avatar| Arc::strong_count(avatar) > 1);
+            self.avatars_swept = self.avatars.len();
+        }
+        let avatar = Arc::new(Avatar { url: url.into(), capabilities: Capabilities::parse(url).ok() });
+        self.avatars.insert(url.into(), avatar.clone());
+        avatar
     }
 }
 
 /// How good a user is to contact: verified first, then presence, then recent activity.
 fn rank(user: &User) -> (bool, Presence, Option<i64>) {
-    (user.verified, user.presence, user.last_active_ms)
+    (user.verified, user.presence(), user.last_active_ms)
 }
 
 #[cfg(test)]
@@ -233,7 +344,7 @@ mod tests {
     #[test]
     fn verified_online_user_is_the_one_to_reach() {
         let mut dir = Directory::new();
-        let change = dir.apply_profile(USER, Some(SIGNATURE), Some(CAPS));
+        let change = dir.apply_profile(USER, Some(SIGNATURE), Some(CAPS), 0);
         assert_eq!(change, Some(Change { address: address(), what: Changed::Profile }));
         assert_eq!(dir.best(&address()), None, "offline until presence says otherwise");
         assert_eq!(
@@ -241,8 +352,8 @@ mod tests {
             Some(Change { address: address(), what: Changed::Presence })
         );
         let best = dir.best(&address()).unwrap();
-        assert_eq!(best.user_id, USER);
-        assert!(best.verified && best.capabilities.as_ref().unwrap().webrtc());
+        assert_eq!(best.user_id.as_ref(), USER);
+        assert!(best.verified && best.capabilities().unwrap().webrtc());
         assert!(dir.reachable(&address()));
         assert_eq!(
             dir.apply_presence(USER, Presence::Offline, None, 0).map(|c| c.what),
@@ -257,20 +368,24 @@ mod tests {
         let mut dir = Directory::new();
         // Claims the victim's address on another server, with the victim's displayname copied over
         // (a signature of the victim's user id, not of its own) — and is online.
-        dir.apply_profile(ROAMED, Some(SIGNATURE), Some(CAPS));
+        dir.apply_profile(ROAMED, Some(SIGNATURE), Some(CAPS), 0);
         dir.apply_presence(ROAMED, Presence::Online, Some(5_000), 0);
         assert!(!dir.user(ROAMED).unwrap().verified);
         assert_eq!(dir.best(&address()), None);
         // Garbage displaynames neither.
-        dir.apply_profile(ROAMED, Some("0xnothex"), None);
+        dir.apply_profile(ROAMED, Some("0xnothex"), None, 0);
         assert_eq!(dir.best(&address()), None);
 
-        dir.apply_profile(USER, Some(SIGNATURE), None);
+        dir.apply_profile(USER, Some(SIGNATURE), None, 0);
         dir.apply_presence(USER, Presence::Unavailable, Some(1_000), 0);
         let users = dir.users_of(&address());
         assert_eq!(users.len(), 2);
-        assert_eq!(users[0].user_id, USER, "the verified user ranks first though the impostor is online");
-        assert_eq!(dir.best(&address()).unwrap().user_id, USER);
+        assert_eq!(
+            users[0].user_id.as_ref(),
+            USER,
+            "the verified user ranks first though the impostor is online"
+        );
+        assert_eq!(dir.best(&address()).unwrap().user_id.as_ref(), USER);
     }
 
     #[test]
@@ -279,26 +394,26 @@ mod tests {
         const ROAMED_SIGNATURE: &str = "0x83f09a358fd0ca4998b47f95062e5c2637a7cce24cf4731a9c69ce15b8fa053a\
                                         09d018ec145ded2665e8b6da027b7a2d2a398ac2120ac6433903339cb13659d51c";
         let mut dir = Directory::new();
-        dir.apply_profile(USER, Some(SIGNATURE), None);
-        dir.apply_profile(ROAMED, Some(ROAMED_SIGNATURE), None);
+        dir.apply_profile(USER, Some(SIGNATURE), None, 0);
+        dir.apply_profile(ROAMED, Some(ROAMED_SIGNATURE), None, 0);
         assert!(dir.user(ROAMED).unwrap().verified);
         dir.apply_presence(USER, Presence::Unavailable, Some(9_000), 0);
         dir.apply_presence(ROAMED, Presence::Online, Some(1_000), 0);
-        assert_eq!(dir.best(&address()).unwrap().user_id, ROAMED, "online beats unavailable");
+        assert_eq!(dir.best(&address()).unwrap().user_id.as_ref(), ROAMED, "online beats unavailable");
         dir.apply_presence(ROAMED, Presence::Unavailable, None, 0);
-        assert_eq!(dir.best(&address()).unwrap().user_id, USER, "then the most recent activity");
+        assert_eq!(dir.best(&address()).unwrap().user_id.as_ref(), USER, "then the most recent activity");
         dir.apply_presence(USER, Presence::Offline, None, 0);
-        assert_eq!(dir.best(&address()).unwrap().user_id, ROAMED, "offline users are not reachable");
+        assert_eq!(dir.best(&address()).unwrap().user_id.as_ref(), ROAMED, "offline users are not reachable");
     }
 
     #[test]
     fn non_raiden_users_and_repeats_change_nothing() {
         let mut dir = Directory::new();
-        assert_eq!(dir.apply_profile("@alice:example.org", Some("Alice"), None), None);
+        assert_eq!(dir.apply_profile("@alice:example.org", Some("Alice"), None, 0), None);
         assert_eq!(dir.apply_presence("@alice:example.org", Presence::Online, None, 0), None);
         assert!(dir.is_empty());
-        assert!(dir.apply_profile(USER, Some(SIGNATURE), Some(CAPS)).is_some());
-        assert_eq!(dir.apply_profile(USER, Some(SIGNATURE), Some(CAPS)), None, "same profile: no change");
+        assert!(dir.apply_profile(USER, Some(SIGNATURE), Some(CAPS), 0).is_some());
+        assert_eq!(dir.apply_profile(USER, Some(SIGNATURE), Some(CAPS), 0), None, "same profile: no change");
         assert!(dir.apply_presence(USER, Presence::Online, None, 0).is_some());
         assert_eq!(
             dir.apply_presence(USER, Presence::Online, Some(7), 0),
@@ -306,6 +421,46 @@ mod tests {
             "activity alone is not a change"
         );
         assert_eq!(dir.len(), 1);
+    }
+
+    #[test]
+    fn a_signalling_connection_makes_a_user_online_until_it_closes() {
+        let mut dir = Directory::new();
+        dir.apply_profile(USER, Some(SIGNATURE), Some(CAPS), 0);
+        assert_eq!(
+            dir.apply_connection(USER, true, 5_000).map(|c| c.what),
+            Some(Changed::Presence),
+            "connected = online"
+        );
+        assert_eq!(dir.best(&address()).unwrap().last_active_ms, Some(5_000));
+        assert_eq!(dir.apply_connection(USER, true, 6_000), None, "a second connection changes nothing");
+        assert_eq!(dir.apply_presence(USER, Presence::Offline, None, 7_000), None, "still connected");
+        assert!(dir.reachable(&address()));
+        assert_eq!(dir.apply_connection(USER, false, 8_000), None);
+        assert_eq!(
+            dir.apply_connection(USER, false, 9_000).map(|c| c.what),
+            Some(Changed::Presence),
+            "the last one closed: the homeserver's presence again"
+        );
+        assert!(!dir.reachable(&address()));
+    }
+
+    #[test]
+    fn users_with_the_same_avatar_share_it() {
+        const OTHER: &str = "@0x0000000000000000000000000000000000000001:example.org";
+        let mut dir = Directory::new();
+        dir.apply_profile(USER, None, Some(CAPS), 0);
+        dir.apply_profile(OTHER, None, Some(CAPS), 0);
+        let (a, b) = (dir.user(USER).unwrap(), dir.user(OTHER).unwrap());
+        assert!(Arc::ptr_eq(a.avatar.as_ref().unwrap(), b.avatar.as_ref().unwrap()));
+        assert_eq!(a.avatar_url(), Some(CAPS));
+        // Avatars nobody holds any more are swept once enough new ones arrive.
+        for i in 0..3 * AVATAR_SWEEP_MIN {
+            dir.apply_profile(OTHER, None, Some(&format!("mxc://example.org/{i}")), 0);
+        }
+        assert!(dir.avatars.len() <= 2 * AVATAR_SWEEP_MIN, "{}", dir.avatars.len());
+        assert!(dir.avatars.contains_key(CAPS), "still held by USER");
+        assert_eq!(dir.len(), 2);
     }
 
     #[test]

@@ -54,6 +54,22 @@ pub struct Whoami {
     pub device_id: Option<OwnedDeviceId>,
 }
 
+/// A user's profile as the homeserver has it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct Profile {
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+}
+
+/// A user's presence as the homeserver has it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PresenceStatus {
+    /// `online`, `unavailable` or `offline`.
+    pub presence: String,
+    /// Milliseconds since the user was last active, when known.
+    pub last_active_ago: Option<i64>,
+}
+
 /// What the last health check saw; served by `/ready`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HomeserverStatus {
@@ -216,6 +232,32 @@ impl HomeserverClient {
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Whoami, Instant)>> {
         self.whoami_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A user's profile (`GET /_matrix/client/v3/profile/{userId}`); `None` when the homeserver has
+    /// no such user.
+    pub async fn profile(&self, user_id: &str) -> Result<Option<Profile>, HomeserverError> {
+        let request = self.request(reqwest::Method::GET, &["_matrix", "client", "v3", "profile", user_id]);
+        match self.send_uncounted(request).await {
+            Ok(profile) => Ok(Some(profile)),
+            Err(e) if e.errcode() == Some("M_NOT_FOUND") => Ok(None),
+            Err(e) => {
+                self.metrics.homeserver_errors.inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// A local user's presence (`GET /_matrix/client/v3/presence/{userId}/status`), asked as the
+    /// user itself: Synapse shows presence only to users sharing a room, or to the user.
+    pub async fn presence(&self, user_id: &ruma::UserId) -> Result<PresenceStatus, HomeserverError> {
+        let request = self.request_as(
+            reqwest::Method::GET,
+            &["_matrix", "client", "v3", "presence", user_id.as_str(), "status"],
+            user_id,
+            None,
+        );
+        self.send(request).await
     }
 
     /// Asks the homeserver to ping our appservice listener

@@ -357,12 +357,14 @@ impl Store {
     }
 }
 
-/// One user of the directory as stored (see migrations/*/0002_directory.sql).
+/// One user of the directory as stored (see migrations/*/0002_directory.sql and 0003).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectoryRow {
     pub user_id: String,
     pub displayname: Option<String>,
     pub avatar_url: Option<String>,
+    /// Whether the displayname proves the user id's address; `None` when not recorded.
+    pub verified: Option<bool>,
     /// `online`, `unavailable` or `offline`.
     pub presence: String,
     /// Unix milliseconds when the presence was learnt.
@@ -371,21 +373,26 @@ pub struct DirectoryRow {
     pub last_active_ms: Option<i64>,
 }
 
+/// Directory rows read per query when loading.
+const DIRECTORY_PAGE: i64 = 10_000;
+
 impl Store {
     /// Inserts or replaces directory users, all in one database transaction.
     pub async fn save_directory_users(&self, rows: &[DirectoryRow]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for row in rows {
             sqlx::query(
-                "INSERT INTO directory_users (user_id, displayname, avatar_url, presence, presence_at, last_active_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
+                "INSERT INTO directory_users \
+                 (user_id, displayname, avatar_url, verified, presence, presence_at, last_active_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
                  ON CONFLICT (user_id) DO UPDATE SET displayname = excluded.displayname, \
-                 avatar_url = excluded.avatar_url, presence = excluded.presence, \
+                 avatar_url = excluded.avatar_url, verified = excluded.verified, presence = excluded.presence, \
                  presence_at = excluded.presence_at, last_active_ms = excluded.last_active_ms",
             )
             .bind(&row.user_id)
             .bind(row.displayname.as_deref())
             .bind(row.avatar_url.as_deref())
+            .bind(row.verified.map(i64::from))
             .bind(&row.presence)
             .bind(row.presence_at)
             .bind(row.last_active_ms)
@@ -396,26 +403,44 @@ impl Store {
         Ok(())
     }
 
-    /// Every stored directory user, by user id.
-    pub async fn directory_users(&self) -> Result<Vec<DirectoryRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT user_id, displayname, avatar_url, presence, presence_at, last_active_ms \
-             FROM directory_users ORDER BY user_id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(DirectoryRow {
+    /// Hands every stored directory user to `each`, in user id order, a page at a time (so that
+    /// loading millions does not hold them all in memory twice).
+    pub async fn each_directory_user(&self, mut each: impl FnMut(DirectoryRow)) -> Result<(), StoreError> {
+        let mut after = String::new();
+        loop {
+            let rows = sqlx::query(
+                "SELECT user_id, displayname, avatar_url, verified, presence, presence_at, last_active_ms \
+                 FROM directory_users WHERE user_id > $1 ORDER BY user_id LIMIT $2",
+            )
+            .bind(&after)
+            .bind(DIRECTORY_PAGE)
+            .fetch_all(&self.pool)
+            .await?;
+            let full = i64::try_from(rows.len()).is_ok_and(|n| n == DIRECTORY_PAGE);
+            for row in rows {
+                let row = DirectoryRow {
                     user_id: row.try_get("user_id")?,
                     displayname: row.try_get("displayname")?,
                     avatar_url: row.try_get("avatar_url")?,
+                    verified: row.try_get::<Option<i64>, _>("verified")?.map(|v| v != 0),
                     presence: row.try_get("presence")?,
                     presence_at: row.try_get("presence_at")?,
                     last_active_ms: row.try_get("last_active_ms")?,
-                })
-            })
-            .collect()
+                };
+                after.clone_from(&row.user_id);
+                each(row);
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Every stored directory user, by user id.
+    pub async fn directory_users(&self) -> Result<Vec<DirectoryRow>, StoreError> {
+        let mut rows = Vec::new();
+        self.each_directory_user(|row| rows.push(row)).await?;
+        Ok(rows)
     }
 }
 
