@@ -375,8 +375,10 @@ impl DirectoryService {
         }
         let mut tick = tokio::time::interval(Duration::from_secs(1) / self.settings.lookups_per_sec);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut round = VecDeque::new();
-        let mut round_started_ms = i64::MIN;
+        // The first round confirms every online user, however recently its presence was learnt:
+        // pushes sent while Switchboard was down are lost.
+        let mut round_started_ms = crate::unix_millis();
+        let mut round = self.reconcile_candidates(round_started_ms, true);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -412,15 +414,15 @@ impl DirectoryService {
         let now_ms = crate::unix_millis();
         if round.is_empty() && now_ms.saturating_sub(*round_started_ms) >= self.settings.reconcile_interval_ms
         {
-            *round = self.reconcile_candidates(now_ms);
+            *round = self.reconcile_candidates(now_ms, false);
             *round_started_ms = now_ms;
         }
         round.pop_front()
     }
 
     /// Local users whose presence is due for a check: online or unavailable ones, and those of
-    /// watched addresses; not those whose presence arrived within the interval.
-    fn reconcile_candidates(&self, now_ms: i64) -> VecDeque<String> {
+    /// watched addresses; unless `all`, not those whose presence arrived within the interval.
+    fn reconcile_candidates(&self, now_ms: i64, all: bool) -> VecDeque<String> {
         let watched: Vec<Address> = {
             let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
             watched.retain(|_, at| now_ms.saturating_sub(*at) < WATCH_MS);
@@ -429,7 +431,7 @@ impl DirectoryService {
         let model = self.read();
         let due = |user: &&super::model::User| {
             user.server_name() == self.settings.server_name
-                && now_ms.saturating_sub(user.presence_at_ms) >= self.settings.reconcile_interval_ms
+                && (all || now_ms.saturating_sub(user.presence_at_ms) >= self.settings.reconcile_interval_ms)
         };
         let mut candidates: Vec<String> = model
             .users()

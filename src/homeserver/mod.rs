@@ -235,12 +235,13 @@ impl HomeserverClient {
     }
 
     /// A user's profile (`GET /_matrix/client/v3/profile/{userId}`); `None` when the homeserver has
-    /// no such user.
+    /// no such user (any 404: Synapse 1.163 answers `M_NOT_FOUND` for a user without a profile but
+    /// `M_UNKNOWN` "No row found" for one that does not exist).
     pub async fn profile(&self, user_id: &str) -> Result<Option<Profile>, HomeserverError> {
         let request = self.request(reqwest::Method::GET, &["_matrix", "client", "v3", "profile", user_id]);
         match self.send_uncounted(request).await {
             Ok(profile) => Ok(Some(profile)),
-            Err(e) if e.errcode() == Some("M_NOT_FOUND") => Ok(None),
+            Err(HomeserverError::Matrix { status: 404, .. }) => Ok(None),
             Err(e) => {
                 self.metrics.homeserver_errors.inc();
                 Err(e)
