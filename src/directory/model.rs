@@ -115,9 +115,11 @@ pub struct Change {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Changed {
-    /// Displayname (and with it verification) or capabilities.
-    Profile,
+    /// The user's presence as seen through [`User::presence`] (reachable or not, online or away).
     Presence,
+    /// The profile: whether the verification flipped and whether the capabilities (the
+    /// `avatar_url`) changed; both false when only the displayname did.
+    Profile { verification: bool, capabilities: bool },
 }
 
 /// Avatars interned before the first sweep of unused ones.
@@ -181,10 +183,14 @@ impl Directory {
         if user.verified == verified && user.displayname.as_deref() == displayname && user.avatar == avatar {
             return None;
         }
+        let what = Changed::Profile {
+            verification: user.verified != verified,
+            capabilities: user.avatar_url() != avatar_url,
+        };
         user.verified = verified;
         user.displayname = displayname.map(Box::from);
         user.avatar = avatar;
-        Some(Change { address: user.address, what: Changed::Profile })
+        Some(Change { address: user.address, what })
     }
 
     /// Records a user's presence, learnt at `now_ms`; `last_active_ms` when the source says when the
@@ -345,7 +351,16 @@ mod tests {
     fn verified_online_user_is_the_one_to_reach() {
         let mut dir = Directory::new();
         let change = dir.apply_profile(USER, Some(SIGNATURE), Some(CAPS), 0);
-        assert_eq!(change, Some(Change { address: address(), what: Changed::Profile }));
+        assert_eq!(
+            change,
+            Some(Change {
+                address: address(),
+                what: Changed::Profile { verification: true, capabilities: true }
+            })
+        );
+        let what = dir.apply_profile(USER, Some(SIGNATURE), None, 0).map(|c| c.what);
+        assert_eq!(what, Some(Changed::Profile { verification: false, capabilities: true }));
+        dir.apply_profile(USER, Some(SIGNATURE), Some(CAPS), 0);
         assert_eq!(dir.best(&address()), None, "offline until presence says otherwise");
         assert_eq!(
             dir.apply_presence(USER, Presence::Online, Some(1_000), 0),

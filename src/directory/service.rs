@@ -16,6 +16,9 @@
 //!
 //! Signalling connections are a third source: [`DirectoryService::connected`] makes the user online
 //! until the returned guard is dropped.
+//!
+//! Changes are published to every [`DirectoryService::subscribe`]r, and per address through
+//! [`DirectoryService::feed`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
@@ -98,6 +101,58 @@ pub struct DirectoryService {
     looked_up: Mutex<HashMap<Box<str>, i64>>,
     /// Addresses clients asked for, and when (unix ms).
     watched: Mutex<HashMap<Address, i64>>,
+    /// Addresses with live [`AddressFeed`]s, and how many.
+    feeds: Mutex<HashMap<Address, usize>>,
+}
+
+/// The changes of one address (presence, verification, capabilities), from
+/// [`DirectoryService::feed`]. While it lives, the address's local users' presence is reconciled.
+pub struct AddressFeed {
+    service: Arc<DirectoryService>,
+    address: Address,
+    changes: broadcast::Receiver<Change>,
+}
+
+/// Why an [`AddressFeed`] has no next change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FeedError {
+    /// The subscriber fell behind and this many changes (of any address) were dropped: read the
+    /// address again.
+    #[error("missed {0} changes")]
+    Lagged(u64),
+    /// The directory is gone (shutdown).
+    #[error("the directory stopped")]
+    Closed,
+}
+
+impl AddressFeed {
+    pub fn address(&self) -> Address {
+        self.address
+    }
+
+    /// The next change of the address.
+    pub async fn next(&mut self) -> Result<Change, FeedError> {
+        loop {
+            match self.changes.recv().await {
+                Ok(change) if change.address == self.address => return Ok(change),
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(missed)) => return Err(FeedError::Lagged(missed)),
+                Err(broadcast::error::RecvError::Closed) => return Err(FeedError::Closed),
+            }
+        }
+    }
+}
+
+impl Drop for AddressFeed {
+    fn drop(&mut self) {
+        let mut feeds = self.service.feeds.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = feeds.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                feeds.remove(&self.address);
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -174,6 +229,7 @@ impl DirectoryService {
             queued: Mutex::new(Some(queued)),
             looked_up: Mutex::new(HashMap::new()),
             watched: Mutex::new(HashMap::new()),
+            feeds: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -186,9 +242,15 @@ impl DirectoryService {
         self.model.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Changes as they happen (per address: profile/verification or presence).
+    /// Changes as they happen, of every address.
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.changes.subscribe()
+    }
+
+    /// Changes of one address (what the WebSocket relay's `watch` serves).
+    pub fn feed(self: &Arc<Self>, address: Address) -> AddressFeed {
+        *self.feeds.lock().unwrap_or_else(PoisonError::into_inner).entry(address).or_default() += 1;
+        AddressFeed { service: self.clone(), address, changes: self.changes.subscribe() }
     }
 
     fn publish(&self, changes: impl IntoIterator<Item = Change>) {
@@ -423,11 +485,12 @@ impl DirectoryService {
     /// Local users whose presence is due for a check: online or unavailable ones, and those of
     /// watched addresses; unless `all`, not those whose presence arrived within the interval.
     fn reconcile_candidates(&self, now_ms: i64, all: bool) -> VecDeque<String> {
-        let watched: Vec<Address> = {
+        let mut watched: Vec<Address> = {
             let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
             watched.retain(|_, at| now_ms.saturating_sub(*at) < WATCH_MS);
             watched.keys().copied().collect()
         };
+        watched.extend(self.feeds.lock().unwrap_or_else(PoisonError::into_inner).keys());
         let model = self.read();
         let due = |user: &&super::model::User| {
             user.server_name() == self.settings.server_name
