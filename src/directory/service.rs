@@ -5,7 +5,8 @@
 //! - `m.room.member` events with `membership: join`: the user's (`state_key`) displayname and
 //!   avatar_url, as of joining or changing profile;
 //! - `m.presence` ephemeral items: the sender's presence and `last_active_ago`;
-//! - any other event a Raiden user sends: its `origin_server_ts` as last activity.
+//! - any other event a Raiden user sends: its `origin_server_ts` as last activity; a to-device
+//!   message: the time it arrived.
 //!
 //! What it asks the homeserver, one request at a time and at most `[directory] lookups_per_sec`:
 //! - the profile of a Raiden user it sees for the first time without one (a presence push, a
@@ -624,6 +625,11 @@ fn apply_item(model: &mut Directory, item: &Input, now_ms: i64, changes: &mut Ve
             let at = item.parse::<Timeline>().ok()?.origin_server_ts?;
             model.apply_activity(sender, at).then(|| sender.to_owned())
         }
-        _ => None,
+        // To-device messages carry no timestamp: they are pushed as they are sent.
+        (ItemKind::ToDevice, _) => {
+            let sender = item.sender.as_deref()?;
+            model.apply_activity(sender, now_ms).then(|| sender.to_owned())
+        }
+        (ItemKind::Ephemeral, _) => None,
     }
 }
