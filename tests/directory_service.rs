@@ -90,17 +90,17 @@ async fn feed_hook_and_store_follow_the_inbox() {
 
     // A to-device message is activity (at the time it arrives; the connection above used the
     // clock, so this one is later).
-    const LATER: i64 = 4_000_000_000_000;
+    let later: i64 = 4_000_000_000_000;
     let to_device = json!({ "type": "m.room.message", "sender": USER, "content": { "body": "x" } });
-    service.apply(&[item(5, ItemKind::ToDevice, &to_device)], LATER).await.unwrap();
-    assert_eq!(service.read().user(USER).unwrap().last_active_ms, Some(LATER));
+    service.apply(&[item(5, ItemKind::ToDevice, &to_device)], later).await.unwrap();
+    assert_eq!(service.read().user(USER).unwrap().last_active_ms, Some(later));
 
     // Everything the inbox brought is stored (connections are live state, not stored).
     let rows = store.directory_users().await.unwrap();
     let row = rows.iter().find(|row| row.user_id == USER).unwrap();
     assert_eq!((row.displayname.as_deref(), row.verified), (Some(SIGNATURE), Some(true)));
     assert_eq!((row.avatar_url.as_deref(), row.presence.as_str()), (Some(CAPS), "offline"));
-    assert_eq!(row.last_active_ms, Some(LATER));
+    assert_eq!(row.last_active_ms, Some(later));
     let other = rows.iter().find(|row| row.user_id == OTHER).unwrap();
     assert_eq!(other.verified, Some(false));
     store.close().await;
