@@ -72,6 +72,52 @@ pub fn access_token(request: &axum::extract::Request) -> Option<String> {
         .map(|(_, value)| value.into_owned())
 }
 
+/// Checks the Matrix access token a client API request presents (from [`access_token`]) with the
+/// homeserver (`whoami`, cached): 401 `M_MISSING_TOKEN` without one, 401 `M_UNKNOWN_TOKEN` when the homeserver does not
+/// know it, 503 when the homeserver cannot be asked.
+pub async fn caller(
+    homeserver: &crate::homeserver::HomeserverClient,
+    token: Option<String>,
+) -> Result<crate::homeserver::Whoami, MatrixError> {
+    use crate::homeserver::HomeserverError;
+    let token = token.ok_or_else(|| {
+        MatrixError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token")
+    })?;
+    match homeserver.whoami(&token).await {
+        Ok(whoami) => Ok(whoami),
+        Err(HomeserverError::Matrix { status: 401 | 403, .. }) => {
+            Err(MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unknown access token"))
+        }
+        Err(error) => {
+            tracing::warn!(%error, "http.auth cannot check an access token");
+            Err(MatrixError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "M_UNKNOWN",
+                "Cannot reach the homeserver to check the token",
+            ))
+        }
+    }
+}
+
+/// Middleware for client API routes that need a user: rejects requests without a valid access
+/// token (see [`caller`]) and hands the [`crate::homeserver::Whoami`] to the handler as an
+/// extension.
+pub async fn require_user(
+    axum::extract::State(homeserver): axum::extract::State<
+        std::sync::Arc<crate::homeserver::HomeserverClient>,
+    >,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match caller(&homeserver, access_token(&request)).await {
+        Ok(whoami) => {
+            request.extensions_mut().insert(whoami);
+            next.run(request).await
+        }
+        Err(error) => error.into_response(),
+    }
+}
+
 /// Gives a router the Matrix-style fallbacks.
 pub fn with_fallbacks(router: Router) -> Router {
     router.fallback(unrecognized).method_not_allowed_fallback(method_not_allowed)

@@ -7,6 +7,7 @@
 //! - [`homeserver`]: Switchboard → homeserver (whoami, masquerading, ping, sender registration).
 //! - [`directory`]: presence and discovery: who is online, which address they provably hold, what
 //!   they can do; fed by the inbox, the homeserver and signalling connections.
+//! - [`turn`]: TURN credentials (the embedded relay is next).
 //! - [`store`]: SQLite or PostgreSQL behind one type, with per-backend migrations.
 //! - [`ops`]: `/health`, `/ready`, `/metrics`.
 //! - [`http`], [`telemetry`]: Matrix error JSON and serving; logs and metrics.
@@ -21,6 +22,7 @@ pub mod http;
 pub mod ops;
 pub mod store;
 pub mod telemetry;
+pub mod turn;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -111,7 +113,16 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         homeserver: homeserver.clone(),
         anonymous_read: config.directory.anonymous_read,
     };
-    let client = http::with_fallbacks(client_router().merge(directory::api::router(Arc::new(discovery_api))));
+    let turn_api = turn::api::Api {
+        shared_secret: config.turn.shared_secret.clone(),
+        uris: config.turn.uris.clone(),
+        lifetime_secs: config.turn.user_lifetime_secs,
+    };
+    let client = http::with_fallbacks(
+        client_router()
+            .merge(directory::api::router(Arc::new(discovery_api)))
+            .merge(turn::api::router(Arc::new(turn_api), homeserver.clone())),
+    );
     let ops = ops::router(Arc::new(Ops { store: store.clone(), homeserver: homeserver.clone(), metrics }));
 
     tracing::info!(

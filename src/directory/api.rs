@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use super::identity::Address;
 use super::model::{Directory, Presence, User};
 use super::service::DirectoryService;
-use crate::homeserver::{HomeserverClient, HomeserverError};
+use crate::homeserver::HomeserverClient;
 use crate::http::MatrixError;
 
 /// Most addresses in one query.
@@ -51,30 +51,16 @@ pub fn router(api: Arc<Api>) -> Router {
         .with_state(api)
 }
 
-/// The caller must hold a valid access token of this homeserver.
+/// The caller must hold a valid access token of this homeserver, unless anonymous reads are
+/// allowed and it presents none.
 async fn authenticate(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
-    let Some(token) = crate::http::access_token(&request) else {
-        if api.anonymous_read {
-            return next.run(request).await;
-        }
-        return MatrixError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token")
-            .into_response();
-    };
-    match api.homeserver.whoami(&token).await {
+    let token = crate::http::access_token(&request);
+    if api.anonymous_read && token.is_none() {
+        return next.run(request).await;
+    }
+    match crate::http::caller(&api.homeserver, token).await {
         Ok(_) => next.run(request).await,
-        Err(HomeserverError::Matrix { status: 401 | 403, .. }) => {
-            MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unknown access token")
-                .into_response()
-        }
-        Err(error) => {
-            tracing::warn!(%error, "directory.api cannot check an access token");
-            MatrixError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "M_UNKNOWN",
-                "Cannot reach the homeserver to check the token",
-            )
-            .into_response()
-        }
+        Err(error) => error.into_response(),
     }
 }
 

@@ -261,6 +261,12 @@ impl Synapse {
 
     /// As [`Synapse::start`], on a given loopback port.
     pub async fn start_on_port(registrations: &[&Path], port: u16) -> Option<Synapse> {
+        Self::start_with(registrations, port, &[]).await
+    }
+
+    /// As [`Synapse::start_on_port`], with more arguments for deploy/synapse/homeserver.py (such as
+    /// `--turn-shared-secret`).
+    pub async fn start_with(registrations: &[&Path], port: u16, args: &[&str]) -> Option<Synapse> {
         let Some(python) = synapse_python() else {
             skip("no Synapse venv (deploy/synapse/install creates .cache/synapse-venv)");
             return None;
@@ -274,6 +280,7 @@ impl Synapse {
         for registration in registrations {
             writer.arg("--registration").arg(registration);
         }
+        writer.args(args);
         let output = writer.output().expect("run homeserver.py");
         assert!(output.status.success(), "homeserver.py failed: {}", String::from_utf8_lossy(&output.stderr));
         let written: Value =
