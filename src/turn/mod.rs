@@ -5,3 +5,5 @@
 
 pub mod api;
 pub mod credentials;
+pub mod nonce;
+pub mod policy;
