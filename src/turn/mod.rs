@@ -7,3 +7,4 @@ pub mod api;
 pub mod credentials;
 pub mod nonce;
 pub mod policy;
+pub mod server;
