@@ -5,7 +5,7 @@
 //! [`Config::load`] validates the whole thing so errors name the key at fault.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -171,15 +171,68 @@ pub struct DirectoryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TurnConfig {
+    /// `embedded` (Switchboard runs the relay), `external` (only mints credentials for relays such
+    /// as coturn that share the secret) or `off`.
+    #[serde(default)]
+    pub mode: TurnMode,
     /// TURN REST shared secret (Synapse `turn_shared_secret`, coturn `static-auth-secret`).
     pub shared_secret: Option<Secret>,
     pub shared_secret_file: Option<PathBuf>,
+    /// Earlier secrets whose credentials the embedded relay still accepts (rotation).
+    #[serde(default)]
+    pub old_shared_secrets: Vec<Secret>,
+    /// UDP listener of the embedded relay.
+    #[serde(default = "default_turn_listen")]
+    pub listen: SocketAddr,
+    /// REALM of the embedded relay; the homeserver's server name by default.
+    pub realm: Option<String>,
+    /// Address relay sockets bind to; the listen address's IP by default.
+    pub relay_address: Option<IpAddr>,
+    /// IPv6 address for IPv6 relays (REQUESTED-ADDRESS-FAMILY); none by default.
+    pub relay_address_v6: Option<IpAddr>,
+    /// Inclusive range of relay ports.
+    #[serde(default = "default_relay_port_min")]
+    pub relay_port_min: u16,
+    #[serde(default = "default_relay_port_max")]
+    pub relay_port_max: u16,
+    /// Address advertised as the relayed address (behind NAT); the relay socket's by default.
+    pub external_address: Option<IpAddr>,
+    /// Peer ranges the relay may reach even though the built-in deny list covers them.
+    #[serde(default)]
+    pub allowed_peers: Vec<ipnet::IpNet>,
+    /// Peer ranges denied in addition to the built-in list.
+    #[serde(default)]
+    pub denied_peers: Vec<ipnet::IpNet>,
+    /// Allocations per user.
+    #[serde(default = "default_turn_user_quota")]
+    pub user_quota: usize,
+    /// Allocations in all.
+    #[serde(default = "default_turn_total_quota")]
+    pub total_quota: usize,
+    /// Longest allocation lifetime granted, in seconds.
+    #[serde(default = "default_turn_max_lifetime_secs")]
+    pub max_lifetime_secs: u64,
+    /// Bytes per second each allocation may relay (0: no cap).
+    #[serde(default = "default_turn_bandwidth")]
+    pub bandwidth_bytes_per_sec: u64,
+    /// Unauthenticated requests per second per source address (0: no limit).
+    #[serde(default = "default_turn_unauthenticated_per_sec")]
+    pub unauthenticated_per_sec: u32,
     /// TURN URIs handed to clients.
     #[serde(default)]
     pub uris: Vec<String>,
     /// Lifetime of minted credentials, in seconds.
     #[serde(default = "default_turn_user_lifetime_secs")]
     pub user_lifetime_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TurnMode {
+    #[default]
+    Embedded,
+    External,
+    Off,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -250,6 +303,30 @@ fn default_profile_cache_secs() -> u64 {
 fn default_presence_stale_secs() -> u64 {
     300
 }
+fn default_turn_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 3478))
+}
+fn default_relay_port_min() -> u16 {
+    49152
+}
+fn default_relay_port_max() -> u16 {
+    65535
+}
+fn default_turn_user_quota() -> usize {
+    10
+}
+fn default_turn_total_quota() -> usize {
+    10_000
+}
+fn default_turn_max_lifetime_secs() -> u64 {
+    3600
+}
+fn default_turn_bandwidth() -> u64 {
+    1_048_576
+}
+fn default_turn_unauthenticated_per_sec() -> u32 {
+    50
+}
 fn default_turn_user_lifetime_secs() -> u64 {
     86_400
 }
@@ -290,8 +367,24 @@ impl Default for DirectoryConfig {
 impl Default for TurnConfig {
     fn default() -> Self {
         Self {
+            mode: TurnMode::default(),
             shared_secret: None,
             shared_secret_file: None,
+            old_shared_secrets: Vec::new(),
+            listen: default_turn_listen(),
+            realm: None,
+            relay_address: None,
+            relay_address_v6: None,
+            relay_port_min: default_relay_port_min(),
+            relay_port_max: default_relay_port_max(),
+            external_address: None,
+            allowed_peers: Vec::new(),
+            denied_peers: Vec::new(),
+            user_quota: default_turn_user_quota(),
+            total_quota: default_turn_total_quota(),
+            max_lifetime_secs: default_turn_max_lifetime_secs(),
+            bandwidth_bytes_per_sec: default_turn_bandwidth(),
+            unauthenticated_per_sec: default_turn_unauthenticated_per_sec(),
             uris: Vec::new(),
             user_lifetime_secs: default_turn_user_lifetime_secs(),
         }
@@ -377,8 +470,33 @@ impl Config {
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
         }
+        if self.turn.mode != TurnMode::Off && self.turn.shared_secret.is_none() {
+            return Err(invalid(
+                "turn.shared_secret",
+                "missing (set turn.shared_secret or turn.shared_secret_file, or turn.mode = \"off\")",
+            ));
+        }
         if self.turn.shared_secret.is_some() || self.turn.shared_secret_file.is_some() {
             check_secret("turn.shared_secret", self.turn.shared_secret.as_ref())?;
+        }
+        for secret in &self.turn.old_shared_secrets {
+            check_secret("turn.old_shared_secrets", Some(secret))?;
+        }
+        let relay_ip = self.turn.relay_address.unwrap_or(self.turn.listen.ip());
+        if self.turn.mode == TurnMode::Embedded
+            && relay_ip.is_unspecified()
+            && self.turn.external_address.is_none()
+        {
+            return Err(invalid(
+                "turn.external_address",
+                "required when relay sockets bind to an unspecified address (0.0.0.0 or ::): the address clients reach",
+            ));
+        }
+        if self.turn.relay_port_min > self.turn.relay_port_max {
+            return Err(invalid("turn.relay_port_min", "must not exceed turn.relay_port_max"));
+        }
+        if self.turn.max_lifetime_secs < 600 {
+            return Err(invalid("turn.max_lifetime_secs", "must be at least 600 (the default lifetime)"));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", format!("not a tracing filter: {e}")))?;
@@ -463,6 +581,8 @@ impl Rendered<'_> {
 }
 
 /// Renders a fully commented configuration file; `switchboard init` and `config example` share it.
+// Reason: one template, read top to bottom like the file it writes.
+#[allow(clippy::too_many_lines)]
 pub fn render(v: &Rendered<'_>) -> String {
     let toml_str = |s: &str| toml::Value::String(s.to_owned()).to_string();
     let db = DatabaseConfig::default();
@@ -527,8 +647,38 @@ reconcile_interval_secs = {reconcile_interval}
 profile_cache_secs = {profile_cache}
 
 [turn]
+# "embedded": Switchboard runs the TURN/STUN relay; "external": it only hands out credentials for
+# relays that share the secret (a coturn fleet with use-auth-secret); "off".
+mode = "embedded"
 # TURN REST shared secret: Synapse's turn_shared_secret and coturn's static-auth-secret.
 shared_secret = {turn_secret}
+# Earlier secrets whose credentials the relay still accepts while clients move to the new one.
+old_shared_secrets = []
+# UDP listener of the embedded relay. Loopback by default: to serve the internet, listen on a public
+# address (or on 0.0.0.0 with external_address set).
+listen = "{turn_listen}"
+# Relay sockets: the address they bind to (default: the listen address's IP), an IPv6 address for
+# IPv6 relays (default: none), and their inclusive port range.
+# relay_address = "203.0.113.10"
+# relay_address_v6 = "2001:db8::10"
+relay_port_min = {relay_min}
+relay_port_max = {relay_max}
+# Address advertised to clients as their relayed address, when the relay is behind NAT.
+# external_address = "203.0.113.10"
+# REALM (default: the server name).
+# realm = "example.org"
+# Peers are refused (403) on loopback, private, CGNAT, link-local, multicast, reserved, IPv4-mapped,
+# NAT64, unique-local and documentation ranges. allowed_peers lifts that for the ranges given;
+# denied_peers adds ranges. CIDR notation, e.g. ["10.8.0.0/16"].
+allowed_peers = []
+denied_peers = []
+# Allocations per user and in all; the longest lifetime granted (seconds); bytes per second each
+# allocation may relay (0: no cap); unauthenticated requests per second per source address.
+user_quota = {user_quota}
+total_quota = {total_quota}
+max_lifetime_secs = {max_lifetime}
+bandwidth_bytes_per_sec = {bandwidth}
+unauthenticated_per_sec = {unauth_rate}
 # TURN URIs handed to clients, e.g. ["turn:turn.example.org:3478?transport=udp"].
 uris = []
 # Lifetime of minted TURN credentials, in seconds.
@@ -561,6 +711,14 @@ format = "text"
         reconcile_interval = default_reconcile_interval_secs(),
         profile_cache = default_profile_cache_secs(),
         turn_secret = toml_str(v.turn_shared_secret),
+        turn_listen = default_turn_listen(),
+        relay_min = default_relay_port_min(),
+        relay_max = default_relay_port_max(),
+        user_quota = default_turn_user_quota(),
+        total_quota = default_turn_total_quota(),
+        max_lifetime = default_turn_max_lifetime_secs(),
+        bandwidth = default_turn_bandwidth(),
+        unauth_rate = default_turn_unauthenticated_per_sec(),
         turn_lifetime = default_turn_user_lifetime_secs(),
         log_level = toml_str(&default_log_level()),
     )
@@ -596,7 +754,7 @@ mod tests {
              [appservice]\nas_token = \"{a}\"\nhs_token = \"{h}\"\n{extra}",
             a = "a".repeat(40),
             h = "h".repeat(40),
-        )
+        ) + if extra.contains("[turn]") { "" } else { "[turn]\nmode = \"off\"\n" }
     }
 
     fn error_of(toml: &str) -> String {
@@ -609,6 +767,18 @@ mod tests {
         assert_eq!(config.database.url, "sqlite://switchboard.db");
         assert_eq!(config.client.listen, default_client_listen());
         assert!(config.turn.shared_secret.is_none());
+        assert_eq!(config.turn.mode, TurnMode::Off);
+        assert_eq!(config.turn.listen, default_turn_listen());
+    }
+
+    #[test]
+    fn the_embedded_relay_needs_a_secret() {
+        let without = minimal("[turn]\n");
+        assert!(error_of(&without).contains("turn.shared_secret"), "{}", error_of(&without));
+        let with = minimal(&format!("[turn]\nshared_secret = \"{}\"\n", "t".repeat(40)));
+        assert_eq!(Config::from_toml_str(&with).unwrap().turn.mode, TurnMode::Embedded);
+        let bad_range = minimal("[turn]\nmode = \"off\"\nrelay_port_min = 60000\nrelay_port_max = 50000\n");
+        assert!(error_of(&bad_range).contains("turn.relay_port_min"));
     }
 
     #[test]

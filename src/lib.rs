@@ -58,20 +58,31 @@ pub enum RunError {
 /// How long in-flight requests may take to finish once shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// The three TCP listeners, bound before [`run`] so that tests can bind port 0.
+/// The listeners, bound before [`run`] so that tests can bind port 0: three TCP listeners, and the
+/// embedded TURN relay's UDP socket when `[turn] mode = "embedded"`.
 pub struct Listeners {
     pub appservice: TcpListener,
     pub client: TcpListener,
     pub ops: TcpListener,
+    pub turn: Option<tokio::net::UdpSocket>,
 }
 
 impl Listeners {
     /// Binds the addresses of `config`.
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
+        let turn = match config.turn.mode {
+            config::TurnMode::Embedded => {
+                Some(tokio::net::UdpSocket::bind(config.turn.listen).await.map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot listen on udp {}: {e}", config.turn.listen))
+                })?)
+            }
+            config::TurnMode::External | config::TurnMode::Off => None,
+        };
         Ok(Self {
             appservice: bind(config.appservice.listen).await?,
             client: bind(config.client.listen).await?,
             ops: bind(config.ops.listen).await?,
+            turn,
         })
     }
 }
@@ -125,7 +136,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     );
     let ops = ops::router(Arc::new(Ops { store: store.clone(), homeserver: homeserver.clone(), metrics }));
 
+    let turn_listener = listeners.turn;
     tracing::info!(
+        turn = ?turn_listener.as_ref().and_then(|socket| socket.local_addr().ok()),
         appservice = %listeners.appservice.local_addr()?,
         client = %listeners.client.local_addr()?,
         ops = %listeners.ops.local_addr()?,
@@ -137,6 +150,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     tasks.spawn(homeserver.clone().watch_health(shutdown.clone()));
     tasks.spawn(discovery.clone().consume(discovery_inbox, shutdown.clone()));
     tasks.spawn(discovery.refresh(shutdown.clone()));
+    if let Some(socket) = turn_listener {
+        let (relay, sockets) = turn::embedded(&config);
+        tasks.spawn(turn::udp::serve(relay, socket, sockets, shutdown.clone()));
+    }
     tasks.close();
 
     let serving = async {
@@ -183,6 +200,11 @@ fn client_router() -> Router {
         "/_switchboard/client/versions",
         get(|| async { axum::Json(serde_json::json!({ "versions": ["v1"] })) }),
     )
+}
+
+/// [`unix_millis`] as the TURN relay's clock.
+pub(crate) fn unix_millis_u64() -> u64 {
+    u64::try_from(unix_millis()).unwrap_or(0)
 }
 
 /// Wall-clock time in unix milliseconds (what the store and Matrix timestamps use).

@@ -1,10 +1,48 @@
 //! TURN/STUN for peers that cannot reach each other directly.
 //!
-//! So far: [`credentials`] (the TURN REST scheme shared with Synapse and coturn) and [`api`], the
-//! client endpoint that hands them out. The embedded relay comes next (issue 4).
+//! - [`credentials`]: the TURN REST scheme shared with Synapse and coturn; [`api`] hands them out.
+//! - [`server`]: the relay's state machine without IO, with [`policy`] (which peers may be reached)
+//!   and [`nonce`] (stateless nonces).
+//! - [`udp`]: the relay over UDP. TCP and TLS listeners come next (issue 4).
 
 pub mod api;
 pub mod credentials;
 pub mod nonce;
 pub mod policy;
 pub mod server;
+pub mod udp;
+
+use crate::config::Config;
+
+/// The embedded relay's state machine and relay-socket settings, from `[turn]`.
+pub fn embedded(config: &Config) -> (server::Relay, udp::RelaySockets) {
+    let turn = &config.turn;
+    let mut secrets: Vec<Vec<u8>> =
+        turn.shared_secret.iter().map(|s| s.expose().as_bytes().to_vec()).collect();
+    secrets.extend(turn.old_shared_secrets.iter().map(|s| s.expose().as_bytes().to_vec()));
+    let settings = server::Settings {
+        realm: turn.realm.clone().unwrap_or_else(|| config.homeserver.server_name.clone()),
+        secrets,
+        policy: policy::PeerPolicy::new(turn.allowed_peers.clone(), turn.denied_peers.clone()),
+        nonce_key: rand::random(),
+        nonce_lifetime_secs: NONCE_LIFETIME_SECS,
+        default_lifetime_secs: DEFAULT_LIFETIME_SECS,
+        max_lifetime_secs: turn.max_lifetime_secs,
+        user_quota: turn.user_quota,
+        total_quota: turn.total_quota,
+        bandwidth_bytes_per_sec: turn.bandwidth_bytes_per_sec,
+        unauthenticated_per_sec: turn.unauthenticated_per_sec,
+        external_ip: turn.external_address,
+    };
+    let sockets = udp::RelaySockets {
+        ipv4: turn.relay_address.unwrap_or(turn.listen.ip()),
+        ipv6: turn.relay_address_v6,
+        ports: (turn.relay_port_min, turn.relay_port_max),
+    };
+    (server::Relay::new(settings), sockets)
+}
+
+/// How long a nonce stays fresh before 438 (coturn's default).
+const NONCE_LIFETIME_SECS: u64 = 600;
+/// Lifetime of an allocation when the client asks for none or less (RFC 8656).
+const DEFAULT_LIFETIME_SECS: u64 = 600;

@@ -110,8 +110,8 @@ pub struct Settings {
 
 /// Opens and closes relay sockets for the state machine (the IO layer binds them).
 pub trait RelayPorts {
-    /// A new relay socket of the family of `client` (IPv6 when `ipv6`); its local address.
-    fn open(&mut self, ipv6: bool) -> std::io::Result<SocketAddr>;
+    /// A new relay socket, IPv6 when `ipv6`, on an even port when `even`; its local address.
+    fn open(&mut self, ipv6: bool, even: bool) -> std::io::Result<SocketAddr>;
     fn close(&mut self, relay: SocketAddr);
 }
 
@@ -566,8 +566,13 @@ impl Relay {
         if transport.as_deref().and_then(|value| value.first()) != Some(&PROTO_UDP) {
             return error(request, CODE_UNSUPPORTED_TRANS_PROTO, vec![], Some(&key));
         }
-        if request.contains(ATTR_RESERVATION_TOKEN) || request.contains(ATTR_EVEN_PORT) {
-            // Reserved port pairs are not offered.
+        // EVEN-PORT is honoured; reserving the next port too (its R bit, then RESERVATION-TOKEN) is
+        // not offered.
+        let even = request.get(ATTR_EVEN_PORT).ok();
+        let even_port = even.is_some();
+        if request.contains(ATTR_RESERVATION_TOKEN)
+            || even.is_some_and(|v| v.first().is_some_and(|b| b & 0x80 != 0))
+        {
             return error(request, CODE_INSUFFICIENT_CAPACITY, vec![], Some(&key));
         }
         if self.per_user.get(caller.username.as_str()).copied().unwrap_or(0) >= self.settings.user_quota {
@@ -580,7 +585,7 @@ impl Relay {
         }
         let ipv6 =
             request.get(ATTR_REQUESTED_ADDRESS_FAMILY).ok().and_then(|v| v.first().copied()) == Some(0x02);
-        let Ok(relay) = ports.open(ipv6) else {
+        let Ok(relay) = ports.open(ipv6, even_port) else {
             return error(request, CODE_INSUFFICIENT_CAPACITY, vec![], Some(&key));
         };
         let lifetime_ms = self.lifetime_ms(request);
@@ -910,7 +915,7 @@ mod tests {
     }
 
     impl RelayPorts for Ports {
-        fn open(&mut self, _ipv6: bool) -> std::io::Result<SocketAddr> {
+        fn open(&mut self, _ipv6: bool, _even: bool) -> std::io::Result<SocketAddr> {
             self.next += 1;
             let relay: SocketAddr = format!("127.0.0.1:{}", 49152 + self.next).parse().unwrap();
             self.open.insert(relay);

@@ -66,6 +66,8 @@ listen = "127.0.0.1:{ops}"
 url = "{database_url}"
 [turn]
 shared_secret = "{TURN_SECRET}"
+listen = "127.0.0.1:0"
+allowed_peers = ["127.0.0.0/8"]
 [log]
 level = "info,switchboard=debug"
 "#
@@ -136,6 +138,8 @@ pub struct Running {
     pub appservice: SocketAddr,
     pub client: SocketAddr,
     pub ops: SocketAddr,
+    /// The embedded TURN relay's UDP address.
+    pub turn: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), RunError>>,
 }
@@ -150,9 +154,10 @@ pub fn start_on(config: Config, listeners: Listeners) -> Running {
     let appservice = listeners.appservice.local_addr().unwrap();
     let client = listeners.client.local_addr().unwrap();
     let ops = listeners.ops.local_addr().unwrap();
+    let turn = listeners.turn.as_ref().map(|socket| socket.local_addr().unwrap());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(switchboard::run(config, listeners, shutdown.clone()));
-    Running { appservice, client, ops, shutdown, task }
+    Running { appservice, client, ops, turn, shutdown, task }
 }
 
 pub async fn start(config: Config) -> Running {

@@ -1,0 +1,93 @@
+//! coturn's own test clients against the embedded relay: `turnutils_uclient` relays through it to
+//! `turnutils_peer` (an echo peer) with and without channels, and must lose nothing;
+//! `turnutils_stunclient` gets its mapped address. Debian package `coturn`, installed by tests/run.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+fn installed(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
+}
+
+/// The echo peer on a free loopback port; killed on drop.
+struct Peer(std::process::Child, u16);
+
+impl Peer {
+    fn start() -> Self {
+        let port = common::free_port();
+        let child = Command::new("turnutils_peer")
+            .args(["-L", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start turnutils_peer");
+        Self(child, port)
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `turnutils_uclient` with `flags` and returns (messages sent, received, lost) and its output.
+async fn uclient(
+    relay: std::net::SocketAddr,
+    peer: &Peer,
+    flags: &[&str],
+    clients: u32,
+    messages: u32,
+) -> (u64, u64, u64, String) {
+    let output = tokio::process::Command::new("timeout")
+        .args(["60", "turnutils_uclient", "-W", common::TURN_SECRET, "-u", "alice", "-e", "127.0.0.1"])
+        .args(["-r", &peer.1.to_string(), "-X", "-c", "-l", "160", "-z", "5"])
+        .args(["-m", &clients.to_string(), "-n", &messages.to_string(), "-p", &relay.port().to_string()])
+        .args(flags)
+        .arg("127.0.0.1")
+        .output()
+        .await
+        .expect("run turnutils_uclient");
+    let text =
+        String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    let number_after = |key: &str| -> Option<u64> {
+        let line = text.lines().rev().find(|line| line.contains(key))?;
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    let sent = number_after("tot_send_msgs=").unwrap_or(0);
+    let received = number_after("tot_recv_msgs=").unwrap_or(0);
+    let lost = number_after("Total lost packets").unwrap_or(u64::MAX);
+    (sent, received, lost, text)
+}
+
+#[tokio::test]
+async fn coturn_clients_relay_through_the_embedded_relay_without_loss() {
+    if !installed("turnutils_uclient") {
+        common::skip("coturn's test clients (Debian package coturn) are not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let running = common::start(common::config(&common::sqlite_url(dir.path()), "http://127.0.0.1:9")).await;
+    let relay = running.turn.expect("the embedded relay listens");
+    let peer = Peer::start();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await; // the peer binds its port
+
+    for (name, flags) in [("channels", &[][..]), ("send indications", &["-s"][..])] {
+        let (sent, received, lost, output) = uclient(relay, &peer, flags, 4, 50).await;
+        assert_eq!(sent, 200, "{name}: every message sent\n{output}");
+        assert_eq!((received, lost), (200, 0), "{name}: every message back, none lost\n{output}");
+    }
+
+    let output = tokio::process::Command::new("timeout")
+        .args(["10", "turnutils_stunclient", "-p", &relay.port().to_string(), "127.0.0.1"])
+        .output()
+        .await
+        .expect("run turnutils_stunclient");
+    let text =
+        String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("127.0.0.1"), "the mapped address: {text}");
+    running.stop().await.unwrap();
+}
