@@ -134,7 +134,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             .merge(directory::api::router(Arc::new(discovery_api)))
             .merge(turn::api::router(Arc::new(turn_api), homeserver.clone())),
     );
-    let ops = ops::router(Arc::new(Ops { store: store.clone(), homeserver: homeserver.clone(), metrics }));
+    let ops = ops::router(Arc::new(Ops {
+        store: store.clone(),
+        homeserver: homeserver.clone(),
+        metrics: metrics.clone(),
+    }));
 
     let turn_listener = listeners.turn;
     tracing::info!(
@@ -152,7 +156,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     tasks.spawn(discovery.refresh(shutdown.clone()));
     if let Some(socket) = turn_listener {
         let (relay, sockets) = turn::embedded(&config);
-        tasks.spawn(turn::udp::serve(relay, socket, sockets, shutdown.clone()));
+        tasks.spawn(turn::udp::serve(relay, socket, sockets, metrics.clone(), shutdown.clone()));
     }
     tasks.close();
 

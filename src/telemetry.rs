@@ -81,6 +81,75 @@ pub struct LookupLabel {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    pub transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayedLabel {
+    pub transport: &'static str,
+    /// `to_peer` or `to_client`.
+    pub direction: &'static str,
+}
+
+/// The embedded TURN relay's metrics, by client transport.
+#[derive(Default)]
+pub struct TurnMetrics {
+    pub allocations: Family<TransportLabel, Gauge>,
+    pub permissions: Family<TransportLabel, Gauge>,
+    pub channels: Family<TransportLabel, Gauge>,
+    pub relayed_packets: Family<RelayedLabel, Counter>,
+    pub relayed_bytes: Family<RelayedLabel, Counter>,
+    pub auth_failures: Family<TransportLabel, Counter>,
+    pub denied_peers: Family<TransportLabel, Counter>,
+    pub quota_refusals: Family<TransportLabel, Counter>,
+    pub rate_limited: Family<TransportLabel, Counter>,
+    pub amplification_dropped: Family<TransportLabel, Counter>,
+    pub over_bandwidth_dropped: Family<TransportLabel, Counter>,
+}
+
+impl TurnMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let turn = registry.sub_registry_with_prefix("turn");
+        turn.register("allocations", "Live TURN allocations", self.allocations.clone());
+        turn.register("permissions", "Live TURN permissions", self.permissions.clone());
+        turn.register("channels", "Live TURN channel bindings", self.channels.clone());
+        turn.register("relayed_packets", "Packets relayed, by direction", self.relayed_packets.clone());
+        turn.register("relayed_bytes", "Payload bytes relayed, by direction", self.relayed_bytes.clone());
+        turn.register(
+            "auth_failures",
+            "Requests with wrong, expired or stale credentials",
+            self.auth_failures.clone(),
+        );
+        turn.register(
+            "denied_peers",
+            "CreatePermission/ChannelBind refused by the peer policy",
+            self.denied_peers.clone(),
+        );
+        turn.register(
+            "quota_refusals",
+            "Allocations refused by a quota (486, 508)",
+            self.quota_refusals.clone(),
+        );
+        turn.register(
+            "rate_limited",
+            "Unauthenticated requests dropped by the per-source limit",
+            self.rate_limited.clone(),
+        );
+        turn.register(
+            "amplification_dropped",
+            "Replies not sent because they would exceed 3x the unauthenticated request",
+            self.amplification_dropped.clone(),
+        );
+        turn.register(
+            "over_bandwidth_dropped",
+            "Packets dropped by the per-allocation bandwidth cap",
+            self.over_bandwidth_dropped.clone(),
+        );
+    }
+}
+
 /// Every metric Switchboard exports, registered once at start.
 pub struct Metrics {
     registry: Registry,
@@ -96,6 +165,7 @@ pub struct Metrics {
     pub directory_users: Gauge,
     pub directory_lookups: Family<LookupLabel, Counter>,
     pub directory_lookups_dropped: Counter,
+    pub turn: TurnMetrics,
 }
 
 impl Default for Metrics {
@@ -173,6 +243,8 @@ impl Metrics {
             "Look-ups not queued because the queue was full",
             directory_lookups_dropped.clone(),
         );
+        let turn = TurnMetrics::default();
+        turn.register(&mut registry);
         Self {
             registry,
             transactions_received,
@@ -187,6 +259,7 @@ impl Metrics {
             directory_users,
             directory_lookups,
             directory_lookups_dropped,
+            turn,
         }
     }
 

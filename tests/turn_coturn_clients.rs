@@ -89,5 +89,15 @@ async fn coturn_clients_relay_through_the_embedded_relay_without_loss() {
     let text =
         String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
     assert!(text.contains("127.0.0.1"), "the mapped address: {text}");
+
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await; // metrics are published every second
+    let metrics = running.metrics().await;
+    let relayed = |direction: &str| {
+        common::metric(
+            &metrics,
+            &format!("switchboard_turn_relayed_packets_total{{transport=\"udp\",direction=\"{direction}\"}}"),
+        )
+    };
+    assert_eq!((relayed("to_peer"), relayed("to_client")), (400, 400), "{metrics}");
     running.stop().await.unwrap();
 }

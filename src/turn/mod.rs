@@ -46,3 +46,46 @@ pub fn embedded(config: &Config) -> (server::Relay, udp::RelaySockets) {
 const NONCE_LIFETIME_SECS: u64 = 600;
 /// Lifetime of an allocation when the client asks for none or less (RFC 8656).
 const DEFAULT_LIFETIME_SECS: u64 = 600;
+
+/// Copies the relay's counters and gauges to the Prometheus metrics; `published` holds what was
+/// published before (counters only go up by the difference).
+pub fn publish(
+    metrics: &crate::telemetry::TurnMetrics,
+    relay: &server::Relay,
+    published: &mut [server::Stats; 3],
+) {
+    use crate::telemetry::{RelayedLabel, TransportLabel};
+    use server::Transport;
+    for transport in [Transport::Udp, Transport::Tcp, Transport::Tls] {
+        let name = transport.as_str();
+        let label = TransportLabel { transport: name };
+        let (allocations, permissions, channels) = relay.gauges(transport);
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        metrics.allocations.get_or_create(&label).set(gauge(allocations));
+        metrics.permissions.get_or_create(&label).set(gauge(permissions));
+        metrics.channels.get_or_create(&label).set(gauge(channels));
+        let now = relay.stats(transport);
+        let before = &mut published[transport as usize];
+        let to_peer = RelayedLabel { transport: name, direction: "to_peer" };
+        let to_client = RelayedLabel { transport: name, direction: "to_client" };
+        for (family, label, now, before) in [
+            (&metrics.relayed_packets, &to_peer, now.to_peer_packets, before.to_peer_packets),
+            (&metrics.relayed_bytes, &to_peer, now.to_peer_bytes, before.to_peer_bytes),
+            (&metrics.relayed_packets, &to_client, now.to_client_packets, before.to_client_packets),
+            (&metrics.relayed_bytes, &to_client, now.to_client_bytes, before.to_client_bytes),
+        ] {
+            family.get_or_create(label).inc_by(now - before);
+        }
+        for (family, now, before) in [
+            (&metrics.auth_failures, now.auth_failures, before.auth_failures),
+            (&metrics.denied_peers, now.denied_peers, before.denied_peers),
+            (&metrics.quota_refusals, now.quota_refusals, before.quota_refusals),
+            (&metrics.rate_limited, now.rate_limited, before.rate_limited),
+            (&metrics.amplification_dropped, now.amplification_dropped, before.amplification_dropped),
+            (&metrics.over_bandwidth_dropped, now.over_bandwidth_dropped, before.over_bandwidth_dropped),
+        ] {
+            family.get_or_create(&label).inc_by(now - before);
+        }
+        *before = now.clone();
+    }
+}

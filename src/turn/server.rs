@@ -198,7 +198,8 @@ pub struct Relay {
     per_user: HashMap<Box<str>, usize>,
     /// Token buckets of unauthenticated requests per source: (tokens, last refill ms).
     unauthenticated: HashMap<IpAddr, (f64, u64)>,
-    pub stats: Stats,
+    /// Counters, by the transport of the client concerned.
+    stats: [Stats; 3],
 }
 
 impl Relay {
@@ -211,8 +212,27 @@ impl Relay {
             allocation_of_socket: HashMap::new(),
             per_user: HashMap::new(),
             unauthenticated: HashMap::new(),
-            stats: Stats::default(),
+            stats: Default::default(),
         }
+    }
+
+    /// The counters of clients on `transport`.
+    pub fn stats(&self, transport: Transport) -> &Stats {
+        &self.stats[transport as usize]
+    }
+
+    fn stats_mut(&mut self, transport: Transport) -> &mut Stats {
+        &mut self.stats[transport as usize]
+    }
+
+    /// Allocations, permissions and channels of clients on `transport`.
+    pub fn gauges(&self, transport: Transport) -> (usize, usize, usize) {
+        self.allocations.iter().filter(|(tuple, _)| tuple.transport == transport).fold(
+            (0, 0, 0),
+            |(allocations, permissions, channels), (_, a)| {
+                (allocations + 1, permissions + a.permissions.len(), channels + a.channels.len())
+            },
+        )
     }
 
     pub fn allocations(&self) -> usize {
@@ -258,7 +278,7 @@ impl Relay {
             return None;
         }
         if !allocation.spend(data.len(), now_ms, self.settings.bandwidth_bytes_per_sec) {
-            self.stats.over_bandwidth_dropped += 1;
+            self.stats[tuple.transport as usize].over_bandwidth_dropped += 1;
             return None;
         }
         out.clear();
@@ -285,8 +305,8 @@ impl Relay {
             built.ok()?;
             out.extend_from_slice(&message.raw);
         }
-        self.stats.to_client_packets += 1;
-        self.stats.to_client_bytes += data.len() as u64;
+        self.stats[tuple.transport as usize].to_client_packets += 1;
+        self.stats[tuple.transport as usize].to_client_bytes += data.len() as u64;
         Some(tuple)
     }
 
@@ -348,11 +368,11 @@ impl Relay {
             return Action::None;
         }
         if !allocation.spend(length, now_ms, rate) {
-            self.stats.over_bandwidth_dropped += 1;
+            self.stats[tuple.transport as usize].over_bandwidth_dropped += 1;
             return Action::None;
         }
-        self.stats.to_peer_packets += 1;
-        self.stats.to_peer_bytes += length as u64;
+        self.stats[tuple.transport as usize].to_peer_packets += 1;
+        self.stats[tuple.transport as usize].to_peer_bytes += length as u64;
         Action::Relay { relay: allocation.relay, peer, data: Cow::Borrowed(data) }
     }
 
@@ -408,11 +428,11 @@ impl Relay {
         reply: Vec<u8>,
     ) -> Action<'a> {
         if !self.allow_unauthenticated(tuple.client.ip(), now_ms) {
-            self.stats.rate_limited += 1;
+            self.stats[tuple.transport as usize].rate_limited += 1;
             return Action::None;
         }
         if reply.len() > 3 * request_len {
-            self.stats.amplification_dropped += 1;
+            self.stats[tuple.transport as usize].amplification_dropped += 1;
             return Action::None;
         }
         Action::Reply(reply)
@@ -469,7 +489,7 @@ impl Relay {
             return Err(self.unauthenticated_reply(now_ms, tuple, request_len, reply));
         };
         let fail = |relay: &mut Self, request: &Message, code: ErrorCode| {
-            relay.stats.auth_failures += 1;
+            relay.stats_mut(tuple.transport).auth_failures += 1;
             let reply = relay.challenge(request, tuple, now_secs, code);
             Err(relay.unauthenticated_reply(now_ms, tuple, request_len, reply))
         };
@@ -576,11 +596,11 @@ impl Relay {
             return error(request, CODE_INSUFFICIENT_CAPACITY, vec![], Some(&key));
         }
         if self.per_user.get(caller.username.as_str()).copied().unwrap_or(0) >= self.settings.user_quota {
-            self.stats.quota_refusals += 1;
+            self.stats[tuple.transport as usize].quota_refusals += 1;
             return error(request, CODE_ALLOC_QUOTA_REACHED, vec![], Some(&key));
         }
         if self.allocations.len() >= self.settings.total_quota {
-            self.stats.quota_refusals += 1;
+            self.stats[tuple.transport as usize].quota_refusals += 1;
             return error(request, CODE_INSUFFICIENT_CAPACITY, vec![], Some(&key));
         }
         let ipv6 =
@@ -664,7 +684,7 @@ impl Relay {
         }
         // All or nothing: one denied peer refuses the whole request.
         if peers.iter().any(|peer| !self.settings.policy.permits(peer.ip())) {
-            self.stats.denied_peers += 1;
+            self.stats[tuple.transport as usize].denied_peers += 1;
             return error(request, CODE_FORBIDDEN, vec![], Some(key));
         }
         for peer in peers {
@@ -693,7 +713,7 @@ impl Relay {
             return error(request, CODE_PEER_ADDR_FAMILY_MISMATCH, vec![], Some(key));
         }
         if !self.settings.policy.permits(peer.ip()) {
-            self.stats.denied_peers += 1;
+            self.stats[tuple.transport as usize].denied_peers += 1;
             return error(request, CODE_FORBIDDEN, vec![], Some(key));
         }
         let bound_elsewhere = allocation.channels.get(&number).is_some_and(|(bound, _)| *bound != peer)
@@ -719,11 +739,11 @@ impl Relay {
             return Action::None;
         }
         if !allocation.spend(data.len(), now_ms, rate) {
-            self.stats.over_bandwidth_dropped += 1;
+            self.stats[tuple.transport as usize].over_bandwidth_dropped += 1;
             return Action::None;
         }
-        self.stats.to_peer_packets += 1;
-        self.stats.to_peer_bytes += data.len() as u64;
+        self.stats[tuple.transport as usize].to_peer_packets += 1;
+        self.stats[tuple.transport as usize].to_peer_bytes += data.len() as u64;
         Action::Relay { relay: allocation.relay, peer, data: Cow::Owned(data) }
     }
 }
@@ -1097,7 +1117,7 @@ mod tests {
             &mut ports,
         ));
         assert_eq!(code(&answer), Some(401));
-        assert_eq!(relay.stats.auth_failures, 3);
+        assert_eq!(relay.stats(Transport::Udp).auth_failures, 3);
         assert_eq!(relay.allocations(), 1);
     }
 
@@ -1203,7 +1223,7 @@ mod tests {
         assert!(
             relay.handle_peer(T0 + PERMISSION_LIFETIME_MS, relay_addr, public_b, b"hi", &mut out).is_none()
         );
-        assert_eq!(relay.stats.denied_peers, 5);
+        assert_eq!(relay.stats(Transport::Udp).denied_peers, 5);
     }
 
     #[test]
@@ -1311,7 +1331,7 @@ mod tests {
         assert_eq!(code(&allocate(&mut relay, &mut ports, &alice, 3)), Some(486));
         assert_eq!(code(&allocate(&mut relay, &mut ports, &bob, 4)), None);
         assert_eq!(code(&allocate(&mut relay, &mut ports, &bob, 5)), Some(508));
-        assert_eq!(relay.stats.quota_refusals, 2);
+        assert_eq!(relay.stats(Transport::Udp).quota_refusals, 2);
     }
 
     #[test]
@@ -1330,7 +1350,7 @@ mod tests {
             (0..3).filter(|_| relay.handle_client(T0, tuple0(), &frame, &mut ports) != Action::None).count();
         assert_eq!(sent, 2, "1000 bytes in the first second");
         assert_ne!(relay.handle_client(T0 + 500, tuple0(), &frame, &mut ports), Action::None, "refilled");
-        assert_eq!(relay.stats.over_bandwidth_dropped, 1);
+        assert_eq!(relay.stats(Transport::Udp).over_bandwidth_dropped, 1);
     }
 
     #[test]

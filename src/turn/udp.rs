@@ -86,7 +86,13 @@ impl RelayPorts for Ports {
 }
 
 /// Runs the UDP relay on `listener` until `shutdown`.
-pub async fn serve(relay: Relay, listener: UdpSocket, sockets: RelaySockets, shutdown: CancellationToken) {
+pub async fn serve(
+    relay: Relay,
+    listener: UdpSocket,
+    sockets: RelaySockets,
+    metrics: Arc<crate::telemetry::Metrics>,
+    shutdown: CancellationToken,
+) {
     let listener = Arc::new(listener);
     let Ok(server) = listener.local_addr() else { return };
     let state = Arc::new_cyclic(|weak| {
@@ -101,7 +107,7 @@ pub async fn serve(relay: Relay, listener: UdpSocket, sockets: RelaySockets, shu
             },
         })
     });
-    let expiry = tokio::spawn(expire(state.clone(), shutdown.clone()));
+    let expiry = tokio::spawn(expire(state.clone(), metrics, shutdown.clone()));
     let mut buffer = vec![0u8; MAX_DATAGRAM];
     loop {
         let (length, client) = tokio::select! {
@@ -168,9 +174,14 @@ async fn read_peers(
     }
 }
 
-/// Drops expired allocations, permissions and channels every second.
-async fn expire(state: Arc<Mutex<Shared>>, shutdown: CancellationToken) {
+/// Drops expired allocations, permissions and channels, and publishes the metrics, every second.
+async fn expire(
+    state: Arc<Mutex<Shared>>,
+    metrics: Arc<crate::telemetry::Metrics>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut published = Default::default();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -179,6 +190,7 @@ async fn expire(state: Arc<Mutex<Shared>>, shutdown: CancellationToken) {
         let mut shared = lock(&state);
         let Shared { relay, ports } = &mut *shared;
         relay.expire(crate::unix_millis_u64(), ports);
+        super::publish(&metrics.turn, relay, &mut published);
     }
 }
 

@@ -1,0 +1,80 @@
+//! 200,000 unauthenticated Allocates from loopback must not make the relay's memory grow: nonces are
+//! stateless and the per-source limiter's table is bounded. (The `turn` 0.17.2 server kept a nonce
+//! per such request, ~100 B each, forever.)
+
+mod common;
+
+use std::time::Duration;
+
+use tokio::net::UdpSocket;
+
+const FLOOD: usize = 200_000;
+const SOCKETS: usize = 4;
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A minimal Allocate (REQUESTED-TRANSPORT UDP, no credentials) with transaction id `n`.
+fn allocate(n: u64) -> Vec<u8> {
+    let mut packet = vec![0x00, 0x03, 0x00, 0x08, 0x21, 0x12, 0xA4, 0x42];
+    packet.extend_from_slice(&[0; 4]);
+    packet.extend_from_slice(&n.to_be_bytes());
+    packet.extend_from_slice(&[0x00, 0x19, 0x00, 0x04, 17, 0, 0, 0]);
+    packet
+}
+
+async fn send(sockets: &[UdpSocket], relay: std::net::SocketAddr, from: u64, count: usize) {
+    for n in 0..count as u64 {
+        let socket = &sockets[usize::try_from(n).unwrap() % sockets.len()];
+        // The kernel may drop some under load; what matters is what reaches the relay.
+        let _ = socket.send_to(&allocate(from + n), relay).await;
+        if n % 256 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_unauthenticated_allocates_does_not_grow_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let turn_port = common::free_port();
+    let ports = [common::free_port(), common::free_port(), common::free_port()];
+    let toml = common::config_toml(&common::sqlite_url(dir.path()), "http://127.0.0.1:9", ports)
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{turn_port}\""));
+    let process = common::Process::start(dir.path(), &toml, ports);
+    process.wait_for("/health").await;
+    let relay: std::net::SocketAddr = format!("127.0.0.1:{turn_port}").parse().unwrap();
+    let mut sockets = Vec::new();
+    for _ in 0..SOCKETS {
+        sockets.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+
+    // Warm up (allocator arenas, the limiter's entry), then measure around the flood.
+    send(&sockets, relay, 0, 2_000).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(process.pid());
+    send(&sockets, relay, 10_000, FLOOD).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let after = rss_kib(process.pid());
+    eprintln!("RSS before {before} KiB, after {FLOOD} Allocates {after} KiB");
+    assert!(after < before + 2048, "RSS grew by {} KiB", after.saturating_sub(before));
+
+    // Still serving: once the source's budget refills, an Allocate gets its 401.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.send_to(&allocate(1), relay).await.unwrap();
+    let mut buffer = [0u8; 1500];
+    let (length, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buffer))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    assert_eq!(&buffer[..2], &[0x01, 0x13], "an Allocate error response");
+    assert!(length <= 3 * allocate(1).len(), "no amplification: {length} bytes");
+    let metrics =
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", ports[2])).await.unwrap().text().await.unwrap();
+    drop(metrics);
+    assert_eq!(process.terminate().await.code(), Some(0));
+}
