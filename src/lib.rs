@@ -64,18 +64,14 @@ pub struct Listeners {
     pub appservice: TcpListener,
     pub client: TcpListener,
     pub ops: TcpListener,
-    pub turn: Option<tokio::net::UdpSocket>,
+    pub turn: Option<turn::io::Listeners>,
 }
 
 impl Listeners {
     /// Binds the addresses of `config`.
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
         let turn = match config.turn.mode {
-            config::TurnMode::Embedded => {
-                Some(tokio::net::UdpSocket::bind(config.turn.listen).await.map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("cannot listen on udp {}: {e}", config.turn.listen))
-                })?)
-            }
+            config::TurnMode::Embedded => Some(bind_turn(config.turn.listen).await?),
             config::TurnMode::External | config::TurnMode::Off => None,
         };
         Ok(Self {
@@ -84,6 +80,23 @@ impl Listeners {
             ops: bind(config.ops.listen).await?,
             turn,
         })
+    }
+}
+
+/// The relay's UDP socket and TCP listener, on the same port (port 0: the same free port for both).
+async fn bind_turn(addr: SocketAddr) -> std::io::Result<turn::io::Listeners> {
+    let context =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("cannot listen on {addr} (TURN): {e}"));
+    let mut attempts = if addr.port() == 0 { 10 } else { 1 };
+    loop {
+        attempts -= 1;
+        let udp = tokio::net::UdpSocket::bind(addr).await.map_err(context)?;
+        let port = udp.local_addr()?.port();
+        match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
+            Ok(tcp) => return Ok(turn::io::Listeners { udp, tcp }),
+            Err(error) if attempts == 0 => return Err(context(error)),
+            Err(_) => {}
+        }
     }
 }
 
@@ -142,7 +155,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
 
     let turn_listener = listeners.turn;
     tracing::info!(
-        turn = ?turn_listener.as_ref().and_then(|socket| socket.local_addr().ok()),
+        turn = ?turn_listener.as_ref().and_then(|listeners| listeners.udp.local_addr().ok()),
         appservice = %listeners.appservice.local_addr()?,
         client = %listeners.client.local_addr()?,
         ops = %listeners.ops.local_addr()?,
@@ -154,9 +167,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     tasks.spawn(homeserver.clone().watch_health(shutdown.clone()));
     tasks.spawn(discovery.clone().consume(discovery_inbox, shutdown.clone()));
     tasks.spawn(discovery.refresh(shutdown.clone()));
-    if let Some(socket) = turn_listener {
+    if let Some(listeners) = turn_listener {
         let (relay, sockets) = turn::embedded(&config);
-        tasks.spawn(turn::udp::serve(relay, socket, sockets, metrics.clone(), shutdown.clone()));
+        tasks.spawn(turn::io::serve(relay, listeners, sockets, metrics.clone(), shutdown.clone()));
     }
     tasks.close();
 

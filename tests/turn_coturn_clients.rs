@@ -1,5 +1,6 @@
 //! coturn's own test clients against the embedded relay: `turnutils_uclient` relays through it to
-//! `turnutils_peer` (an echo peer) with and without channels, and must lose nothing;
+//! `turnutils_peer` (an echo peer) over UDP and TCP, with and without channels, and must lose
+//! nothing;
 //! `turnutils_stunclient` gets its mapped address. Debian package `coturn`, installed by tests/run.
 
 mod common;
@@ -75,7 +76,12 @@ async fn coturn_clients_relay_through_the_embedded_relay_without_loss() {
     let peer = Peer::start();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await; // the peer binds its port
 
-    for (name, flags) in [("channels", &[][..]), ("send indications", &["-s"][..])] {
+    for (name, flags) in [
+        ("UDP, channels", &[][..]),
+        ("UDP, send indications", &["-s"][..]),
+        ("TCP, channels", &["-t"][..]),
+        ("TCP, send indications", &["-t", "-s"][..]),
+    ] {
         let (sent, received, lost, output) = uclient(relay, &peer, flags, 4, 50).await;
         assert_eq!(sent, 200, "{name}: every message sent\n{output}");
         assert_eq!((received, lost), (200, 0), "{name}: every message back, none lost\n{output}");
@@ -92,12 +98,17 @@ async fn coturn_clients_relay_through_the_embedded_relay_without_loss() {
 
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await; // metrics are published every second
     let metrics = running.metrics().await;
-    let relayed = |direction: &str| {
-        common::metric(
-            &metrics,
-            &format!("switchboard_turn_relayed_packets_total{{transport=\"udp\",direction=\"{direction}\"}}"),
-        )
+    let relayed = |transport: &str, direction: &str| {
+        let name = "switchboard_turn_relayed_packets_total";
+        common::metric(&metrics, &format!("{name}{{transport=\"{transport}\",direction=\"{direction}\"}}"))
     };
-    assert_eq!((relayed("to_peer"), relayed("to_client")), (400, 400), "{metrics}");
+    for transport in ["udp", "tcp"] {
+        assert_eq!((relayed(transport, "to_peer"), relayed(transport, "to_client")), (400, 400), "{metrics}");
+    }
+    let allocations = |transport: &str| {
+        common::metric(&metrics, &format!("switchboard_turn_allocations{{transport=\"{transport}\"}}"))
+    };
+    // uclient leaves its UDP allocations to expire; a TCP allocation ends with its connection.
+    assert_eq!((allocations("udp"), allocations("tcp")), (8, 0), "{metrics}");
     running.stop().await.unwrap();
 }

@@ -3,19 +3,19 @@
 //! - [`credentials`]: the TURN REST scheme shared with Synapse and coturn; [`api`] hands them out.
 //! - [`server`]: the relay's state machine without IO, with [`policy`] (which peers may be reached)
 //!   and [`nonce`] (stateless nonces).
-//! - [`udp`]: the relay over UDP. TCP and TLS listeners come next (issue 4).
+//! - [`io`]: the relay over UDP and TCP (TLS next, issue 4).
 
 pub mod api;
 pub mod credentials;
+pub mod io;
 pub mod nonce;
 pub mod policy;
 pub mod server;
-pub mod udp;
 
 use crate::config::Config;
 
 /// The embedded relay's state machine and relay-socket settings, from `[turn]`.
-pub fn embedded(config: &Config) -> (server::Relay, udp::RelaySockets) {
+pub fn embedded(config: &Config) -> (server::Relay, io::RelaySockets) {
     let turn = &config.turn;
     let mut secrets: Vec<Vec<u8>> =
         turn.shared_secret.iter().map(|s| s.expose().as_bytes().to_vec()).collect();
@@ -34,7 +34,7 @@ pub fn embedded(config: &Config) -> (server::Relay, udp::RelaySockets) {
         unauthenticated_per_sec: turn.unauthenticated_per_sec,
         external_ip: turn.external_address,
     };
-    let sockets = udp::RelaySockets {
+    let sockets = io::RelaySockets {
         ipv4: turn.relay_address.unwrap_or(turn.listen.ip()),
         ipv6: turn.relay_address_v6,
         ports: (turn.relay_port_min, turn.relay_port_max),

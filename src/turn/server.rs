@@ -319,7 +319,7 @@ impl Relay {
             .map(|(tuple, _)| *tuple)
             .collect();
         for tuple in expired {
-            self.remove(tuple, ports);
+            self.close(tuple, ports);
         }
         for allocation in self.allocations.values_mut() {
             allocation.permissions.retain(|_, expires| *expires > now_ms);
@@ -339,11 +339,12 @@ impl Relay {
     pub fn close_all(&mut self, ports: &mut dyn RelayPorts) {
         let all: Vec<FiveTuple> = self.allocations.keys().copied().collect();
         for tuple in all {
-            self.remove(tuple, ports);
+            self.close(tuple, ports);
         }
     }
 
-    fn remove(&mut self, tuple: FiveTuple, ports: &mut dyn RelayPorts) {
+    /// Deletes the allocation of `tuple`, if any (its TCP connection closed, or it expired).
+    pub fn close(&mut self, tuple: FiveTuple, ports: &mut dyn RelayPorts) {
         if let Some(allocation) = self.allocations.remove(&tuple) {
             self.allocation_of_socket.remove(&allocation.relay);
             ports.close(allocation.relay);
@@ -656,7 +657,7 @@ impl Relay {
             return error(request, CODE_ALLOC_MISMATCH, vec![], Some(key));
         };
         let lifetime_ms = if requested_zero {
-            self.remove(tuple, ports);
+            self.close(tuple, ports);
             0
         } else {
             allocation.expires_ms = now_ms + lifetime_ms;

@@ -154,7 +154,7 @@ pub fn start_on(config: Config, listeners: Listeners) -> Running {
     let appservice = listeners.appservice.local_addr().unwrap();
     let client = listeners.client.local_addr().unwrap();
     let ops = listeners.ops.local_addr().unwrap();
-    let turn = listeners.turn.as_ref().map(|socket| socket.local_addr().unwrap());
+    let turn = listeners.turn.as_ref().map(|turn| turn.udp.local_addr().unwrap());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(switchboard::run(config, listeners, shutdown.clone()));
     Running { appservice, client, ops, turn, shutdown, task }
