@@ -184,6 +184,10 @@ pub struct TurnConfig {
     /// UDP listener of the embedded relay.
     #[serde(default = "default_turn_listen")]
     pub listen: SocketAddr,
+    /// TURN over TLS (`turns:`): listener, and the PEM certificate chain and private key.
+    pub tls_listen: Option<SocketAddr>,
+    pub tls_certificate: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     /// REALM of the embedded relay; the homeserver's server name by default.
     pub realm: Option<String>,
     /// Address relay sockets bind to; the listen address's IP by default.
@@ -372,6 +376,9 @@ impl Default for TurnConfig {
             shared_secret_file: None,
             old_shared_secrets: Vec::new(),
             listen: default_turn_listen(),
+            tls_listen: None,
+            tls_certificate: None,
+            tls_key: None,
             realm: None,
             relay_address: None,
             relay_address_v6: None,
@@ -491,6 +498,11 @@ impl Config {
                 "turn.external_address",
                 "required when relay sockets bind to an unspecified address (0.0.0.0 or ::): the address clients reach",
             ));
+        }
+        if self.turn.tls_listen.is_some()
+            && (self.turn.tls_certificate.is_none() || self.turn.tls_key.is_none())
+        {
+            return Err(invalid("turn.tls_listen", "needs turn.tls_certificate and turn.tls_key"));
         }
         if self.turn.relay_port_min > self.turn.relay_port_max {
             return Err(invalid("turn.relay_port_min", "must not exceed turn.relay_port_max"));
@@ -657,6 +669,10 @@ old_shared_secrets = []
 # UDP listener of the embedded relay. Loopback by default: to serve the internet, listen on a public
 # address (or on 0.0.0.0 with external_address set).
 listen = "{turn_listen}"
+# TURN over TLS (turns:), e.g. on 5349 or 443: listener, PEM certificate chain and private key.
+# tls_listen = "0.0.0.0:5349"
+# tls_certificate = "/etc/switchboard/turn.crt"
+# tls_key = "/etc/switchboard/turn.key"
 # Relay sockets: the address they bind to (default: the listen address's IP), an IPv6 address for
 # IPv6 relays (default: none), and their inclusive port range.
 # relay_address = "203.0.113.10"

@@ -71,7 +71,16 @@ impl Listeners {
     /// Binds the addresses of `config`.
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
         let turn = match config.turn.mode {
-            config::TurnMode::Embedded => Some(bind_turn(config.turn.listen).await?),
+            config::TurnMode::Embedded => {
+                let mut listeners = bind_turn(config.turn.listen).await?;
+                if let (Some(addr), Some(certificate), Some(key)) =
+                    (config.turn.tls_listen, &config.turn.tls_certificate, &config.turn.tls_key)
+                {
+                    let acceptor = turn::tls_acceptor(certificate, key).map_err(std::io::Error::other)?;
+                    listeners.tls = Some((bind(addr).await?, acceptor));
+                }
+                Some(listeners)
+            }
             config::TurnMode::External | config::TurnMode::Off => None,
         };
         Ok(Self {
@@ -93,7 +102,7 @@ async fn bind_turn(addr: SocketAddr) -> std::io::Result<turn::io::Listeners> {
         let udp = tokio::net::UdpSocket::bind(addr).await.map_err(context)?;
         let port = udp.local_addr()?.port();
         match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
-            Ok(tcp) => return Ok(turn::io::Listeners { udp, tcp }),
+            Ok(tcp) => return Ok(turn::io::Listeners { udp, tcp, tls: None }),
             Err(error) if attempts == 0 => return Err(context(error)),
             Err(_) => {}
         }

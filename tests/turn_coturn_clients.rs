@@ -1,6 +1,6 @@
 //! coturn's own test clients against the embedded relay: `turnutils_uclient` relays through it to
 //! `turnutils_peer` (an echo peer) over UDP and TCP, with and without channels, and must lose
-//! nothing;
+//! nothing, and over TLS;
 //! `turnutils_stunclient` gets its mapped address. Debian package `coturn`, installed by tests/run.
 
 mod common;
@@ -71,18 +71,34 @@ async fn coturn_clients_relay_through_the_embedded_relay_without_loss() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let running = common::start(common::config(&common::sqlite_url(dir.path()), "http://127.0.0.1:9")).await;
+    let (certificate, key) = (dir.path().join("turn.crt"), dir.path().join("turn.key"));
+    let openssl = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+        .args(["-subj", "/CN=localhost", "-days", "1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&certificate)
+        .output()
+        .expect("run openssl");
+    assert!(openssl.status.success(), "{}", String::from_utf8_lossy(&openssl.stderr));
+    let mut config = common::config(&common::sqlite_url(dir.path()), "http://127.0.0.1:9");
+    config.turn.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+    config.turn.tls_certificate = Some(certificate);
+    config.turn.tls_key = Some(key);
+    let running = common::start(config).await;
     let relay = running.turn.expect("the embedded relay listens");
+    let relay_tls = running.turn_tls.expect("the TLS listener listens");
     let peer = Peer::start();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await; // the peer binds its port
 
-    for (name, flags) in [
-        ("UDP, channels", &[][..]),
-        ("UDP, send indications", &["-s"][..]),
-        ("TCP, channels", &["-t"][..]),
-        ("TCP, send indications", &["-t", "-s"][..]),
+    for (name, address, flags) in [
+        ("UDP, channels", relay, &[][..]),
+        ("UDP, send indications", relay, &["-s"][..]),
+        ("TCP, channels", relay, &["-t"][..]),
+        ("TCP, send indications", relay, &["-t", "-s"][..]),
+        ("TLS, channels", relay_tls, &["-t", "-S"][..]),
     ] {
-        let (sent, received, lost, output) = uclient(relay, &peer, flags, 4, 50).await;
+        let (sent, received, lost, output) = uclient(address, &peer, flags, 4, 50).await;
         assert_eq!(sent, 200, "{name}: every message sent\n{output}");
         assert_eq!((received, lost), (200, 0), "{name}: every message back, none lost\n{output}");
     }
@@ -102,8 +118,9 @@ async fn coturn_clients_relay_through_the_embedded_relay_without_loss() {
         let name = "switchboard_turn_relayed_packets_total";
         common::metric(&metrics, &format!("{name}{{transport=\"{transport}\",direction=\"{direction}\"}}"))
     };
-    for transport in ["udp", "tcp"] {
-        assert_eq!((relayed(transport, "to_peer"), relayed(transport, "to_client")), (400, 400), "{metrics}");
+    for (transport, messages) in [("udp", 400), ("tcp", 400), ("tls", 200)] {
+        let both = (relayed(transport, "to_peer"), relayed(transport, "to_client"));
+        assert_eq!(both, (messages, messages), "{transport}: {metrics}");
     }
     let allocations = |transport: &str| {
         common::metric(&metrics, &format!("switchboard_turn_allocations{{transport=\"{transport}\"}}"))

@@ -1,4 +1,5 @@
-//! The relay's IO: a UDP socket and a TCP listener for clients (same port), one UDP socket per
+//! The relay's IO: a UDP socket and a TCP listener for clients (same port), a TLS listener when
+//! configured, one UDP socket per
 //! allocation towards peers, and the [`Relay`] state machine between them behind a mutex (held
 //! for microseconds, never across an await).
 //!
@@ -25,6 +26,8 @@ const MAX_DATAGRAM: usize = 65_536;
 const PORT_ATTEMPTS: usize = 64;
 /// Packets queued towards one TCP client before more are dropped.
 const TCP_QUEUE: usize = 1024;
+/// Time a TLS client has to finish its handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 /// A TCP client that sends nothing for this long is disconnected (its allocation, if any, had to be
 /// refreshed within its lifetime anyway).
 const TCP_IDLE: Duration = Duration::from_secs(3600);
@@ -43,6 +46,7 @@ pub struct RelaySockets {
 pub struct Listeners {
     pub udp: UdpSocket,
     pub tcp: TcpListener,
+    pub tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
 }
 
 struct Shared {
@@ -144,7 +148,10 @@ pub async fn serve(
     });
     let tasks = TaskTracker::new();
     tasks.spawn(expire(state.clone(), metrics, shutdown.clone()));
-    tasks.spawn(accept_tcp(listeners.tcp, state.clone(), tasks.clone(), shutdown.clone()));
+    tasks.spawn(accept_streams(listeners.tcp, None, state.clone(), tasks.clone(), shutdown.clone()));
+    if let Some((listener, acceptor)) = listeners.tls {
+        tasks.spawn(accept_streams(listener, Some(acceptor), state.clone(), tasks.clone(), shutdown.clone()));
+    }
     serve_udp(&udp, &state, &shutdown).await;
     tasks.close();
     tasks.wait().await;
@@ -173,8 +180,10 @@ async fn serve_udp(udp: &UdpSocket, state: &Mutex<Shared>, shutdown: &Cancellati
     }
 }
 
-async fn accept_tcp(
+/// Accepts TCP clients (TLS ones when `tls` is given) until `shutdown`.
+async fn accept_streams(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<Mutex<Shared>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -194,8 +203,22 @@ async fn accept_tcp(
             },
         };
         let _ = stream.set_nodelay(true);
-        let tuple = FiveTuple { client, server, transport: Transport::Tcp };
-        tasks.spawn(serve_stream(stream, tuple, state.clone(), shutdown.clone()));
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        match &tls {
+            None => {
+                let tuple = FiveTuple { client, server, transport: Transport::Tcp };
+                tasks.spawn(serve_stream(stream, tuple, state, shutdown));
+            }
+            Some(acceptor) => {
+                let handshake = acceptor.accept(stream);
+                tasks.spawn(async move {
+                    if let Ok(Ok(stream)) = tokio::time::timeout(TLS_HANDSHAKE, handshake).await {
+                        let tuple = FiveTuple { client, server, transport: Transport::Tls };
+                        serve_stream(stream, tuple, state, shutdown).await;
+                    }
+                });
+            }
+        }
     }
 }
 

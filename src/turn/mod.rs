@@ -12,7 +12,28 @@ pub mod nonce;
 pub mod policy;
 pub mod server;
 
+use std::path::Path;
+use std::sync::Arc;
+
 use crate::config::Config;
+
+/// The TLS acceptor of `turns:` connections, from PEM files.
+pub fn tls_acceptor(certificate: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let chain = CertificateDer::pem_file_iter(certificate)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| format!("turn.tls_certificate {}: {e}", certificate.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("turn.tls_key {}: {e}", key.display()))?;
+    let config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .and_then(|builder| builder.with_no_client_auth().with_single_cert(chain, key))
+            .map_err(|e| format!("turn TLS: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
 
 /// The embedded relay's state machine and relay-socket settings, from `[turn]`.
 pub fn embedded(config: &Config) -> (server::Relay, io::RelaySockets) {

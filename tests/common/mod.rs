@@ -138,8 +138,9 @@ pub struct Running {
     pub appservice: SocketAddr,
     pub client: SocketAddr,
     pub ops: SocketAddr,
-    /// The embedded TURN relay's UDP address.
+    /// The embedded TURN relay's UDP (and TCP) address, and its TLS listener's.
     pub turn: Option<SocketAddr>,
+    pub turn_tls: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), RunError>>,
 }
@@ -155,9 +156,11 @@ pub fn start_on(config: Config, listeners: Listeners) -> Running {
     let client = listeners.client.local_addr().unwrap();
     let ops = listeners.ops.local_addr().unwrap();
     let turn = listeners.turn.as_ref().map(|turn| turn.udp.local_addr().unwrap());
+    let turn_tls =
+        listeners.turn.as_ref().and_then(|turn| turn.tls.as_ref()).map(|(tls, _)| tls.local_addr().unwrap());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(switchboard::run(config, listeners, shutdown.clone()));
-    Running { appservice, client, ops, turn, shutdown, task }
+    Running { appservice, client, ops, turn, turn_tls, shutdown, task }
 }
 
 pub async fn start(config: Config) -> Running {
