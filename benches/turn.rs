@@ -1,0 +1,278 @@
+//! The embedded TURN relay against coturn (Debian's `turnserver`), side by side in one run, under
+//! identical `turnutils_uclient` loads relayed to a `turnutils_peer` echo on loopback:
+//! - server CPU seconds per relayed message (client → peer and peer → client each count one),
+//!   read from /proc before and after each load, and loss as uclient reports it;
+//! - resident memory per idle allocation, with 5,000 allocations made by this bench's own client.
+//!
+//! Loads alternate between the two servers, 3 runs each; medians. uclient staggers its clients'
+//! starts, so messages per second say little: compare CPU per message.
+//!
+//! Run: `cargo bench --bench turn` (needs coturn: `deploy/prerequisites --tests`).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use stun::message::{CLASS_REQUEST, METHOD_ALLOCATE, Message, MessageType, Setter};
+use stun::textattrs::TextAttribute;
+
+const RUNS: usize = 3;
+const IDLE_ALLOCATIONS: usize = 5_000;
+const SECRET: &str = common::TURN_SECRET;
+
+/// A load: a name and uclient flags.
+const LOADS: &[(&str, &[&str])] = &[
+    ("50 streams × 160 B every 20 ms, channels", &["-m", "50", "-n", "250", "-l", "160", "-z", "20"]),
+    ("100 streams × 160 B at full rate, channels", &["-m", "100", "-n", "200", "-l", "160", "-z", "0"]),
+    ("50 streams × 1200 B every 20 ms, channels", &["-m", "50", "-n", "250", "-l", "1200", "-z", "20"]),
+    (
+        "50 streams × 160 B every 20 ms, send indications",
+        &["-m", "50", "-n", "250", "-l", "160", "-z", "20", "-s"],
+    ),
+    ("50 streams × 160 B every 20 ms, TCP", &["-m", "50", "-n", "250", "-l", "160", "-z", "20", "-t"]),
+];
+
+struct Server {
+    name: &'static str,
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    #[allow(clippy::cast_precision_loss)]
+    let seconds = ticks as f64 / 100.0; // USER_HZ
+    seconds
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+fn coturn(port: u16) -> Server {
+    let child = Command::new("turnserver")
+        .args(["-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "--listening-port"])
+        .arg(port.to_string())
+        .args([
+            "--use-auth-secret",
+            &format!("--static-auth-secret={SECRET}"),
+            "--realm",
+            common::SERVER_NAME,
+        ])
+        .args(["--allow-loopback-peers", "--no-cli", "--no-tls", "--no-dtls", "--min-port", "30000"])
+        .args([
+            "--max-port",
+            "39999",
+            "--log-file",
+            "stdout",
+            "--simple-log",
+            "--no-stun-backward-compatibility",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start turnserver (apt-get install coturn)");
+    Server { name: "coturn", child, port }
+}
+
+fn switchboard(dir: &std::path::Path, port: u16) -> (Server, common::Process) {
+    let ports = [common::free_port(), common::free_port(), common::free_port()];
+    let toml = common::config_toml(&common::sqlite_url(dir), "http://127.0.0.1:9", ports)
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""))
+        .replace(
+            "allowed_peers = [\"127.0.0.0/8\"]",
+            "allowed_peers = [\"127.0.0.0/8\"]\nbandwidth_bytes_per_sec = 0\nunauthenticated_per_sec = 0\n\
+             user_quota = 20000\ntotal_quota = 20000\nrelay_port_min = 40000\nrelay_port_max = 49999",
+        )
+        .replace("level = \"info,switchboard=debug\"", "level = \"warn\"");
+    let process = common::Process::start(dir, &toml, ports);
+    // The Server handle only names it; the Process owns (and kills) the child.
+    let placeholder = Command::new("true").spawn().unwrap();
+    (Server { name: "switchboard", child: placeholder, port }, process)
+}
+
+/// Runs uclient with `flags` against `port`; returns (messages relayed, lost, output), or `None`
+/// when it did not finish within 2 minutes (uclient can wait forever for a lost echo).
+fn uclient(port: u16, peer: u16, flags: &[&str]) -> Option<(u64, u64, String)> {
+    let output = Command::new("timeout")
+        .args(["120", "turnutils_uclient", "-W", SECRET, "-u", "bench", "-e", "127.0.0.1", "-r"])
+        .arg(peer.to_string())
+        .args(["-X", "-c", "-p", &port.to_string()])
+        .args(flags)
+        .arg("127.0.0.1")
+        .output()
+        .expect("run turnutils_uclient");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let after = |key: &str| -> Option<u64> {
+        text.lines().rev().find_map(|line| {
+            let rest = &line[line.find(key)? + key.len()..];
+            rest.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+    };
+    let relayed = after("tot_send_msgs=")? + after("tot_recv_msgs=")?;
+    Some((relayed, after("Total lost packets")?, text))
+}
+
+/// Makes `count` allocations on `server` from as many sockets, kept open; returns the sockets.
+fn allocate_many(server: SocketAddr, count: usize) -> Vec<std::net::UdpSocket> {
+    let credentials = switchboard::turn::credentials::mint(
+        SECRET.as_bytes(),
+        "idle",
+        u64::try_from(common_now_secs()).unwrap(),
+        3600,
+    );
+    let mut sockets = Vec::with_capacity(count);
+    let mut buffer = [0u8; 1500];
+    for _ in 0..count {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        socket.connect(server).unwrap();
+        let mut nonce_realm = None;
+        for _ in 0..2 {
+            let mut request = Message::new();
+            let mut setters: Vec<Box<dyn Setter>> = vec![
+                Box::new(stun::agent::TransactionId::new()),
+                Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+                Box::new(turn::proto::reqtrans::RequestedTransport { protocol: turn::proto::PROTO_UDP }),
+            ];
+            if let Some((nonce, realm)) = &nonce_realm {
+                let (nonce, realm): (&String, &String) = (nonce, realm);
+                setters.push(Box::new(TextAttribute::new(
+                    stun::attributes::ATTR_USERNAME,
+                    credentials.username.clone(),
+                )));
+                setters.push(Box::new(TextAttribute::new(stun::attributes::ATTR_REALM, realm.clone())));
+                setters.push(Box::new(TextAttribute::new(stun::attributes::ATTR_NONCE, nonce.clone())));
+                setters.push(Box::new(stun::integrity::MessageIntegrity::new_long_term_integrity(
+                    credentials.username.clone(),
+                    realm.clone(),
+                    credentials.password.clone(),
+                )));
+            }
+            request.build(&setters).unwrap();
+            socket.send(&request.raw).unwrap();
+            let length = socket.recv(&mut buffer).expect("an answer to Allocate");
+            let mut answer = Message::new();
+            answer.raw = buffer[..length].to_vec();
+            answer.decode().unwrap();
+            if nonce_realm.is_none() {
+                let nonce = TextAttribute::get_from_as(&answer, stun::attributes::ATTR_NONCE).unwrap().text;
+                let realm = TextAttribute::get_from_as(&answer, stun::attributes::ATTR_REALM).unwrap().text;
+                nonce_realm = Some((nonce, realm));
+            } else {
+                assert_eq!(answer.typ.class, stun::message::CLASS_SUCCESS_RESPONSE, "allocation refused");
+            }
+        }
+        sockets.push(socket);
+    }
+    sockets
+}
+
+fn common_now_secs() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs().into()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer_port = common::free_port();
+    let mut peer = Command::new("turnutils_peer")
+        .args(["-L", "127.0.0.1", "-p", &peer_port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start turnutils_peer (apt-get install coturn)");
+    let coturn = coturn(common::free_port());
+    let (switchboard, process) = switchboard(dir.path(), common::free_port());
+    process.wait_for("/health").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = |server: &Server| if server.name == "coturn" { server.child.id() } else { process.pid() };
+
+    println!("| load | server | CPU µs per relayed message | loss | Switchboard ÷ coturn |");
+    println!("|---|---|---:|---:|---:|");
+    for (load, flags) in LOADS {
+        let mut per_message: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        let mut lost = [0u64; 2];
+        let mut unfinished = [0u32; 2];
+        for _ in 0..RUNS {
+            for (index, server) in [&coturn, &switchboard].into_iter().enumerate() {
+                let before = cpu_seconds(pid(server));
+                let Some((relayed, lost_now, output)) = uclient(server.port, peer_port, flags) else {
+                    eprintln!("{load}: uclient did not finish against {}", server.name);
+                    unfinished[index] += 1;
+                    continue;
+                };
+                // Let the server finish what is in flight before reading its CPU time.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let cpu = cpu_seconds(pid(server)) - before;
+                assert!(relayed > 0, "{} relayed nothing:\n{output}", server.name);
+                #[allow(clippy::cast_precision_loss)]
+                per_message[index].push(cpu / relayed as f64 * 1e6);
+                lost[index] += lost_now;
+            }
+        }
+        if per_message.iter().any(Vec::is_empty) {
+            println!("| {load} | (a server never finished: {unfinished:?}) | | | |");
+            continue;
+        }
+        let [coturn_us, switchboard_us] = per_message.map(median);
+        let note = |i: usize| {
+            if unfinished[i] > 0 { format!(" ({} runs unfinished)", unfinished[i]) } else { String::new() }
+        };
+        println!("| {load} | coturn | {coturn_us:.2} | {}{} | |", lost[0], note(0));
+        println!(
+            "| {load} | Switchboard | {switchboard_us:.2} | {}{} | **{:.2}** |",
+            lost[1],
+            note(1),
+            switchboard_us / coturn_us
+        );
+    }
+
+    println!(
+        "\n| server | RSS before | RSS with {IDLE_ALLOCATIONS} idle allocations | bytes per allocation |"
+    );
+    println!("|---|---:|---:|---:|");
+    for server in [&coturn, &switchboard] {
+        let address: SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
+        let before = rss_bytes(pid(server));
+        let sockets = allocate_many(address, IDLE_ALLOCATIONS);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss_bytes(pid(server));
+        #[allow(clippy::cast_precision_loss)]
+        let bytes_each = after.saturating_sub(before) as f64 / IDLE_ALLOCATIONS as f64;
+        let mib = |bytes: u64| {
+            #[allow(clippy::cast_precision_loss)]
+            let mib = bytes as f64 / 1_048_576.0;
+            mib
+        };
+        println!("| {} | {:.1} MiB | {:.1} MiB | {bytes_each:.0} |", server.name, mib(before), mib(after));
+        drop(sockets);
+    }
+    let _ = peer.kill();
+    let _ = peer.wait();
+    drop(process);
+}
