@@ -543,7 +543,10 @@ impl Relay {
             Err(action) => return action,
         };
         let key = caller.key.clone();
-        if let Some(allocation) = self.allocations.get(&tuple)
+        // Other requests on an allocation must come from its user (441); an Allocate on a 5-tuple
+        // in use is an allocation mismatch (437, below), whoever sends it.
+        if method != METHOD_ALLOCATE
+            && let Some(allocation) = self.allocations.get(&tuple)
             && *allocation.username != caller.username
         {
             return Action::Reply(error(request, CODE_WRONG_CREDENTIALS, vec![], Some(&key)));
@@ -1143,6 +1146,9 @@ mod tests {
         let answer =
             reply(relay.handle_client(later, tuple0(), &bob.request(METHOD_REFRESH, vec![]), &mut ports));
         assert_eq!(code(&answer), Some(441));
+        // An Allocate on a 5-tuple in use is a mismatch, whoever asks (clients retry from another port).
+        let allocate = bob.request(METHOD_ALLOCATE, vec![transport()]);
+        assert_eq!(code(&reply(relay.handle_client(later, tuple0(), &allocate, &mut ports))), Some(437));
     }
 
     #[test]
