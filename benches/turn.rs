@@ -172,7 +172,15 @@ fn allocate_many(server: SocketAddr, count: usize) -> Vec<std::net::UdpSocket> {
             answer.raw = buffer[..length].to_vec();
             answer.decode().unwrap();
             if nonce_realm.is_none() {
-                let nonce = TextAttribute::get_from_as(&answer, stun::attributes::ATTR_NONCE).unwrap().text;
+                let Ok(nonce) = TextAttribute::get_from_as(&answer, stun::attributes::ATTR_NONCE) else {
+                    let mut code = stun::error_code::ErrorCodeAttribute::default();
+                    let _ = stun::message::Getter::get_from(&mut code, &answer);
+                    panic!(
+                        "no NONCE in the answer to an unauthenticated Allocate: {} {:?}",
+                        answer.typ, code.code.0
+                    );
+                };
+                let nonce = nonce.text;
                 let realm = TextAttribute::get_from_as(&answer, stun::attributes::ATTR_REALM).unwrap().text;
                 nonce_realm = Some((nonce, realm));
             } else {
@@ -212,9 +220,29 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = |server: &Server| if server.name == "coturn" { server.child.id() } else { process.pid() };
 
+    println!("| server | RSS before | RSS with {IDLE_ALLOCATIONS} idle allocations | bytes per allocation |");
+    println!("|---|---:|---:|---:|");
+    for server in [&coturn, &switchboard] {
+        let address: SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
+        let before = rss_bytes(pid(server));
+        let sockets = allocate_many(address, IDLE_ALLOCATIONS);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss_bytes(pid(server));
+        #[allow(clippy::cast_precision_loss)]
+        let bytes_each = after.saturating_sub(before) as f64 / IDLE_ALLOCATIONS as f64;
+        let mib = |bytes: u64| {
+            #[allow(clippy::cast_precision_loss)]
+            let mib = bytes as f64 / 1_048_576.0;
+            mib
+        };
+        println!("| {} | {:.1} MiB | {:.1} MiB | {bytes_each:.0} |", server.name, mib(before), mib(after));
+        drop(sockets);
+    }
+    println!();
     println!("| load | server | CPU µs per relayed message | loss | Switchboard ÷ coturn |");
     println!("|---|---|---:|---:|---:|");
-    for (load, flags) in LOADS {
+    let loads = if std::env::var_os("SWITCHBOARD_BENCH_MEMORY_ONLY").is_some() { &[][..] } else { LOADS };
+    for (load, flags) in loads {
         let mut per_message: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
         let mut lost = [0u64; 2];
         let mut unfinished = [0u32; 2];
@@ -252,26 +280,6 @@ async fn main() {
         );
     }
 
-    println!(
-        "\n| server | RSS before | RSS with {IDLE_ALLOCATIONS} idle allocations | bytes per allocation |"
-    );
-    println!("|---|---:|---:|---:|");
-    for server in [&coturn, &switchboard] {
-        let address: SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
-        let before = rss_bytes(pid(server));
-        let sockets = allocate_many(address, IDLE_ALLOCATIONS);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = rss_bytes(pid(server));
-        #[allow(clippy::cast_precision_loss)]
-        let bytes_each = after.saturating_sub(before) as f64 / IDLE_ALLOCATIONS as f64;
-        let mib = |bytes: u64| {
-            #[allow(clippy::cast_precision_loss)]
-            let mib = bytes as f64 / 1_048_576.0;
-            mib
-        };
-        println!("| {} | {:.1} MiB | {:.1} MiB | {bytes_each:.0} |", server.name, mib(before), mib(after));
-        drop(sockets);
-    }
     let _ = peer.kill();
     let _ = peer.wait();
     drop(process);
