@@ -220,25 +220,6 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = |server: &Server| if server.name == "coturn" { server.child.id() } else { process.pid() };
 
-    println!("| server | RSS before | RSS with {IDLE_ALLOCATIONS} idle allocations | bytes per allocation |");
-    println!("|---|---:|---:|---:|");
-    for server in [&coturn, &switchboard] {
-        let address: SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
-        let before = rss_bytes(pid(server));
-        let sockets = allocate_many(address, IDLE_ALLOCATIONS);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = rss_bytes(pid(server));
-        #[allow(clippy::cast_precision_loss)]
-        let bytes_each = after.saturating_sub(before) as f64 / IDLE_ALLOCATIONS as f64;
-        let mib = |bytes: u64| {
-            #[allow(clippy::cast_precision_loss)]
-            let mib = bytes as f64 / 1_048_576.0;
-            mib
-        };
-        println!("| {} | {:.1} MiB | {:.1} MiB | {bytes_each:.0} |", server.name, mib(before), mib(after));
-        drop(sockets);
-    }
-    println!();
     println!("| load | server | CPU µs per relayed message | loss | Switchboard ÷ coturn |");
     println!("|---|---|---:|---:|---:|");
     let loads = if std::env::var_os("SWITCHBOARD_BENCH_MEMORY_ONLY").is_some() { &[][..] } else { LOADS };
@@ -280,6 +261,26 @@ async fn main() {
         );
     }
 
+    println!(
+        "\n| server | RSS before | RSS with {IDLE_ALLOCATIONS} idle allocations | bytes per allocation |"
+    );
+    println!("|---|---:|---:|---:|");
+    for server in [&coturn, &switchboard] {
+        let address: SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
+        let before = rss_bytes(pid(server));
+        let sockets = allocate_many(address, IDLE_ALLOCATIONS);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss_bytes(pid(server));
+        #[allow(clippy::cast_precision_loss)]
+        let bytes_each = after.saturating_sub(before) as f64 / IDLE_ALLOCATIONS as f64;
+        let mib = |bytes: u64| {
+            #[allow(clippy::cast_precision_loss)]
+            let mib = bytes as f64 / 1_048_576.0;
+            mib
+        };
+        println!("| {} | {:.1} MiB | {:.1} MiB | {bytes_each:.0} |", server.name, mib(before), mib(after));
+        drop(sockets);
+    }
     let _ = peer.kill();
     let _ = peer.wait();
     drop(process);

@@ -54,10 +54,6 @@ struct Shared {
     ports: Ports,
     /// Queues towards connected TCP clients, by their address.
     stream_clients: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
-    /// One receive buffer and one framing buffer for every relay socket: a socket's reader waits
-    /// for readability without a buffer of its own, so an idle allocation costs no 64 KiB.
-    scratch: Vec<u8>,
-    framed: Vec<u8>,
 }
 
 struct Ports {
@@ -148,8 +144,6 @@ pub async fn serve(
                 shutdown: shutdown.clone(),
             },
             stream_clients: HashMap::new(),
-            scratch: vec![0; MAX_DATAGRAM],
-            framed: Vec::with_capacity(MAX_DATAGRAM),
         })
     });
     let tasks = TaskTracker::new();
@@ -291,9 +285,6 @@ fn frame_length(bytes: &[u8]) -> Option<usize> {
     }
 }
 
-/// Datagrams read from one relay socket per wake-up, before others get the lock.
-const PEER_BATCH: usize = 64;
-
 /// Reads what peers send to one relay socket and forwards it to the client.
 async fn read_peers(
     socket: Arc<UdpSocket>,
@@ -302,33 +293,35 @@ async fn read_peers(
     shutdown: CancellationToken,
 ) {
     let Ok(relay_addr) = socket.local_addr() else { return };
+    let mut buffer = vec![0u8; MAX_DATAGRAM];
+    let mut framed = Vec::with_capacity(MAX_DATAGRAM);
     loop {
-        tokio::select! {
+        let (length, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
-            readable = socket.readable() => if readable.is_err() { return },
-        }
+            received = socket.recv_from(&mut buffer) => match received {
+                Ok(received) => received,
+                Err(_) => continue,
+            },
+        };
         let Some(state) = state.upgrade() else { return };
         let mut shared = lock(&state);
-        let Shared { relay, stream_clients, scratch, framed, .. } = &mut *shared;
-        for _ in 0..PEER_BATCH {
-            let (length, peer) = match socket.try_recv_from(scratch) {
-                Ok(received) => received,
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
-                // ICMP errors and the like: the next read goes on.
-                Err(_) => continue,
-            };
-            let now = crate::unix_millis_u64();
-            let Some(tuple) = relay.handle_peer(now, relay_addr, peer, &scratch[..length], framed) else {
-                continue;
-            };
-            match tuple.transport {
-                Transport::Udp => {
-                    let _ = udp.try_send_to(framed, tuple.client);
-                }
-                Transport::Tcp | Transport::Tls => {
-                    if let Some(queue) = stream_clients.get(&tuple.client) {
-                        let _ = queue.try_send(framed.clone());
-                    }
+        let Some(tuple) = shared.relay.handle_peer(
+            crate::unix_millis_u64(),
+            relay_addr,
+            peer,
+            &buffer[..length],
+            &mut framed,
+        ) else {
+            continue;
+        };
+        match tuple.transport {
+            Transport::Udp => {
+                drop(shared);
+                let _ = udp.try_send_to(&framed, tuple.client);
+            }
+            Transport::Tcp | Transport::Tls => {
+                if let Some(queue) = shared.stream_clients.get(&tuple.client) {
+                    let _ = queue.try_send(framed.clone());
                 }
             }
         }
