@@ -147,7 +147,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         anonymous_read: config.directory.anonymous_read,
     };
     let turn_api = turn::api::Api {
-        shared_secret: config.turn.shared_secret.clone(),
+        // `mode = "off"`: no credentials either.
+        shared_secret: config
+            .turn
+            .shared_secret
+            .clone()
+            .filter(|_| config.turn.mode != config::TurnMode::Off),
         uris: config.turn.uris.clone(),
         lifetime_secs: config.turn.user_lifetime_secs,
     };

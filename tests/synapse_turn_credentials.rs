@@ -53,4 +53,29 @@ async fn switchboard_and_synapse_mint_the_same_kind_of_credentials() {
     let response = http.get(&url).bearer_auth("nope").send().await.unwrap();
     assert_eq!(response.json::<Value>().await.unwrap()["errcode"], "M_UNKNOWN_TOKEN");
     running.stop().await.unwrap();
+
+    // External mode: no relay here, credentials for relays (a coturn fleet) that share the secret.
+    let mut external = common::config(&common::sqlite_url(dir.path()), &synapse.base_url);
+    external.turn.mode = switchboard::config::TurnMode::External;
+    external.turn.uris = vec!["turn:turn.example.org:3478".to_owned()];
+    let running = common::start(external).await;
+    assert!(running.turn.is_none(), "no relay listener in external mode");
+    let url = format!("http://{}/_switchboard/client/v1/turn", running.client);
+    let answer: Value =
+        http.get(&url).bearer_auth(&user.access_token).send().await.unwrap().json().await.unwrap();
+    let username = answer["username"].as_str().unwrap();
+    assert_eq!(answer["password"], credentials::password(common::TURN_SECRET.as_bytes(), username));
+    assert_eq!(answer["uris"], serde_json::json!(["turn:turn.example.org:3478"]));
+    running.stop().await.unwrap();
+
+    // Off: neither a relay nor credentials.
+    let mut off = common::config(&common::sqlite_url(dir.path()), &synapse.base_url);
+    off.turn.mode = switchboard::config::TurnMode::Off;
+    let running = common::start(off).await;
+    assert!(running.turn.is_none());
+    let url = format!("http://{}/_switchboard/client/v1/turn", running.client);
+    let response = http.get(&url).bearer_auth(&user.access_token).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(response.json::<Value>().await.unwrap()["errcode"], "M_NOT_FOUND");
+    running.stop().await.unwrap();
 }
