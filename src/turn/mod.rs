@@ -77,14 +77,15 @@ pub fn publish(
 ) {
     use crate::telemetry::{RelayedLabel, TransportLabel};
     use server::Transport;
+    let gauges = relay.gauges();
     for transport in [Transport::Udp, Transport::Tcp, Transport::Tls] {
         let name = transport.as_str();
         let label = TransportLabel { transport: name };
-        let (allocations, permissions, channels) = relay.gauges(transport);
+        let live = gauges[transport as usize];
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        metrics.allocations.get_or_create(&label).set(gauge(allocations));
-        metrics.permissions.get_or_create(&label).set(gauge(permissions));
-        metrics.channels.get_or_create(&label).set(gauge(channels));
+        metrics.allocations.get_or_create(&label).set(gauge(live.allocations));
+        metrics.permissions.get_or_create(&label).set(gauge(live.permissions));
+        metrics.channels.get_or_create(&label).set(gauge(live.channels));
         let now = relay.stats(transport);
         let before = &mut published[transport as usize];
         let to_peer = RelayedLabel { transport: name, direction: "to_peer" };

@@ -129,6 +129,14 @@ pub enum Action<'a> {
     },
 }
 
+/// Live state, for gauges.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Gauges {
+    pub allocations: usize,
+    pub permissions: usize,
+    pub channels: usize,
+}
+
 /// Counters for metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Stats {
@@ -225,26 +233,17 @@ impl Relay {
         &mut self.stats[transport as usize]
     }
 
-    /// Allocations, permissions and channels of clients on `transport`.
-    pub fn gauges(&self, transport: Transport) -> (usize, usize, usize) {
-        self.allocations.iter().filter(|(tuple, _)| tuple.transport == transport).fold(
-            (0, 0, 0),
-            |(allocations, permissions, channels), (_, a)| {
-                (allocations + 1, permissions + a.permissions.len(), channels + a.channels.len())
-            },
-        )
-    }
-
-    pub fn allocations(&self) -> usize {
-        self.allocations.len()
-    }
-
-    pub fn permissions(&self) -> usize {
-        self.allocations.values().map(|a| a.permissions.len()).sum()
-    }
-
-    pub fn channels(&self) -> usize {
-        self.allocations.values().map(|a| a.channels.len()).sum()
+    /// Live allocations, permissions and channels, by client transport (index: `Transport as usize`),
+    /// counted in one pass.
+    pub fn gauges(&self) -> [Gauges; 3] {
+        let mut gauges = [Gauges::default(); 3];
+        for (tuple, allocation) in &self.allocations {
+            let gauge = &mut gauges[tuple.transport as usize];
+            gauge.allocations += 1;
+            gauge.permissions += allocation.permissions.len();
+            gauge.channels += allocation.channels.len();
+        }
+        gauges
     }
 
     /// A packet from a client.
@@ -885,24 +884,19 @@ fn decode_xor_address(value: &[u8], transaction_id: &[u8; 12]) -> Option<SocketA
     let mut mask = [0u8; 16];
     mask[..4].copy_from_slice(&cookie);
     mask[4..].copy_from_slice(transaction_id);
-    let ip = match family {
-        0x01 => {
-            let raw: [u8; 4] = value.get(4..8)?.try_into().ok()?;
-            let mut octets = [0; 4];
-            for i in 0..4 {
-                octets[i] = raw[i] ^ mask[i];
-            }
-            IpAddr::from(octets)
-        }
-        0x02 => {
-            let raw: [u8; 16] = value.get(4..20)?.try_into().ok()?;
-            let mut octets = [0; 16];
-            for i in 0..16 {
-                octets[i] = raw[i] ^ mask[i];
-            }
-            IpAddr::from(octets)
-        }
+    let length = match family {
+        0x01 => 4,
+        0x02 => 16,
         _ => return None,
+    };
+    let mut octets = [0u8; 16];
+    for (i, byte) in value.get(4..4 + length)?.iter().enumerate() {
+        octets[i] = byte ^ mask[i];
+    }
+    let ip = if length == 4 {
+        IpAddr::from([octets[0], octets[1], octets[2], octets[3]])
+    } else {
+        IpAddr::from(octets)
     };
     Some(SocketAddr::new(ip, port))
 }
@@ -926,6 +920,10 @@ mod tests {
             server: "127.0.0.1:3478".parse().unwrap(),
             transport: Transport::Udp,
         }
+    }
+
+    fn udp(relay: &Relay) -> Gauges {
+        relay.gauges()[Transport::Udp as usize]
     }
 
     fn peer() -> SocketAddr {
@@ -1053,6 +1051,25 @@ mod tests {
     }
 
     #[test]
+    fn xor_addresses_decode_as_the_stun_crate_encodes_them() {
+        for address in ["192.0.2.7:5000", "[2001:db8::1234:5678]:443"] {
+            let address: SocketAddr = address.parse().unwrap();
+            let mut message = Message::new();
+            message
+                .build(&[
+                    Box::new(TransactionIdFrom([9; 12])),
+                    Box::new(MessageType::new(METHOD_SEND, CLASS_INDICATION)),
+                    peer_attr(address),
+                ])
+                .unwrap();
+            let value = message.get(ATTR_XOR_PEER_ADDRESS).unwrap();
+            assert_eq!(decode_xor_address(&value, &[9; 12]), Some(address));
+        }
+        assert_eq!(decode_xor_address(&[0, 3, 0, 0, 1, 2, 3, 4], &[0; 12]), None, "unknown family");
+        assert_eq!(decode_xor_address(&[0, 1, 0, 0, 1, 2], &[0; 12]), None, "truncated");
+    }
+
+    #[test]
     fn binding_answers_the_mapped_address_small_and_without_software() {
         let mut relay = Relay::new(settings());
         let request = Client::new(SECRET, "x", T0, 60).request(METHOD_BINDING, vec![]);
@@ -1089,7 +1106,7 @@ mod tests {
             Relay::new(Settings { secrets: vec![b"new".to_vec(), SECRET.to_vec()], ..settings() });
         // The old secret still works during a rotation.
         let client = allocate(&mut relay, &mut ports, T0);
-        assert_eq!(relay.allocations(), 1);
+        assert_eq!(udp(&relay).allocations, 1);
 
         let nonce = client.nonce.clone();
         let other = FiveTuple { client: "127.0.0.2:50000".parse().unwrap(), ..tuple0() };
@@ -1122,7 +1139,7 @@ mod tests {
         ));
         assert_eq!(code(&answer), Some(401));
         assert_eq!(relay.stats(Transport::Udp).auth_failures, 3);
-        assert_eq!(relay.allocations(), 1);
+        assert_eq!(udp(&relay).allocations, 1);
     }
 
     #[test]
@@ -1164,9 +1181,9 @@ mod tests {
         assert_eq!(lifetime.0.as_secs(), 3600, "clamped to the maximum");
 
         relay.expire(T0 + 3_599_000, &mut ports);
-        assert_eq!(relay.allocations(), 1);
+        assert_eq!(udp(&relay).allocations, 1);
         relay.expire(T0 + 3_600_000, &mut ports);
-        assert_eq!(relay.allocations(), 0);
+        assert_eq!(udp(&relay).allocations, 0);
         assert!(ports.open.is_empty(), "the relay socket is closed");
         let mut client = client;
         client.nonce = Some(relay.nonces.issue(tuple0().client.ip(), (T0 + 3_600_000) / 1000));
@@ -1188,7 +1205,7 @@ mod tests {
             &mut ports,
         ));
         assert_eq!(answer.typ.class, CLASS_SUCCESS_RESPONSE);
-        assert_eq!(relay.allocations(), 0);
+        assert_eq!(udp(&relay).allocations, 0);
         assert!(ports.open.is_empty());
     }
 
@@ -1210,14 +1227,14 @@ mod tests {
                 "{denied}"
             );
         }
-        assert_eq!(relay.permissions(), 0, "nothing installed when one peer is denied");
+        assert_eq!(udp(&relay).permissions, 0, "nothing installed when one peer is denied");
         let request =
             client.request(METHOD_CREATE_PERMISSION, vec![peer_attr(public_a), peer_attr(public_b)]);
         assert_eq!(
             reply(relay.handle_client(T0, tuple0(), &request, &mut ports)).typ.class,
             CLASS_SUCCESS_RESPONSE
         );
-        assert_eq!(relay.permissions(), 2, "every XOR-PEER-ADDRESS is installed");
+        assert_eq!(udp(&relay).permissions, 2, "every XOR-PEER-ADDRESS is installed");
 
         let relay_addr = *ports.open.iter().next().unwrap();
         let mut out = Vec::new();
@@ -1226,7 +1243,7 @@ mod tests {
             relay.handle_peer(T0 + 1, relay_addr, "9.9.9.9:1".parse().unwrap(), b"hi", &mut out).is_none()
         );
         relay.expire(T0 + PERMISSION_LIFETIME_MS, &mut ports);
-        assert_eq!(relay.permissions(), 0);
+        assert_eq!(udp(&relay).permissions, 0);
         assert!(
             relay.handle_peer(T0 + PERMISSION_LIFETIME_MS, relay_addr, public_b, b"hi", &mut out).is_none()
         );
@@ -1276,7 +1293,7 @@ mod tests {
         assert_eq!(relay.handle_peer(T0, relay_addr, peer(), b"xyz", &mut out), Some(tuple0()));
         assert_eq!(out, [0x40, 0x00, 0x00, 0x03, b'x', b'y', b'z']);
         relay.expire(T0 + CHANNEL_LIFETIME_MS, &mut ports);
-        assert_eq!(relay.channels(), 0);
+        assert_eq!(udp(&relay).channels, 0);
         assert_eq!(relay.handle_client(T0 + CHANNEL_LIFETIME_MS, tuple0(), &frame, &mut ports), Action::None);
     }
 
