@@ -83,13 +83,6 @@ fn switchboard_now_ms() -> i64 {
         .unwrap()
 }
 
-/// Resident set size of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-}
-
 /// Starts `switchboard serve` on `db` with `homeserver`, waits for `/health`; returns the process
 /// and how long it took.
 async fn serve(dir: &std::path::Path, db: &str, homeserver: &str) -> (common::Process, Duration) {
@@ -209,7 +202,7 @@ async fn main() {
     let empty_dir = dir.path().join("empty");
     std::fs::create_dir(&empty_dir).unwrap();
     let (empty, _) = serve(&empty_dir, &common::sqlite_url(&empty_dir), &synapse.base_url).await;
-    let empty_rss = rss(empty.pid());
+    let empty_rss = common::rss_bytes(empty.pid());
     drop(empty);
 
     let full_dir = dir.path().join("full");
@@ -241,7 +234,7 @@ async fn main() {
         );
         eprintln!("run {} of {RUNS} done", run + 1);
     }
-    let loaded_rss = rss(server.pid());
+    let loaded_rss = common::rss_bytes(server.pid());
 
     #[allow(clippy::cast_precision_loss)]
     let per_user = loaded_rss.saturating_sub(empty_rss) as f64 / users as f64;

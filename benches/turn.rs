@@ -35,16 +35,20 @@ const LOADS: &[(&str, &[&str])] = &[
     ("50 streams × 160 B every 20 ms, TCP", &["-m", "50", "-n", "250", "-l", "160", "-z", "20", "-t"]),
 ];
 
+/// A relay under test: its name, process and TURN port.
 struct Server {
     name: &'static str,
-    child: Child,
+    pid: u32,
     port: u16,
 }
 
-impl Drop for Server {
+/// A child process killed when dropped (coturn, the echo peer).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -59,13 +63,7 @@ fn cpu_seconds(pid: u32) -> f64 {
     seconds
 }
 
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
-}
-
-fn coturn(port: u16) -> Server {
+fn coturn(port: u16) -> (Server, KillOnDrop) {
     let child = Command::new("turnserver")
         .args(["-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "--listening-port"])
         .arg(port.to_string())
@@ -88,7 +86,7 @@ fn coturn(port: u16) -> Server {
         .stderr(Stdio::null())
         .spawn()
         .expect("start turnserver (apt-get install coturn)");
-    Server { name: "coturn", child, port }
+    (Server { name: "coturn", pid: child.id(), port }, KillOnDrop(child))
 }
 
 fn switchboard(dir: &std::path::Path, port: u16) -> (Server, common::Process) {
@@ -102,9 +100,7 @@ fn switchboard(dir: &std::path::Path, port: u16) -> (Server, common::Process) {
         )
         .replace("level = \"info,switchboard=debug\"", "level = \"warn\"");
     let process = common::Process::start(dir, &toml, ports);
-    // The Server handle only names it; the Process owns (and kills) the child.
-    let placeholder = Command::new("true").spawn().unwrap();
-    (Server { name: "switchboard", child: placeholder, port }, process)
+    (Server { name: "switchboard", pid: process.pid(), port }, process)
 }
 
 /// Runs uclient with `flags` against `port`; returns (messages relayed, lost, output), or `None`
@@ -119,12 +115,7 @@ fn uclient(port: u16, peer: u16, flags: &[&str]) -> Option<(u64, u64, String)> {
         .output()
         .expect("run turnutils_uclient");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let after = |key: &str| -> Option<u64> {
-        text.lines().rev().find_map(|line| {
-            let rest = &line[line.find(key)? + key.len()..];
-            rest.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-        })
-    };
+    let after = |key: &str| common::uclient_number(&text, key);
     let relayed = after("tot_send_msgs=")? + after("tot_recv_msgs=")?;
     Some((relayed, after("Total lost packets")?, text))
 }
@@ -134,7 +125,7 @@ fn allocate_many(server: SocketAddr, count: usize) -> Vec<std::net::UdpSocket> {
     let credentials = switchboard::turn::credentials::mint(
         SECRET.as_bytes(),
         "idle",
-        u64::try_from(common_now_secs()).unwrap(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
         3600,
     );
     let mut sockets = Vec::with_capacity(count);
@@ -192,10 +183,6 @@ fn allocate_many(server: SocketAddr, count: usize) -> Vec<std::net::UdpSocket> {
     sockets
 }
 
-fn common_now_secs() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs().into()
-}
-
 fn median(mut values: Vec<f64>) -> f64 {
     if values.is_empty() {
         return f64::NAN;
@@ -208,17 +195,18 @@ fn median(mut values: Vec<f64>) -> f64 {
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let peer_port = common::free_port();
-    let mut peer = Command::new("turnutils_peer")
-        .args(["-L", "127.0.0.1", "-p", &peer_port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start turnutils_peer (apt-get install coturn)");
-    let coturn = coturn(common::free_port());
+    let _peer = KillOnDrop(
+        Command::new("turnutils_peer")
+            .args(["-L", "127.0.0.1", "-p", &peer_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start turnutils_peer (apt-get install coturn)"),
+    );
+    let (coturn, _coturn_process) = coturn(common::free_port());
     let (switchboard, process) = switchboard(dir.path(), common::free_port());
     process.wait_for("/health").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pid = |server: &Server| if server.name == "coturn" { server.child.id() } else { process.pid() };
 
     println!("| load | server | CPU µs per relayed message | loss | Switchboard ÷ coturn |");
     println!("|---|---|---:|---:|---:|");
@@ -229,7 +217,7 @@ async fn main() {
         let mut unfinished = [0u32; 2];
         for _ in 0..RUNS {
             for (index, server) in [&coturn, &switchboard].into_iter().enumerate() {
-                let before = cpu_seconds(pid(server));
+                let before = cpu_seconds(server.pid);
                 let Some((relayed, lost_now, output)) = uclient(server.port, peer_port, flags) else {
                     eprintln!("{load}: uclient did not finish against {}", server.name);
                     unfinished[index] += 1;
@@ -237,7 +225,7 @@ async fn main() {
                 };
                 // Let the server finish what is in flight before reading its CPU time.
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let cpu = cpu_seconds(pid(server)) - before;
+                let cpu = cpu_seconds(server.pid) - before;
                 assert!(relayed > 0, "{} relayed nothing:\n{output}", server.name);
                 #[allow(clippy::cast_precision_loss)]
                 per_message[index].push(cpu / relayed as f64 * 1e6);
@@ -267,10 +255,10 @@ async fn main() {
     println!("|---|---:|---:|---:|");
     for server in [&coturn, &switchboard] {
         let address: SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
-        let before = rss_bytes(pid(server));
+        let before = common::rss_bytes(server.pid);
         let sockets = allocate_many(address, IDLE_ALLOCATIONS);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = rss_bytes(pid(server));
+        let after = common::rss_bytes(server.pid);
         #[allow(clippy::cast_precision_loss)]
         let bytes_each = after.saturating_sub(before) as f64 / IDLE_ALLOCATIONS as f64;
         let mib = |bytes: u64| {
@@ -281,7 +269,5 @@ async fn main() {
         println!("| {} | {:.1} MiB | {:.1} MiB | {bytes_each:.0} |", server.name, mib(before), mib(after));
         drop(sockets);
     }
-    let _ = peer.kill();
-    let _ = peer.wait();
     drop(process);
 }

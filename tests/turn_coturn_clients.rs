@@ -53,14 +53,9 @@ async fn uclient(
         .expect("run turnutils_uclient");
     let text =
         String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-    let number_after = |key: &str| -> Option<u64> {
-        let line = text.lines().rev().find(|line| line.contains(key))?;
-        let rest = &line[line.find(key)? + key.len()..];
-        rest.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-    };
-    let sent = number_after("tot_send_msgs=").unwrap_or(0);
-    let received = number_after("tot_recv_msgs=").unwrap_or(0);
-    let lost = number_after("Total lost packets").unwrap_or(u64::MAX);
+    let sent = common::uclient_number(&text, "tot_send_msgs=").unwrap_or(0);
+    let received = common::uclient_number(&text, "tot_recv_msgs=").unwrap_or(0);
+    let lost = common::uclient_number(&text, "Total lost packets").unwrap_or(u64::MAX);
     (sent, received, lost, text)
 }
 

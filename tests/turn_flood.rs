@@ -11,12 +11,6 @@ use tokio::net::UdpSocket;
 const FLOOD: usize = 200_000;
 const SOCKETS: usize = 4;
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// A minimal Allocate (REQUESTED-TRANSPORT UDP, no credentials) with transaction id `n`.
 fn allocate(n: u64) -> Vec<u8> {
     let mut packet = vec![0x00, 0x03, 0x00, 0x08, 0x21, 0x12, 0xA4, 0x42];
@@ -55,10 +49,10 @@ async fn a_flood_of_unauthenticated_allocates_does_not_grow_memory() {
     // Warm up (allocator arenas, the limiter's entry), then measure around the flood.
     send(&sockets, relay, 0, 2_000).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = rss_kib(process.pid());
+    let before = common::rss_bytes(process.pid()) / 1024;
     send(&sockets, relay, 10_000, FLOOD).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = rss_kib(process.pid());
+    let after = common::rss_bytes(process.pid()) / 1024;
     eprintln!("RSS before {before} KiB, after {FLOOD} Allocates {after} KiB");
     assert!(after < before + 2048, "RSS grew by {} KiB", after.saturating_sub(before));
 

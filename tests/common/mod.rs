@@ -216,6 +216,22 @@ pub fn metric(metrics: &str, prefix: &str) -> u64 {
         .sum()
 }
 
+/// Resident set size of a process, in bytes (from /proc).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS in /proc/<pid>/status");
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// The number after the last `key` in the output of coturn's `turnutils_uclient` (e.g.
+/// `tot_recv_msgs=`, `Total lost packets`).
+pub fn uclient_number(output: &str, key: &str) -> Option<u64> {
+    output.lines().rev().find_map(|line| {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.trim_start().split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    })
+}
+
 /// A free loopback port (bound and released; fine for tests).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
