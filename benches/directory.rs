@@ -3,8 +3,9 @@
 //! - Seeds a SQLite database with `SWITCHBOARD_BENCH_USERS` (default 1,000,000) synthetic users
 //!   (stored as verified and online; their displaynames are not real signatures, so the figure is
 //!   the lookup path, not verification: `cargo bench --bench identity` measures that).
-//! - Starts `switchboard serve` on it as its own process (release build), with a real Synapse as
-//!   its homeserver: requests carry a Synapse access token, checked with `whoami` and cached.
+//! - Starts `switchboard serve` on it as its own process (release build, default `[directory]`
+//!   settings, so every lookup also takes the look-up/watch path), with a real Synapse as its
+//!   homeserver: requests carry a Synapse access token, checked with `whoami` and cached.
 //! - A load generator in this process (one thread, raw HTTP/1.1 keep-alive on loopback, 64
 //!   connections) asks `GET …/address/{a}/metadata` and `GET …/peers/{a}` for random known
 //!   addresses, and, side by side in the same run, Synapse's own answer to "who is this user":
@@ -88,8 +89,7 @@ fn switchboard_now_ms() -> i64 {
 async fn serve(dir: &std::path::Path, db: &str, homeserver: &str) -> (common::Process, Duration) {
     let ports = [common::free_port(), common::free_port(), common::free_port()];
     let toml = common::config_toml(db, homeserver, ports)
-        .replace("level = \"info,switchboard=debug\"", "level = \"warn\"")
-        + "[directory]\nlookups_per_sec = 0\n";
+        .replace("level = \"info,switchboard=debug\"", "level = \"warn\"");
     let started = Instant::now();
     let process = common::Process::start(dir, &toml, ports);
     let health = format!("http://127.0.0.1:{}/health", ports[2]);

@@ -252,17 +252,21 @@ impl Directory {
         self.by_address.get_mut(&address)?.iter_mut().find(|user| &*user.user_id == user_id)
     }
 
+    /// The users claiming `address`, in no particular order (empty when none).
+    pub fn claimants(&self, address: &Address) -> &[User] {
+        self.by_address.get(address).map_or(&[], Vec::as_slice)
+    }
+
     /// Every user claiming `address`, best first (verified before unverified).
     pub fn users_of(&self, address: &Address) -> Vec<&User> {
-        let mut users: Vec<&User> = self.by_address.get(address).into_iter().flatten().collect();
+        let mut users: Vec<&User> = self.claimants(address).iter().collect();
         users.sort_by(|a, b| rank(b).cmp(&rank(a)).then_with(|| a.user_id.cmp(&b.user_id)));
         users
     }
 
     /// The verified, reachable user to contact for `address`.
     pub fn best(&self, address: &Address) -> Option<&User> {
-        self.by_address
-            .get(address)?
+        self.claimants(address)
             .iter()
             .filter(|user| user.verified && user.presence().reachable())
             .max_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| b.user_id.cmp(&a.user_id)))

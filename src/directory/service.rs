@@ -217,7 +217,7 @@ impl DirectoryService {
         store
             .each_directory_user(|row| restore_row(&mut model, &row, now_ms, settings.stale_after_ms))
             .await?;
-        metrics.directory_users.set(i64::try_from(model.len()).unwrap_or(i64::MAX));
+        count_users(&metrics, &model);
         let (jobs, queued) = mpsc::channel(QUEUE_CAPACITY);
         Ok(Arc::new(Self {
             model: RwLock::new(model),
@@ -289,31 +289,30 @@ impl DirectoryService {
         }
         let now_ms = crate::unix_millis();
         self.watch(address, now_ms);
-        let known_users: Option<Vec<(String, i64)>> = {
+        // This runs on every lookup: nothing is allocated unless a look-up can be queued.
+        let room = self.jobs.capacity() > 0;
+        let (known, stale): (bool, Vec<String>) = {
             let model = self.read();
-            model.knows(address).then(|| {
-                model
-                    .users_of(address)
-                    .into_iter()
-                    .map(|u| (u.user_id.to_string(), u.profile_at_ms))
-                    .collect()
-            })
+            let users = model.claimants(address);
+            let stale = users
+                .iter()
+                .filter(|user| {
+                    room && now_ms.saturating_sub(user.profile_at_ms) > self.settings.profile_cache_ms
+                })
+                .map(|user| user.user_id.to_string())
+                .collect();
+            (!users.is_empty(), stale)
         };
-        match known_users {
-            None => {
-                let user_id = format!("@{}:{}", address.to_lower_hex(), self.settings.server_name);
-                let (done, finished) = oneshot::channel();
-                if self.look_up_profile(&user_id, now_ms, Some(done)) {
-                    let _ = tokio::time::timeout(DISCOVER_WAIT, finished).await;
-                }
+        if known {
+            for user_id in stale {
+                self.look_up_profile(&user_id, now_ms, None);
             }
-            Some(users) => {
-                for (user_id, profile_at_ms) in users {
-                    if now_ms.saturating_sub(profile_at_ms) > self.settings.profile_cache_ms {
-                        self.look_up_profile(&user_id, now_ms, None);
-                    }
-                }
-            }
+            return;
+        }
+        let user_id = format!("@{}:{}", address.to_lower_hex(), self.settings.server_name);
+        let (done, finished) = oneshot::channel();
+        if self.look_up_profile(&user_id, now_ms, Some(done)) {
+            let _ = tokio::time::timeout(DISCOVER_WAIT, finished).await;
         }
     }
 
@@ -332,6 +331,11 @@ impl DirectoryService {
     /// Queues a profile look-up unless one was queued within `profile_cache_ms`; true when queued.
     fn look_up_profile(&self, user_id: &str, now_ms: i64, done: Option<oneshot::Sender<()>>) -> bool {
         if self.settings.lookups_per_sec == 0 {
+            return false;
+        }
+        if self.jobs.capacity() == 0 {
+            // Full: remember nothing, so that the user is looked up when there is room again.
+            self.metrics.directory_lookups_dropped.inc();
             return false;
         }
         {
@@ -387,7 +391,7 @@ impl DirectoryService {
                 .filter(|id| model.user(id).is_none_or(|u| u.displayname.is_none() && u.profile_at_ms == 0))
                 .map(str::to_owned)
                 .collect();
-            self.metrics.directory_users.set(i64::try_from(model.len()).unwrap_or(i64::MAX));
+            count_users(&self.metrics, &model);
             (changes, rows, unknown)
         };
         if !rows.is_empty() {
@@ -581,7 +585,7 @@ impl DirectoryService {
         let (change, row) = {
             let mut model = self.write();
             let change = update(&mut model);
-            self.metrics.directory_users.set(i64::try_from(model.len()).unwrap_or(i64::MAX));
+            count_users(&self.metrics, &model);
             (change, model.user(user_id).map(to_row))
         };
         if let Some(row) = row
@@ -592,6 +596,10 @@ impl DirectoryService {
         }
         self.publish(change);
     }
+}
+
+fn count_users(metrics: &Metrics, model: &Directory) {
+    metrics.directory_users.set(i64::try_from(model.len()).unwrap_or(i64::MAX));
 }
 
 /// Applies one inbox item; returns the user it concerned, if the model knows that user.
