@@ -7,7 +7,9 @@
 //! Loads alternate between the two servers, 3 runs each; medians. uclient staggers its clients'
 //! starts, so messages per second say little: compare CPU per message.
 //!
-//! Run: `cargo bench --bench turn` (needs coturn: `deploy/prerequisites --tests`).
+//! Run: `cargo bench --bench turn` (needs coturn: `deploy/prerequisites --tests`);
+//! `SWITCHBOARD_BENCH_LOADS=1200` runs only the loads whose name contains "1200" (and the memory
+//! measurement), `SWITCHBOARD_BENCH_LOADS=memory` none of them.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -16,23 +18,24 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use stun::attributes::{ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
 use stun::message::{CLASS_REQUEST, METHOD_ALLOCATE, Message, MessageType, Setter};
 use stun::textattrs::TextAttribute;
 
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 const IDLE_ALLOCATIONS: usize = 5_000;
 const SECRET: &str = common::TURN_SECRET;
 
 /// A load: a name and uclient flags.
 const LOADS: &[(&str, &[&str])] = &[
-    ("50 streams × 160 B every 20 ms, channels", &["-m", "50", "-n", "250", "-l", "160", "-z", "20"]),
-    ("100 streams × 160 B at full rate, channels", &["-m", "100", "-n", "200", "-l", "160", "-z", "0"]),
-    ("50 streams × 1200 B every 20 ms, channels", &["-m", "50", "-n", "250", "-l", "1200", "-z", "20"]),
+    ("50 streams × 160 B every 20 ms, channels", &["-m", "50", "-n", "500", "-l", "160", "-z", "20"]),
+    ("100 streams × 160 B at full rate, channels", &["-m", "100", "-n", "400", "-l", "160", "-z", "0"]),
+    ("50 streams × 1200 B every 20 ms, channels", &["-m", "50", "-n", "500", "-l", "1200", "-z", "20"]),
     (
         "50 streams × 160 B every 20 ms, send indications",
-        &["-m", "50", "-n", "250", "-l", "160", "-z", "20", "-s"],
+        &["-m", "50", "-n", "500", "-l", "160", "-z", "20", "-s"],
     ),
-    ("50 streams × 160 B every 20 ms, TCP", &["-m", "50", "-n", "250", "-l", "160", "-z", "20", "-t"]),
+    ("50 streams × 160 B every 20 ms, TCP", &["-m", "50", "-n", "500", "-l", "160", "-z", "20", "-t"]),
 ];
 
 /// A relay under test: its name, process and TURN port.
@@ -121,6 +124,7 @@ fn uclient(port: u16, peer: u16, flags: &[&str]) -> Option<(u64, u64, String)> {
 }
 
 /// Makes `count` allocations on `server` from as many sockets, kept open; returns the sockets.
+/// A socket whose port a uclient run left an allocation on (437) is replaced by another.
 fn allocate_many(server: SocketAddr, count: usize) -> Vec<std::net::UdpSocket> {
     let credentials = switchboard::turn::credentials::mint(
         SECRET.as_bytes(),
@@ -129,58 +133,64 @@ fn allocate_many(server: SocketAddr, count: usize) -> Vec<std::net::UdpSocket> {
         3600,
     );
     let mut sockets = Vec::with_capacity(count);
-    let mut buffer = [0u8; 1500];
-    for _ in 0..count {
+    let mut in_use = 0;
+    while sockets.len() < count {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         socket.connect(server).unwrap();
-        let mut nonce_realm = None;
-        for _ in 0..2 {
-            let mut request = Message::new();
-            let mut setters: Vec<Box<dyn Setter>> = vec![
-                Box::new(stun::agent::TransactionId::new()),
-                Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
-                Box::new(turn::proto::reqtrans::RequestedTransport { protocol: turn::proto::PROTO_UDP }),
-            ];
-            if let Some((nonce, realm)) = &nonce_realm {
-                let (nonce, realm): (&String, &String) = (nonce, realm);
-                setters.push(Box::new(TextAttribute::new(
-                    stun::attributes::ATTR_USERNAME,
-                    credentials.username.clone(),
-                )));
-                setters.push(Box::new(TextAttribute::new(stun::attributes::ATTR_REALM, realm.clone())));
-                setters.push(Box::new(TextAttribute::new(stun::attributes::ATTR_NONCE, nonce.clone())));
-                setters.push(Box::new(stun::integrity::MessageIntegrity::new_long_term_integrity(
-                    credentials.username.clone(),
-                    realm.clone(),
-                    credentials.password.clone(),
-                )));
-            }
-            request.build(&setters).unwrap();
-            socket.send(&request.raw).unwrap();
-            let length = socket.recv(&mut buffer).expect("an answer to Allocate");
-            let mut answer = Message::new();
-            answer.raw = buffer[..length].to_vec();
-            answer.decode().unwrap();
-            if nonce_realm.is_none() {
-                let Ok(nonce) = TextAttribute::get_from_as(&answer, stun::attributes::ATTR_NONCE) else {
-                    let mut code = stun::error_code::ErrorCodeAttribute::default();
-                    let _ = stun::message::Getter::get_from(&mut code, &answer);
-                    panic!(
-                        "no NONCE in the answer to an unauthenticated Allocate: {} {:?}",
-                        answer.typ, code.code.0
-                    );
-                };
-                let nonce = nonce.text;
-                let realm = TextAttribute::get_from_as(&answer, stun::attributes::ATTR_REALM).unwrap().text;
-                nonce_realm = Some((nonce, realm));
-            } else {
-                assert_eq!(answer.typ.class, stun::message::CLASS_SUCCESS_RESPONSE, "allocation refused");
-            }
+        match allocate(&socket, &credentials) {
+            Ok(()) => sockets.push(socket),
+            Err(437) if in_use < 1000 => in_use += 1,
+            Err(code) => panic!("allocation refused with {code}"),
         }
-        sockets.push(socket);
     }
     sockets
+}
+
+/// The 401 dance and an Allocate on `socket`; the error code of a refusal.
+fn allocate(
+    socket: &std::net::UdpSocket,
+    credentials: &switchboard::turn::credentials::Credentials,
+) -> Result<(), u16> {
+    let mut buffer = [0u8; 1500];
+    let mut nonce_realm: Option<(String, String)> = None;
+    loop {
+        let mut setters: Vec<Box<dyn Setter>> = vec![
+            Box::new(stun::agent::TransactionId::new()),
+            Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+            Box::new(turn::proto::reqtrans::RequestedTransport { protocol: turn::proto::PROTO_UDP }),
+        ];
+        if let Some((nonce, realm)) = &nonce_realm {
+            setters.push(Box::new(TextAttribute::new(ATTR_USERNAME, credentials.username.clone())));
+            setters.push(Box::new(TextAttribute::new(ATTR_REALM, realm.clone())));
+            setters.push(Box::new(TextAttribute::new(ATTR_NONCE, nonce.clone())));
+            setters.push(Box::new(stun::integrity::MessageIntegrity::new_long_term_integrity(
+                credentials.username.clone(),
+                realm.clone(),
+                credentials.password.clone(),
+            )));
+        }
+        let mut request = Message::new();
+        request.build(&setters).unwrap();
+        socket.send(&request.raw).unwrap();
+        let length = socket.recv(&mut buffer).expect("an answer to Allocate");
+        let mut answer = Message::new();
+        answer.raw = buffer[..length].to_vec();
+        answer.decode().unwrap();
+        if answer.typ.class == stun::message::CLASS_SUCCESS_RESPONSE {
+            return Ok(());
+        }
+        let mut code = stun::error_code::ErrorCodeAttribute::default();
+        stun::message::Getter::get_from(&mut code, &answer).expect("an error code");
+        match (code.code.0, &nonce_realm) {
+            (401, None) => {
+                let nonce = TextAttribute::get_from_as(&answer, ATTR_NONCE).unwrap().text;
+                let realm = TextAttribute::get_from_as(&answer, ATTR_REALM).unwrap().text;
+                nonce_realm = Some((nonce, realm));
+            }
+            (other, _) => return Err(other),
+        }
+    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -210,8 +220,12 @@ async fn main() {
 
     println!("| load | server | CPU µs per relayed message | loss | Switchboard ÷ coturn |");
     println!("|---|---|---:|---:|---:|");
-    let loads = if std::env::var_os("SWITCHBOARD_BENCH_MEMORY_ONLY").is_some() { &[][..] } else { LOADS };
-    for (load, flags) in loads {
+    // SWITCHBOARD_BENCH_LOADS=<text>: only the loads whose name contains it ("" or "memory": none).
+    let only = std::env::var("SWITCHBOARD_BENCH_LOADS").ok();
+    let chosen = LOADS
+        .iter()
+        .filter(|(name, _)| only.as_deref().is_none_or(|text| !text.is_empty() && name.contains(text)));
+    for (load, flags) in chosen {
         let mut per_message: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
         let mut lost = [0u64; 2];
         let mut unfinished = [0u32; 2];

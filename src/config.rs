@@ -207,7 +207,7 @@ pub struct TurnConfig {
     /// Peer ranges denied in addition to the built-in list.
     #[serde(default)]
     pub denied_peers: Vec<ipnet::IpNet>,
-    /// Allocations per user.
+    /// Allocations per user (the user part of `<expiry>:<user>`: fresh credentials add none).
     #[serde(default = "default_turn_user_quota")]
     pub user_quota: usize,
     /// Allocations in all.
@@ -222,6 +222,12 @@ pub struct TurnConfig {
     /// Unauthenticated requests per second per source address (0: no limit).
     #[serde(default = "default_turn_unauthenticated_per_sec")]
     pub unauthenticated_per_sec: u32,
+    /// How long a nonce stays fresh (seconds) before a request with it gets 438 and a new one.
+    #[serde(default = "default_turn_nonce_lifetime_secs")]
+    pub nonce_lifetime_secs: u64,
+    /// Relay threads (shards, each with its own sockets on the listen addresses); 0: one per core.
+    #[serde(default)]
+    pub threads: usize,
     /// TURN URIs handed to clients.
     #[serde(default)]
     pub uris: Vec<String>,
@@ -331,6 +337,9 @@ fn default_turn_bandwidth() -> u64 {
 fn default_turn_unauthenticated_per_sec() -> u32 {
     50
 }
+fn default_turn_nonce_lifetime_secs() -> u64 {
+    600
+}
 fn default_turn_user_lifetime_secs() -> u64 {
     86_400
 }
@@ -392,6 +401,8 @@ impl Default for TurnConfig {
             max_lifetime_secs: default_turn_max_lifetime_secs(),
             bandwidth_bytes_per_sec: default_turn_bandwidth(),
             unauthenticated_per_sec: default_turn_unauthenticated_per_sec(),
+            nonce_lifetime_secs: default_turn_nonce_lifetime_secs(),
+            threads: 0,
             uris: Vec::new(),
             user_lifetime_secs: default_turn_user_lifetime_secs(),
         }
@@ -506,6 +517,12 @@ impl Config {
         }
         if self.turn.relay_port_min > self.turn.relay_port_max {
             return Err(invalid("turn.relay_port_min", "must not exceed turn.relay_port_max"));
+        }
+        if self.turn.nonce_lifetime_secs == 0 {
+            return Err(invalid("turn.nonce_lifetime_secs", "must be at least 1"));
+        }
+        if self.turn.threads > 256 {
+            return Err(invalid("turn.threads", "must be at most 256 (0: one per core)"));
         }
         if self.turn.max_lifetime_secs < 600 {
             return Err(invalid("turn.max_lifetime_secs", "must be at least 600 (the default lifetime)"));
@@ -688,13 +705,18 @@ relay_port_max = {relay_max}
 # denied_peers adds ranges. CIDR notation, e.g. ["10.8.0.0/16"].
 allowed_peers = []
 denied_peers = []
-# Allocations per user and in all; the longest lifetime granted (seconds); bytes per second each
-# allocation may relay (0: no cap); unauthenticated requests per second per source address.
+# Allocations per user (whatever the credentials' expiry) and in all; the longest lifetime granted
+# (seconds); bytes per second each allocation may relay (0: no cap); unauthenticated requests per
+# second per source address.
 user_quota = {user_quota}
 total_quota = {total_quota}
 max_lifetime_secs = {max_lifetime}
 bandwidth_bytes_per_sec = {bandwidth}
 unauthenticated_per_sec = {unauth_rate}
+# How long a nonce stays fresh (seconds; coturn's stale-nonce) before 438 hands out a new one.
+nonce_lifetime_secs = {nonce_lifetime}
+# Relay threads, each with its own sockets on the listen addresses (SO_REUSEPORT); 0: one per core.
+threads = 0
 # TURN URIs handed to clients, e.g. ["turn:turn.example.org:3478?transport=udp"].
 uris = []
 # Lifetime of minted TURN credentials, in seconds.
@@ -735,6 +757,7 @@ format = "text"
         max_lifetime = default_turn_max_lifetime_secs(),
         bandwidth = default_turn_bandwidth(),
         unauth_rate = default_turn_unauthenticated_per_sec(),
+        nonce_lifetime = default_turn_nonce_lifetime_secs(),
         turn_lifetime = default_turn_user_lifetime_secs(),
         log_level = toml_str(&default_log_level()),
     )

@@ -7,7 +7,8 @@
 //! - [`homeserver`]: Switchboard → homeserver (whoami, masquerading, ping, sender registration).
 //! - [`directory`]: presence and discovery: who is online, which address they provably hold, what
 //!   they can do; fed by the inbox, the homeserver and signalling connections.
-//! - [`turn`]: TURN credentials (the embedded relay is next).
+//! - [`turn`]: TURN/STUN: credentials for Synapse, coturn and the embedded relay, which runs one
+//!   shard per core.
 //! - [`store`]: SQLite or PostgreSQL behind one type, with per-backend migrations.
 //! - [`ops`]: `/health`, `/ready`, `/metrics`.
 //! - [`http`], [`telemetry`]: Matrix error JSON and serving; logs and metrics.
@@ -72,14 +73,13 @@ impl Listeners {
     pub async fn bind(config: &Config) -> std::io::Result<Self> {
         let turn = match config.turn.mode {
             config::TurnMode::Embedded => {
-                let mut listeners = bind_turn(config.turn.listen).await?;
-                if let (Some(addr), Some(certificate), Some(key)) =
-                    (config.turn.tls_listen, &config.turn.tls_certificate, &config.turn.tls_key)
-                {
-                    let acceptor = turn::tls_acceptor(certificate, key).map_err(std::io::Error::other)?;
-                    listeners.tls = Some((bind(addr).await?, acceptor));
-                }
-                Some(listeners)
+                let tls = match (config.turn.tls_listen, &config.turn.tls_certificate, &config.turn.tls_key) {
+                    (Some(addr), Some(certificate), Some(key)) => {
+                        Some((addr, turn::tls_acceptor(certificate, key).map_err(std::io::Error::other)?))
+                    }
+                    _ => None,
+                };
+                Some(turn::io::Listeners::bind(config.turn.listen, tls, turn::shards(config))?)
             }
             config::TurnMode::External | config::TurnMode::Off => None,
         };
@@ -89,23 +89,6 @@ impl Listeners {
             ops: bind(config.ops.listen).await?,
             turn,
         })
-    }
-}
-
-/// The relay's UDP socket and TCP listener, on the same port (port 0: the same free port for both).
-async fn bind_turn(addr: SocketAddr) -> std::io::Result<turn::io::Listeners> {
-    let context =
-        |e: std::io::Error| std::io::Error::new(e.kind(), format!("cannot listen on {addr} (TURN): {e}"));
-    let mut attempts = if addr.port() == 0 { 10 } else { 1 };
-    loop {
-        attempts -= 1;
-        let udp = tokio::net::UdpSocket::bind(addr).await.map_err(context)?;
-        let port = udp.local_addr()?.port();
-        match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
-            Ok(tcp) => return Ok(turn::io::Listeners { udp, tcp, tls: None }),
-            Err(error) if attempts == 0 => return Err(context(error)),
-            Err(_) => {}
-        }
     }
 }
 
@@ -169,7 +152,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
 
     let turn_listener = listeners.turn;
     tracing::info!(
-        turn = ?turn_listener.as_ref().and_then(|listeners| listeners.udp.local_addr().ok()),
+        turn = ?turn_listener.as_ref().and_then(|listeners| listeners.local_addr().ok()),
         appservice = %listeners.appservice.local_addr()?,
         client = %listeners.client.local_addr()?,
         ops = %listeners.ops.local_addr()?,
@@ -182,8 +165,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     tasks.spawn(discovery.clone().consume(discovery_inbox, shutdown.clone()));
     tasks.spawn(discovery.refresh(shutdown.clone()));
     if let Some(listeners) = turn_listener {
-        let (relay, sockets) = turn::embedded(&config);
-        tasks.spawn(turn::io::serve(relay, listeners, sockets, metrics.clone(), shutdown.clone()));
+        let turn::Embedded { settings, limits, sockets } = turn::embedded(&config);
+        tasks.spawn(turn::io::serve(settings, limits, listeners, sockets, metrics.clone(), shutdown.clone()));
     }
     tasks.close();
 

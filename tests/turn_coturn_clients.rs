@@ -80,6 +80,8 @@ async fn coturn_clients_relay_through_the_embedded_relay_without_loss() {
     config.turn.tls_listen = Some("127.0.0.1:0".parse().unwrap());
     config.turn.tls_certificate = Some(certificate);
     config.turn.tls_key = Some(key);
+    // uclient never deallocates its UDP allocations, and every run is user "alice".
+    config.turn.user_quota = 1000;
     let running = common::start(config).await;
     let relay = running.turn.expect("the embedded relay listens");
     let relay_tls = running.turn_tls.expect("the TLS listener listens");

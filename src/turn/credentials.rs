@@ -44,6 +44,12 @@ pub fn expiry(username: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// The user a username is for: what follows the expiry (the whole username when it has none).
+/// Quotas count this, so minting fresh credentials does not buy more allocations.
+pub fn user(username: &str) -> &str {
+    username.split_once(':').map_or(username, |(_, user)| user)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,6 +69,8 @@ mod tests {
         assert_eq!(credentials.password, password(b"secret", &credentials.username));
         assert_eq!(credentials.ttl, 86_400);
         assert_eq!(expiry(&credentials.username), Some(1_700_086_400));
+        assert_eq!(user(&credentials.username), "@0xabc:example.org");
+        assert_eq!(user("alice"), "alice");
     }
 
     #[test]

@@ -1,36 +1,50 @@
-//! The relay's IO: a UDP socket and a TCP listener for clients (same port), a TLS listener when
-//! configured, one UDP socket per
-//! allocation towards peers, and the [`Relay`] state machine between them behind a mutex (held
-//! for microseconds, never across an await).
+//! The relay's IO, spread over the cores in shards. Each shard is a thread with its own
+//! current-thread tokio runtime, its own [`Relay`] state and its own client-facing sockets (UDP,
+//! TCP and, when configured, TLS), bound to the same addresses as the other shards' with
+//! SO_REUSEPORT. The kernel hashes each client's 5-tuple to one shard's socket, so a client's packets
+//! always reach the shard that holds its allocation, and the relay socket of that allocation is read
+//! by the same shard: a packet never crosses threads, and a shard's lock is never contended (it only
+//! satisfies `Send`). What shards must share, the quotas and the unauthenticated budget, is in
+//! [`Limits`](super::limits::Limits).
 //!
-//! Sends never wait: a full socket buffer (or a TCP client's full queue) drops the packet, as the
-//! network would. Closing a TCP connection deletes its allocation (RFC 8656 §3.1).
+//! A relay socket is read by a small task of its shard, into the shard's one buffer: an idle
+//! allocation costs a socket and a few hundred bytes, not a buffer of its own.
+//!
+//! Sends never wait: a full socket buffer (or a stream client's full backlog) drops the packet, as
+//! the network would. Closing a TCP or TLS connection deletes its allocation (RFC 8656 §3.1).
 
 use std::collections::HashMap;
+use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::sync::{Notify, oneshot};
+use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::server::{Action, FiveTuple, Relay, RelayPorts, Transport};
+use super::limits::Limits;
+use super::server::{Action, FiveTuple, Relay, RelayPorts, Settings, Transport};
 
 /// Largest datagram read (a TURN message carrying a full-size UDP payload fits).
 const MAX_DATAGRAM: usize = 65_536;
+/// Datagrams read from one socket before its task lets the shard's other tasks run.
+const READ_BATCH: usize = 64;
 /// Random ports tried in the range before an Allocate is refused with 508.
 const PORT_ATTEMPTS: usize = 64;
-/// Packets queued towards one TCP client before more are dropped.
-const TCP_QUEUE: usize = 1024;
+/// Bytes waiting for one stream client before more packets towards it are dropped.
+const STREAM_BACKLOG: usize = 256 * 1024;
 /// Time a TLS client has to finish its handshake.
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
-/// A TCP client that sends nothing for this long is disconnected (its allocation, if any, had to be
-/// refreshed within its lifetime anyway).
-const TCP_IDLE: Duration = Duration::from_secs(3600);
+/// A stream client that sends nothing for this long is disconnected (its allocation, if any, had to
+/// be refreshed within its lifetime anyway).
+const STREAM_IDLE: Duration = Duration::from_secs(3600);
+/// Pending connections per listener socket.
+const LISTEN_BACKLOG: i32 = 1024;
 
 /// Where relay sockets are bound.
 #[derive(Debug, Clone, Copy)]
@@ -42,27 +56,210 @@ pub struct RelaySockets {
     pub ports: (u16, u16),
 }
 
-/// The client-facing sockets of the relay.
+/// The client-facing sockets of the relay: one set per shard, all bound to the same addresses.
 pub struct Listeners {
-    pub udp: UdpSocket,
-    pub tcp: TcpListener,
-    pub tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
+    shards: Vec<ShardListeners>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
-struct Shared {
+struct ShardListeners {
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+    tls: Option<std::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Binds UDP and TCP on `listen` (port 0: the same free port for both) and TLS on `tls`, once
+    /// per shard.
+    pub fn bind(
+        listen: SocketAddr,
+        tls: Option<(SocketAddr, tokio_rustls::TlsAcceptor)>,
+        shards: usize,
+    ) -> std::io::Result<Self> {
+        let context = |address: SocketAddr| {
+            move |e: std::io::Error| {
+                std::io::Error::new(e.kind(), format!("cannot listen on {address} (TURN): {e}"))
+            }
+        };
+        // Port 0: UDP picks a free port, which TCP may find taken; try another a few times.
+        let mut attempts = if listen.port() == 0 { 10 } else { 1 };
+        let (udp, tcp) = loop {
+            attempts -= 1;
+            let udp = bind_udp(listen).map_err(context(listen))?;
+            let bound = udp.local_addr()?;
+            match bind_tcp(bound) {
+                Ok(tcp) => break (udp, tcp),
+                Err(error) if attempts == 0 => return Err(context(bound)(error)),
+                Err(_) => {}
+            }
+        };
+        let (tls_listener, acceptor) = match tls {
+            Some((address, acceptor)) => (Some(bind_tcp(address).map_err(context(address))?), Some(acceptor)),
+            None => (None, None),
+        };
+        let mut all = vec![ShardListeners { udp, tcp, tls: tls_listener }];
+        for _ in 1..shards.max(1) {
+            let first = &all[0];
+            let (udp, tcp) = (first.udp.local_addr()?, first.tcp.local_addr()?);
+            let tls = first.tls.as_ref().map(std::net::TcpListener::local_addr).transpose()?;
+            all.push(ShardListeners {
+                udp: bind_udp(udp).map_err(context(udp))?,
+                tcp: bind_tcp(tcp).map_err(context(tcp))?,
+                tls: tls.map(|address| bind_tcp(address).map_err(context(address))).transpose()?,
+            });
+        }
+        Ok(Self { shards: all, tls: acceptor })
+    }
+
+    /// The UDP (and TCP) address clients reach.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.shards[0].udp.local_addr()
+    }
+
+    /// The TLS listener's address, when there is one.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.shards[0].tls.as_ref().and_then(|listener| listener.local_addr().ok())
+    }
+}
+
+/// A non-blocking socket with SO_REUSEPORT (so that every shard binds the same address).
+fn reuse_port_socket(address: SocketAddr, kind: Type, protocol: Protocol) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(address), kind, Some(protocol))?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    Ok(socket)
+}
+
+fn bind_udp(address: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    Ok(reuse_port_socket(address, Type::DGRAM, Protocol::UDP)?.into())
+}
+
+fn bind_tcp(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = reuse_port_socket(address, Type::STREAM, Protocol::TCP)?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Runs the relay on `listeners`, one shard per listener set, until `shutdown`. A shard that fails
+/// cancels `shutdown` (the process stops rather than serve some of its clients).
+pub async fn serve(
+    settings: Settings,
+    limits: Arc<Limits>,
+    listeners: Listeners,
+    sockets: RelaySockets,
+    metrics: Arc<crate::telemetry::Metrics>,
+    shutdown: CancellationToken,
+) {
+    let waiting = TaskTracker::new();
+    for (index, shard) in listeners.shards.into_iter().enumerate() {
+        let (finished, outcome) = oneshot::channel();
+        let relay = Relay::new(settings.clone(), limits.clone());
+        let (tls, metrics, stop) = (listeners.tls.clone(), metrics.clone(), shutdown.clone());
+        let spawned = std::thread::Builder::new().name(format!("turn-shard-{index}")).spawn(move || {
+            let _ = finished.send(run_shard(relay, shard, tls, sockets, &metrics, &stop));
+        });
+        if let Err(error) = spawned {
+            tracing::error!(%error, "turn.shard could not start; shutting down");
+            shutdown.cancel();
+            break;
+        }
+        let shutdown = shutdown.clone();
+        waiting.spawn(async move {
+            let error = match outcome.await {
+                Ok(Ok(())) => return,
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => "the shard's thread panicked".to_owned(),
+            };
+            tracing::error!(shard = index, %error, "turn.shard failed; shutting down");
+            shutdown.cancel();
+        });
+    }
+    waiting.close();
+    waiting.wait().await;
+}
+
+/// Runs one shard on this thread until `shutdown`.
+fn run_shard(
+    relay: Relay,
+    listeners: ShardListeners,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    sockets: RelaySockets,
+    metrics: &crate::telemetry::Metrics,
+    shutdown: &CancellationToken,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let udp = Arc::new(UdpSocket::from_std(listeners.udp)?);
+        let tcp = TcpListener::from_std(listeners.tcp)?;
+        let tls = match (listeners.tls, tls) {
+            (Some(listener), Some(acceptor)) => Some((TcpListener::from_std(listener)?, acceptor)),
+            _ => None,
+        };
+        let shard = Arc::new_cyclic(|weak| {
+            Mutex::new(Shard {
+                relay,
+                ports: Ports {
+                    config: sockets,
+                    sockets: HashMap::new(),
+                    shard: weak.clone(),
+                    udp: udp.clone(),
+                },
+                streams: HashMap::new(),
+                buffer: vec![0; MAX_DATAGRAM].into_boxed_slice(),
+                framed: Vec::with_capacity(MAX_DATAGRAM),
+            })
+        });
+        // Tasks end with the runtime, when this block returns.
+        tokio::spawn(serve_udp(udp, shard.clone()));
+        tokio::spawn(accept_streams(tcp, None, shard.clone()));
+        if let Some((listener, acceptor)) = tls {
+            tokio::spawn(accept_streams(listener, Some(acceptor), shard.clone()));
+        }
+        expire_until(&shard, metrics, shutdown).await;
+        Ok(())
+    })
+}
+
+/// One shard's state: its allocations, their relay sockets, and its stream clients' backlogs.
+struct Shard {
     relay: Relay,
     ports: Ports,
-    /// Queues towards connected TCP clients, by their address.
-    stream_clients: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    /// Bytes waiting to be written to each stream (TCP, TLS) client, by its address.
+    streams: HashMap<SocketAddr, Backlog>,
+    /// What datagrams are read into, for every socket of the shard.
+    buffer: Box<[u8]>,
+    /// A peer's datagram framed for its client.
+    framed: Vec<u8>,
 }
 
+/// Bytes for a stream client, and the writer task to wake.
+struct Backlog {
+    bytes: Vec<u8>,
+    wake: Arc<Notify>,
+}
+
+impl Backlog {
+    fn push(&mut self, frame: &[u8]) {
+        if self.bytes.len() + frame.len() <= STREAM_BACKLOG {
+            self.bytes.extend_from_slice(frame);
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// The relay sockets of one shard.
 struct Ports {
     config: RelaySockets,
-    sockets: HashMap<SocketAddr, (Arc<UdpSocket>, JoinHandle<()>)>,
-    /// The shared state, for the reader tasks of new relay sockets.
-    state: Weak<Mutex<Shared>>,
+    sockets: HashMap<SocketAddr, (Arc<UdpSocket>, AbortHandle)>,
+    /// The shard, for the reader tasks of new relay sockets.
+    shard: Weak<Mutex<Shard>>,
+    /// The shard's client-facing UDP socket (the address UDP clients reached).
     udp: Arc<UdpSocket>,
-    shutdown: CancellationToken,
 }
 
 impl RelayPorts for Ports {
@@ -82,15 +279,12 @@ impl RelayPorts for Ports {
             match std::net::UdpSocket::bind((ip, port)) {
                 Ok(socket) => {
                     socket.set_nonblocking(true)?;
+                    // Runs on the shard's runtime: the Relay is only driven from the shard's tasks.
                     let socket = Arc::new(UdpSocket::from_std(socket)?);
                     let local = socket.local_addr()?;
-                    let reader = tokio::spawn(read_peers(
-                        socket.clone(),
-                        self.state.clone(),
-                        self.udp.clone(),
-                        self.shutdown.clone(),
-                    ));
-                    self.sockets.insert(local, (socket, reader));
+                    let reader =
+                        tokio::spawn(read_peers(socket.clone(), self.shard.clone(), self.udp.clone()));
+                    self.sockets.insert(local, (socket, reader.abort_handle()));
                     return Ok(local);
                 }
                 Err(error) => last_error = error,
@@ -106,17 +300,21 @@ impl RelayPorts for Ports {
     }
 }
 
-impl Shared {
-    /// Hands a client's packet to the state machine and carries out the answer: a reply is
-    /// returned (for the caller to send on the client's transport), relayed data is sent here.
-    fn client_packet(&mut self, tuple: FiveTuple, packet: &[u8]) -> Option<Vec<u8>> {
-        let Shared { relay, ports, .. } = self;
+impl Shard {
+    /// Hands a client's packet to the state machine and carries out the answer: relayed data is
+    /// sent here, a reply is returned for the caller to send on the client's transport.
+    fn client_packet(
+        relay: &mut Relay,
+        ports: &mut Ports,
+        tuple: FiveTuple,
+        packet: &[u8],
+    ) -> Option<Vec<u8>> {
         match relay.handle_client(crate::unix_millis_u64(), tuple, packet, ports) {
             Action::None => None,
             Action::Reply(bytes) => Some(bytes),
             Action::Relay { relay, peer, data } => {
                 if let Some((socket, _)) = ports.sockets.get(&relay) {
-                    let _ = socket.try_send_to(&data, peer);
+                    send_to(socket, &data, peer);
                 }
                 None
             }
@@ -124,97 +322,94 @@ impl Shared {
     }
 }
 
-/// Runs the relay on `listeners` until `shutdown`.
-pub async fn serve(
-    relay: Relay,
-    listeners: Listeners,
-    sockets: RelaySockets,
-    metrics: Arc<crate::telemetry::Metrics>,
-    shutdown: CancellationToken,
-) {
-    let udp = Arc::new(listeners.udp);
-    let state = Arc::new_cyclic(|weak| {
-        Mutex::new(Shared {
-            relay,
-            ports: Ports {
-                config: sockets,
-                sockets: HashMap::new(),
-                state: weak.clone(),
-                udp: udp.clone(),
-                shutdown: shutdown.clone(),
-            },
-            stream_clients: HashMap::new(),
-        })
-    });
-    let tasks = TaskTracker::new();
-    tasks.spawn(expire(state.clone(), metrics, shutdown.clone()));
-    tasks.spawn(accept_streams(listeners.tcp, None, state.clone(), tasks.clone(), shutdown.clone()));
-    if let Some((listener, acceptor)) = listeners.tls {
-        tasks.spawn(accept_streams(listener, Some(acceptor), state.clone(), tasks.clone(), shutdown.clone()));
-    }
-    serve_udp(&udp, &state, &shutdown).await;
-    tasks.close();
-    tasks.wait().await;
-    let mut shared = lock(&state);
-    let Shared { relay, ports, .. } = &mut *shared;
-    relay.close_all(ports);
-}
-
-async fn serve_udp(udp: &UdpSocket, state: &Mutex<Shared>, shutdown: &CancellationToken) {
+/// Reads the shard's client-facing UDP socket.
+async fn serve_udp(udp: Arc<UdpSocket>, shard: Arc<Mutex<Shard>>) {
     let Ok(server) = udp.local_addr() else { return };
-    let mut buffer = vec![0u8; MAX_DATAGRAM];
     loop {
-        let (length, client) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            received = udp.recv_from(&mut buffer) => match received {
+        if udp.readable().await.is_err() {
+            return;
+        }
+        let mut guard = lock(&shard);
+        let Shard { relay, ports, buffer, .. } = &mut *guard;
+        for _ in 0..READ_BATCH {
+            let (length, client) = match udp.try_recv_from(buffer) {
                 Ok(received) => received,
+                Err(error) if error.kind() == ErrorKind::WouldBlock => break,
                 // ICMP errors surface on the next read (e.g. ECONNREFUSED on Linux): keep going.
                 Err(_) => continue,
-            },
-        };
-        let tuple = FiveTuple { client, server, transport: Transport::Udp };
-        let reply = lock(state).client_packet(tuple, &buffer[..length]);
-        if let Some(reply) = reply {
-            let _ = udp.try_send_to(&reply, client);
+            };
+            let tuple = FiveTuple { client, server, transport: Transport::Udp };
+            if let Some(reply) = Shard::client_packet(relay, ports, tuple, &buffer[..length]) {
+                send_to(&udp, &reply, client);
+            }
         }
     }
 }
 
-/// Accepts TCP clients (TLS ones when `tls` is given) until `shutdown`.
+/// Reads what peers send to one relay socket and forwards it to the client.
+async fn read_peers(socket: Arc<UdpSocket>, shard: Weak<Mutex<Shard>>, udp: Arc<UdpSocket>) {
+    let Ok(relay_addr) = socket.local_addr() else { return };
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        let Some(shard) = shard.upgrade() else { return };
+        let mut guard = lock(&shard);
+        let Shard { relay, streams, buffer, framed, .. } = &mut *guard;
+        for _ in 0..READ_BATCH {
+            let (length, peer) = match socket.try_recv_from(buffer) {
+                Ok(received) => received,
+                Err(error) if error.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => continue,
+            };
+            let now = crate::unix_millis_u64();
+            let Some(tuple) = relay.handle_peer(now, relay_addr, peer, &buffer[..length], framed) else {
+                continue;
+            };
+            match tuple.transport {
+                Transport::Udp => {
+                    send_to(&udp, framed, tuple.client);
+                }
+                Transport::Tcp | Transport::Tls => {
+                    if let Some(backlog) = streams.get_mut(&tuple.client) {
+                        backlog.push(framed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Accepts TCP clients (TLS ones when `tls` is given).
 async fn accept_streams(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    state: Arc<Mutex<Shared>>,
-    tasks: TaskTracker,
-    shutdown: CancellationToken,
+    shard: Arc<Mutex<Shard>>,
 ) {
     let Ok(server) = listener.local_addr() else { return };
     loop {
-        let (stream, client) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of descriptors and the like: pause rather than spin.
-                    tracing::warn!(%error, "turn.accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let (stream, client) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of descriptors and the like: pause rather than spin.
+                tracing::warn!(%error, "turn.accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
-        let (state, shutdown) = (state.clone(), shutdown.clone());
+        let shard = shard.clone();
         match &tls {
             None => {
                 let tuple = FiveTuple { client, server, transport: Transport::Tcp };
-                tasks.spawn(serve_stream(stream, tuple, state, shutdown));
+                tokio::spawn(serve_stream(stream, tuple, shard));
             }
             Some(acceptor) => {
                 let handshake = acceptor.accept(stream);
-                tasks.spawn(async move {
+                tokio::spawn(async move {
                     if let Ok(Ok(stream)) = tokio::time::timeout(TLS_HANDSHAKE, handshake).await {
                         let tuple = FiveTuple { client, server, transport: Transport::Tls };
-                        serve_stream(stream, tuple, state, shutdown).await;
+                        serve_stream(stream, tuple, shard).await;
                     }
                 });
             }
@@ -222,54 +417,73 @@ async fn accept_streams(
     }
 }
 
-/// Serves one stream client: frames STUN messages and ChannelData out of the byte stream.
-async fn serve_stream<S>(stream: S, tuple: FiveTuple, state: Arc<Mutex<Shared>>, shutdown: CancellationToken)
+/// Serves one stream client: frames STUN messages and ChannelData out of the byte stream, and
+/// writes what the shard queues for it (replies and relayed data, in order).
+async fn serve_stream<S>(stream: S, tuple: FiveTuple, shard: Arc<Mutex<Shard>>)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let (queue, mut queued) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
-    lock(&state).stream_clients.insert(tuple.client, queue.clone());
-    let writing = tokio::spawn(async move {
-        while let Some(bytes) = queued.recv().await {
-            if writer.write_all(&bytes).await.is_err() {
+    let wake = Arc::new(Notify::new());
+    lock(&shard).streams.insert(tuple.client, Backlog { bytes: Vec::new(), wake: wake.clone() });
+    let writing = async {
+        let mut pending = Vec::new();
+        loop {
+            wake.notified().await;
+            match lock(&shard).streams.get_mut(&tuple.client) {
+                Some(backlog) => std::mem::swap(&mut backlog.bytes, &mut pending),
+                None => return,
+            }
+            if writer.write_all(&pending).await.is_err() || writer.flush().await.is_err() {
                 return;
             }
+            pending.clear();
         }
-    });
-    let mut buffer: Vec<u8> = Vec::with_capacity(4096);
-    let mut chunk = vec![0u8; MAX_DATAGRAM];
-    'connection: loop {
-        let read = tokio::select! {
-            () = shutdown.cancelled() => break,
-            read = tokio::time::timeout(TCP_IDLE, reader.read(&mut chunk)) => read,
-        };
-        match read {
-            Ok(Ok(0) | Err(_)) | Err(_) => break,
-            Ok(Ok(n)) => buffer.extend_from_slice(&chunk[..n]),
+    };
+    let reading = async {
+        let mut inbound: Vec<u8> = Vec::with_capacity(4096);
+        loop {
+            inbound.reserve(4096);
+            match tokio::time::timeout(STREAM_IDLE, reader.read_buf(&mut inbound)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let Some(consumed) = stream_frames(&shard, tuple, &inbound) else { return };
+            inbound.drain(..consumed);
         }
-        let mut start = 0;
-        while let Some(length) = frame_length(&buffer[start..]) {
-            if length > MAX_DATAGRAM {
-                break 'connection; // not TURN: hang up
-            }
-            if buffer.len() - start < length {
-                break;
-            }
-            let reply = lock(&state).client_packet(tuple, &buffer[start..start + length]);
-            if let Some(reply) = reply {
-                let _ = queue.try_send(reply);
-            }
-            start += length;
-        }
-        buffer.drain(..start);
+    };
+    tokio::select! {
+        () = reading => {}
+        () = writing => {}
     }
-    let mut shared = lock(&state);
-    shared.stream_clients.remove(&tuple.client);
-    let Shared { relay, ports, .. } = &mut *shared;
+    let mut guard = lock(&shard);
+    let Shard { relay, ports, streams, .. } = &mut *guard;
+    streams.remove(&tuple.client);
     relay.close(tuple, ports);
-    drop(shared);
-    writing.abort();
+}
+
+/// Handles the complete frames at the start of `inbound`; the bytes they took, or `None` when the
+/// stream is not TURN (hang up).
+fn stream_frames(shard: &Mutex<Shard>, tuple: FiveTuple, inbound: &[u8]) -> Option<usize> {
+    let mut guard = lock(shard);
+    let Shard { relay, ports, streams, .. } = &mut *guard;
+    let mut start = 0;
+    while let Some(length) = frame_length(&inbound[start..]) {
+        if length > MAX_DATAGRAM {
+            return None;
+        }
+        if inbound.len() - start < length {
+            break;
+        }
+        let frame = &inbound[start..start + length];
+        if let Some(reply) = Shard::client_packet(relay, ports, tuple, frame)
+            && let Some(backlog) = streams.get_mut(&tuple.client)
+        {
+            backlog.push(&reply);
+        }
+        start += length;
+    }
+    Some(start)
 }
 
 /// The length of the frame at the start of `bytes` (header known), padding included: a STUN
@@ -285,71 +499,41 @@ fn frame_length(bytes: &[u8]) -> Option<usize> {
     }
 }
 
-/// Reads what peers send to one relay socket and forwards it to the client.
-async fn read_peers(
-    socket: Arc<UdpSocket>,
-    state: Weak<Mutex<Shared>>,
-    udp: Arc<UdpSocket>,
-    shutdown: CancellationToken,
-) {
-    let Ok(relay_addr) = socket.local_addr() else { return };
-    let mut buffer = vec![0u8; MAX_DATAGRAM];
-    let mut framed = Vec::with_capacity(MAX_DATAGRAM);
-    loop {
-        let (length, peer) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            received = socket.recv_from(&mut buffer) => match received {
-                Ok(received) => received,
-                Err(_) => continue,
-            },
-        };
-        let Some(state) = state.upgrade() else { return };
-        let mut shared = lock(&state);
-        let Some(tuple) = shared.relay.handle_peer(
-            crate::unix_millis_u64(),
-            relay_addr,
-            peer,
-            &buffer[..length],
-            &mut framed,
-        ) else {
-            continue;
-        };
-        match tuple.transport {
-            Transport::Udp => {
-                drop(shared);
-                let _ = udp.try_send_to(&framed, tuple.client);
-            }
-            Transport::Tcp | Transport::Tls => {
-                if let Some(queue) = shared.stream_clients.get(&tuple.client) {
-                    let _ = queue.try_send(framed.clone());
-                }
-            }
-        }
-    }
-}
-
-/// Drops expired allocations, permissions and channels, and publishes the metrics, every second.
-async fn expire(
-    state: Arc<Mutex<Shared>>,
-    metrics: Arc<crate::telemetry::Metrics>,
-    shutdown: CancellationToken,
+/// Drops expired allocations, permissions and channels, and publishes the shard's metrics, every
+/// second until `shutdown`.
+async fn expire_until(
+    shard: &Mutex<Shard>,
+    metrics: &crate::telemetry::Metrics,
+    shutdown: &CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut published = Default::default();
+    let mut published = super::Published::default();
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let mut shared = lock(&state);
-        let Shared { relay, ports, .. } = &mut *shared;
+        let mut guard = lock(shard);
+        let Shard { relay, ports, .. } = &mut *guard;
         relay.expire(crate::unix_millis_u64(), ports);
         super::publish(&metrics.turn, relay, &mut published);
     }
+    // What this shard counted leaves the gauges with it.
+    let mut guard = lock(shard);
+    let Shard { relay, ports, .. } = &mut *guard;
+    relay.close_all(ports);
+    super::publish(&metrics.turn, relay, &mut published);
 }
 
-fn lock(state: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
-    state.lock().unwrap_or_else(PoisonError::into_inner)
+/// Sends a datagram without waiting: a full socket buffer drops it, as the network would. This goes
+/// straight to the socket, past tokio's write readiness, which a new socket only learns at the
+/// reactor's next turn (`try_send_to` would drop the first packets of a fresh allocation).
+fn send_to(socket: &UdpSocket, bytes: &[u8], to: SocketAddr) {
+    let _ = socket2::SockRef::from(socket).send_to(bytes, &to.into());
+}
+
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -1,13 +1,15 @@
 //! TURN/STUN for peers that cannot reach each other directly.
 //!
 //! - [`credentials`]: the TURN REST scheme shared with Synapse and coturn; [`api`] hands them out.
-//! - [`server`]: the relay's state machine without IO, with [`policy`] (which peers may be reached)
-//!   and [`nonce`] (stateless nonces).
-//! - [`io`]: the relay over UDP and TCP (TLS next, issue 4).
+//! - [`server`]: the relay's state machine without IO, with [`policy`] (which peers may be reached),
+//!   [`nonce`] (stateless nonces) and [`limits`] (the quotas and unauthenticated budget its shards
+//!   share).
+//! - [`io`]: the relay over UDP, TCP and TLS, one shard per core.
 
 pub mod api;
 pub mod credentials;
 pub mod io;
+pub mod limits;
 pub mod nonce;
 pub mod policy;
 pub mod server;
@@ -35,8 +37,15 @@ pub fn tls_acceptor(certificate: &Path, key: &Path) -> Result<tokio_rustls::TlsA
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The embedded relay's state machine and relay-socket settings, from `[turn]`.
-pub fn embedded(config: &Config) -> (server::Relay, io::RelaySockets) {
+/// The embedded relay's settings, from `[turn]`.
+pub struct Embedded {
+    pub settings: server::Settings,
+    pub limits: Arc<limits::Limits>,
+    pub sockets: io::RelaySockets,
+}
+
+/// The embedded relay's settings, from `[turn]`; a fresh nonce key.
+pub fn embedded(config: &Config) -> Embedded {
     let turn = &config.turn;
     let mut secrets: Vec<Vec<u8>> =
         turn.shared_secret.iter().map(|s| s.expose().as_bytes().to_vec()).collect();
@@ -46,48 +55,57 @@ pub fn embedded(config: &Config) -> (server::Relay, io::RelaySockets) {
         secrets,
         policy: policy::PeerPolicy::new(turn.allowed_peers.clone(), turn.denied_peers.clone()),
         nonce_key: rand::random(),
-        nonce_lifetime_secs: NONCE_LIFETIME_SECS,
+        nonce_lifetime_secs: turn.nonce_lifetime_secs,
         default_lifetime_secs: DEFAULT_LIFETIME_SECS,
         max_lifetime_secs: turn.max_lifetime_secs,
-        user_quota: turn.user_quota,
-        total_quota: turn.total_quota,
         bandwidth_bytes_per_sec: turn.bandwidth_bytes_per_sec,
-        unauthenticated_per_sec: turn.unauthenticated_per_sec,
         external_ip: turn.external_address,
     };
+    let limits = limits::Limits::new(turn.user_quota, turn.total_quota, turn.unauthenticated_per_sec);
     let sockets = io::RelaySockets {
         ipv4: turn.relay_address.unwrap_or(turn.listen.ip()),
         ipv6: turn.relay_address_v6,
         ports: (turn.relay_port_min, turn.relay_port_max),
     };
-    (server::Relay::new(settings), sockets)
+    Embedded { settings, limits: Arc::new(limits), sockets }
 }
 
-/// How long a nonce stays fresh before 438 (coturn's default).
-const NONCE_LIFETIME_SECS: u64 = 600;
+/// The number of relay shards for `[turn] threads` (0: one per core).
+pub fn shards(config: &Config) -> usize {
+    match config.turn.threads {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        n => n,
+    }
+}
 /// Lifetime of an allocation when the client asks for none or less (RFC 8656).
 const DEFAULT_LIFETIME_SECS: u64 = 600;
 
-/// Copies the relay's counters and gauges to the Prometheus metrics; `published` holds what was
-/// published before (counters only go up by the difference).
-pub fn publish(
-    metrics: &crate::telemetry::TurnMetrics,
-    relay: &server::Relay,
-    published: &mut [server::Stats; 3],
-) {
+/// What one shard last added to the metrics, by transport.
+#[derive(Default)]
+pub struct Published {
+    stats: [server::Stats; 3],
+    gauges: [server::Gauges; 3],
+}
+
+/// Adds what changed in one shard's counters and gauges since `published` to the Prometheus
+/// metrics (shards add up: each publishes its own differences).
+pub fn publish(metrics: &crate::telemetry::TurnMetrics, relay: &server::Relay, published: &mut Published) {
     use crate::telemetry::{RelayedLabel, TransportLabel};
     use server::Transport;
     let gauges = relay.gauges();
     for transport in [Transport::Udp, Transport::Tcp, Transport::Tls] {
         let name = transport.as_str();
         let label = TransportLabel { transport: name };
-        let live = gauges[transport as usize];
-        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        metrics.allocations.get_or_create(&label).set(gauge(live.allocations));
-        metrics.permissions.get_or_create(&label).set(gauge(live.permissions));
-        metrics.channels.get_or_create(&label).set(gauge(live.channels));
+        let (live, shown) = (gauges[transport as usize], &mut published.gauges[transport as usize]);
+        let change = |now: usize, before: usize| {
+            i64::try_from(now).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(i64::MAX)
+        };
+        metrics.allocations.get_or_create(&label).inc_by(change(live.allocations, shown.allocations));
+        metrics.permissions.get_or_create(&label).inc_by(change(live.permissions, shown.permissions));
+        metrics.channels.get_or_create(&label).inc_by(change(live.channels, shown.channels));
+        *shown = live;
         let now = relay.stats(transport);
-        let before = &mut published[transport as usize];
+        let before = &mut published.stats[transport as usize];
         let to_peer = RelayedLabel { transport: name, direction: "to_peer" };
         let to_client = RelayedLabel { transport: name, direction: "to_client" };
         for (family, label, now, before) in [

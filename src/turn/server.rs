@@ -38,6 +38,7 @@ use turn::proto::lifetime::Lifetime;
 use turn::proto::relayaddr::RelayedAddress;
 
 use super::credentials;
+use super::limits::{Limits, Refusal};
 use super::nonce::{NonceCheck, Nonces};
 use super::policy::PeerPolicy;
 
@@ -48,8 +49,6 @@ pub const CHANNEL_LIFETIME_MS: u64 = 600_000;
 /// UDP, the only relayed transport (REQUESTED-TRANSPORT).
 const PROTO_UDP: u8 = 17;
 const MAGIC_COOKIE: u32 = 0x2112_A442;
-/// Sources tracked by the unauthenticated-request limiter before idle ones are dropped.
-const RATE_TABLE_MAX: usize = 65_536;
 
 /// How a client reached the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -96,14 +95,8 @@ pub struct Settings {
     pub default_lifetime_secs: u64,
     /// Requested lifetimes are clamped to this (RFC 8656 recommends 3600 s).
     pub max_lifetime_secs: u64,
-    /// Allocations per username (486 beyond).
-    pub user_quota: usize,
-    /// Allocations in all (508 beyond).
-    pub total_quota: usize,
     /// Bytes per second each allocation may relay, both directions together; 0: no cap.
     pub bandwidth_bytes_per_sec: u64,
-    /// Unauthenticated requests per second per source IP (burst: twice as many); 0: no limit.
-    pub unauthenticated_per_sec: u32,
     /// The address to advertise in XOR-RELAYED-ADDRESS instead of the relay socket's (NAT).
     pub external_ip: Option<IpAddr>,
 }
@@ -161,7 +154,7 @@ struct Allocation {
     expires_ms: u64,
     /// The transaction that created it, to answer a retransmitted Allocate.
     allocate_txn: [u8; 12],
-    allocate_response: Vec<u8>,
+    allocate_response: Box<[u8]>,
     permissions: HashMap<IpAddr, u64>,
     channels: HashMap<u16, (SocketAddr, u64)>,
     channel_of_peer: HashMap<SocketAddr, u16>,
@@ -198,28 +191,28 @@ struct Authenticated {
     key: Vec<u8>,
 }
 
+/// The allocations of one shard of the relay (all of them when there is one shard), with the
+/// quotas and the unauthenticated budget shared with the other shards through [`Limits`].
 pub struct Relay {
     settings: Settings,
+    limits: std::sync::Arc<Limits>,
     nonces: Nonces,
-    allocations: HashMap<FiveTuple, Allocation>,
+    /// Boxed: the map's spare capacity then costs a pointer per slot, not a whole allocation.
+    allocations: HashMap<FiveTuple, Box<Allocation>>,
     allocation_of_socket: HashMap<SocketAddr, FiveTuple>,
-    per_user: HashMap<Box<str>, usize>,
-    /// Token buckets of unauthenticated requests per source: (tokens, last refill ms).
-    unauthenticated: HashMap<IpAddr, (f64, u64)>,
     /// Counters, by the transport of the client concerned.
     stats: [Stats; 3],
 }
 
 impl Relay {
-    pub fn new(settings: Settings) -> Self {
+    pub fn new(settings: Settings, limits: std::sync::Arc<Limits>) -> Self {
         let nonces = Nonces::new(settings.nonce_key, settings.nonce_lifetime_secs);
         Self {
             settings,
+            limits,
             nonces,
             allocations: HashMap::new(),
             allocation_of_socket: HashMap::new(),
-            per_user: HashMap::new(),
-            unauthenticated: HashMap::new(),
             stats: Default::default(),
         }
     }
@@ -326,12 +319,7 @@ impl Relay {
             let channels = &allocation.channels;
             allocation.channel_of_peer.retain(|_, number| channels.contains_key(number));
         }
-        let rate = f64::from(self.settings.unauthenticated_per_sec);
-        self.unauthenticated.retain(|_, (tokens, at)| {
-            #[allow(clippy::cast_precision_loss)]
-            let elapsed = now_ms.saturating_sub(*at) as f64 / 1000.0;
-            *tokens + elapsed * rate < 2.0 * rate
-        });
+        self.limits.forget_idle_sources(now_ms);
     }
 
     /// Closes every allocation (at shutdown).
@@ -347,12 +335,7 @@ impl Relay {
         if let Some(allocation) = self.allocations.remove(&tuple) {
             self.allocation_of_socket.remove(&allocation.relay);
             ports.close(allocation.relay);
-            if let Some(count) = self.per_user.get_mut(&allocation.username) {
-                *count -= 1;
-                if *count == 0 {
-                    self.per_user.remove(&allocation.username);
-                }
-            }
+            self.limits.release(credentials::user(&allocation.username));
         }
     }
 
@@ -427,7 +410,7 @@ impl Relay {
         request_len: usize,
         reply: Vec<u8>,
     ) -> Action<'a> {
-        if !self.allow_unauthenticated(tuple.client.ip(), now_ms) {
+        if !self.limits.allow_unauthenticated(tuple.client.ip(), now_ms) {
             self.stats[tuple.transport as usize].rate_limited += 1;
             return Action::None;
         }
@@ -436,35 +419,6 @@ impl Relay {
             return Action::None;
         }
         Action::Reply(reply)
-    }
-
-    fn allow_unauthenticated(&mut self, source: IpAddr, now_ms: u64) -> bool {
-        let rate = f64::from(self.settings.unauthenticated_per_sec);
-        if rate == 0.0 {
-            return true;
-        }
-        let burst = 2.0 * rate;
-        if !self.unauthenticated.contains_key(&source) && self.unauthenticated.len() >= RATE_TABLE_MAX {
-            // Forget sources whose bucket has refilled: they are no different from new ones.
-            self.unauthenticated.retain(|_, (tokens, at)| {
-                #[allow(clippy::cast_precision_loss)]
-                let elapsed = now_ms.saturating_sub(*at) as f64 / 1000.0;
-                *tokens + elapsed * rate < burst
-            });
-            if self.unauthenticated.len() >= RATE_TABLE_MAX {
-                return false;
-            }
-        }
-        let (tokens, at) = self.unauthenticated.entry(source).or_insert((burst, now_ms));
-        #[allow(clippy::cast_precision_loss)]
-        let elapsed = now_ms.saturating_sub(*at) as f64 / 1000.0;
-        *tokens = (*tokens + elapsed * rate).min(burst);
-        *at = now_ms;
-        if *tokens < 1.0 {
-            return false;
-        }
-        *tokens -= 1.0;
-        true
     }
 
     /// Checks the long-term credentials of a TURN request; on failure, the reply to send.
@@ -581,7 +535,7 @@ impl Relay {
         if let Some(allocation) = self.allocations.get(&tuple) {
             // A retransmission gets the same answer; another Allocate on the tuple is a mismatch.
             if allocation.allocate_txn == request.transaction_id.0 {
-                return allocation.allocate_response.clone();
+                return allocation.allocate_response.to_vec();
             }
             return error(request, CODE_ALLOC_MISMATCH, vec![], Some(&key));
         }
@@ -598,17 +552,18 @@ impl Relay {
         {
             return error(request, CODE_INSUFFICIENT_CAPACITY, vec![], Some(&key));
         }
-        if self.per_user.get(caller.username.as_str()).copied().unwrap_or(0) >= self.settings.user_quota {
+        if let Err(refusal) = self.limits.take(credentials::user(&caller.username)) {
             self.stats[tuple.transport as usize].quota_refusals += 1;
-            return error(request, CODE_ALLOC_QUOTA_REACHED, vec![], Some(&key));
-        }
-        if self.allocations.len() >= self.settings.total_quota {
-            self.stats[tuple.transport as usize].quota_refusals += 1;
-            return error(request, CODE_INSUFFICIENT_CAPACITY, vec![], Some(&key));
+            let code = match refusal {
+                Refusal::UserQuota => CODE_ALLOC_QUOTA_REACHED,
+                Refusal::TotalQuota => CODE_INSUFFICIENT_CAPACITY,
+            };
+            return error(request, code, vec![], Some(&key));
         }
         let ipv6 =
             request.get(ATTR_REQUESTED_ADDRESS_FAMILY).ok().and_then(|v| v.first().copied()) == Some(0x02);
         let Ok(relay) = ports.open(ipv6, even_port) else {
+            self.limits.release(credentials::user(&caller.username));
             return error(request, CODE_INSUFFICIENT_CAPACITY, vec![], Some(&key));
         };
         let lifetime_ms = self.lifetime_ms(request);
@@ -623,21 +578,20 @@ impl Relay {
             Some(&key),
         );
         let username: Box<str> = caller.username.into();
-        *self.per_user.entry(username.clone()).or_default() += 1;
         self.allocation_of_socket.insert(relay, tuple);
         self.allocations.insert(
             tuple,
-            Allocation {
+            Box::new(Allocation {
                 relay,
                 username,
                 expires_ms: now_ms + lifetime_ms,
                 allocate_txn: request.transaction_id.0,
-                allocate_response: reply.clone(),
+                allocate_response: reply.clone().into_boxed_slice(),
                 permissions: HashMap::new(),
                 channels: HashMap::new(),
                 channel_of_peer: HashMap::new(),
                 budget: (self.settings.bandwidth_bytes_per_sec, now_ms),
-            },
+            }),
         );
         reply
     }
@@ -948,6 +902,11 @@ mod tests {
         }
     }
 
+    /// A relay with room for 10 allocations per user and 100 in all, and no unauthenticated limit.
+    fn relay(settings: Settings) -> Relay {
+        Relay::new(settings, std::sync::Arc::new(Limits::new(10, 100, 0)))
+    }
+
     fn settings() -> Settings {
         Settings {
             realm: REALM.to_owned(),
@@ -957,10 +916,7 @@ mod tests {
             nonce_lifetime_secs: 600,
             default_lifetime_secs: 600,
             max_lifetime_secs: 3600,
-            user_quota: 10,
-            total_quota: 100,
             bandwidth_bytes_per_sec: 0,
-            unauthenticated_per_sec: 0,
             external_ip: None,
         }
     }
@@ -1071,7 +1027,7 @@ mod tests {
 
     #[test]
     fn binding_answers_the_mapped_address_small_and_without_software() {
-        let mut relay = Relay::new(settings());
+        let mut relay = relay(settings());
         let request = Client::new(SECRET, "x", T0, 60).request(METHOD_BINDING, vec![]);
         let Action::Reply(bytes) = relay.handle_client(T0, tuple0(), &request, &mut Ports::default()) else {
             panic!("no reply")
@@ -1086,7 +1042,7 @@ mod tests {
 
     #[test]
     fn the_challenge_is_no_bigger_than_three_times_a_minimal_allocate() {
-        let mut relay = Relay::new(settings());
+        let mut relay = relay(settings());
         let request = Client::new(SECRET, "x", T0, 60).request(METHOD_ALLOCATE, vec![transport()]);
         assert_eq!(request.len(), 28);
         let Action::Reply(bytes) = relay.handle_client(T0, tuple0(), &request, &mut Ports::default()) else {
@@ -1102,8 +1058,7 @@ mod tests {
     #[test]
     fn credentials_are_checked() {
         let mut ports = Ports::default();
-        let mut relay =
-            Relay::new(Settings { secrets: vec![b"new".to_vec(), SECRET.to_vec()], ..settings() });
+        let mut relay = relay(Settings { secrets: vec![b"new".to_vec(), SECRET.to_vec()], ..settings() });
         // The old secret still works during a rotation.
         let client = allocate(&mut relay, &mut ports, T0);
         assert_eq!(udp(&relay).allocations, 1);
@@ -1145,7 +1100,7 @@ mod tests {
     #[test]
     fn stale_nonce_gets_438_with_a_fresh_one_and_other_usernames_get_441() {
         let mut ports = Ports::default();
-        let mut relay = Relay::new(Settings { nonce_lifetime_secs: 60, ..settings() });
+        let mut relay = relay(Settings { nonce_lifetime_secs: 60, ..settings() });
         let mut client = allocate(&mut relay, &mut ports, T0);
         let later = T0 + 61_000;
         let answer =
@@ -1171,7 +1126,7 @@ mod tests {
     #[test]
     fn lifetimes_are_clamped_refreshed_and_expire() {
         let mut ports = Ports::default();
-        let mut relay = Relay::new(settings());
+        let mut relay = relay(settings());
         let client = allocate(&mut relay, &mut ports, T0);
         let long = Box::new(Lifetime(std::time::Duration::from_secs(100_000)));
         let answer =
@@ -1212,7 +1167,7 @@ mod tests {
     #[test]
     fn permissions_are_all_or_nothing_and_expire() {
         let mut ports = Ports::default();
-        let mut relay = Relay::new(Settings { policy: PeerPolicy::new(vec![], vec![]), ..settings() });
+        let mut relay = relay(Settings { policy: PeerPolicy::new(vec![], vec![]), ..settings() });
         let client = allocate(&mut relay, &mut ports, T0);
         let public_a: SocketAddr = "8.8.8.8:5000".parse().unwrap();
         let public_b: SocketAddr = "1.1.1.1:5000".parse().unwrap();
@@ -1253,7 +1208,7 @@ mod tests {
     #[test]
     fn channels_relay_both_ways_and_follow_the_rules() {
         let mut ports = Ports::default();
-        let mut relay = Relay::new(settings());
+        let mut relay = relay(settings());
         let client = allocate(&mut relay, &mut ports, T0);
         let relay_addr = *ports.open.iter().next().unwrap();
         let bind = |number: u16, peer: SocketAddr| {
@@ -1300,7 +1255,7 @@ mod tests {
     #[test]
     fn send_and_data_indications_need_a_permission() {
         let mut ports = Ports::default();
-        let mut relay = Relay::new(settings());
+        let mut relay = relay(settings());
         let client = allocate(&mut relay, &mut ports, T0);
         let relay_addr = *ports.open.iter().next().unwrap();
         let send = {
@@ -1336,32 +1291,39 @@ mod tests {
     #[test]
     fn quotas_refuse_with_486_and_508() {
         let mut ports = Ports::default();
-        let mut relay = Relay::new(Settings { user_quota: 2, total_quota: 3, ..settings() });
+        let limits = std::sync::Arc::new(Limits::new(2, 3, 0));
+        // Two shards of one relay: the quotas hold across them.
+        let mut shard_a = Relay::new(settings(), limits.clone());
+        let mut shard_b = Relay::new(settings(), limits);
         let tuple = |port: u16| FiveTuple { client: SocketAddr::new(tuple0().client.ip(), port), ..tuple0() };
         let mut alice = Client::new(SECRET, "@alice:x", T0, 3600);
-        alice.nonce = Some(relay.nonces.issue(tuple0().client.ip(), T0 / 1000));
+        alice.nonce = Some(shard_a.nonces.issue(tuple0().client.ip(), T0 / 1000));
         let mut bob = Client::new(SECRET, "@bob:x", T0, 3600);
         bob.nonce = alice.nonce.clone();
         let allocate = |relay: &mut Relay, ports: &mut Ports, who: &Client, port: u16| {
-            reply(relay.handle_client(
+            code(&reply(relay.handle_client(
                 T0,
                 tuple(port),
                 &who.request(METHOD_ALLOCATE, vec![transport()]),
                 ports,
-            ))
+            )))
         };
-        assert_eq!(code(&allocate(&mut relay, &mut ports, &alice, 1)), None);
-        assert_eq!(code(&allocate(&mut relay, &mut ports, &alice, 2)), None);
-        assert_eq!(code(&allocate(&mut relay, &mut ports, &alice, 3)), Some(486));
-        assert_eq!(code(&allocate(&mut relay, &mut ports, &bob, 4)), None);
-        assert_eq!(code(&allocate(&mut relay, &mut ports, &bob, 5)), Some(508));
-        assert_eq!(relay.stats(Transport::Udp).quota_refusals, 2);
+        assert_eq!(allocate(&mut shard_a, &mut ports, &alice, 1), None);
+        assert_eq!(allocate(&mut shard_b, &mut ports, &alice, 2), None);
+        assert_eq!(allocate(&mut shard_a, &mut ports, &alice, 3), Some(486));
+        assert_eq!(allocate(&mut shard_b, &mut ports, &alice, 3), Some(486));
+        assert_eq!(allocate(&mut shard_b, &mut ports, &bob, 4), None);
+        assert_eq!(allocate(&mut shard_a, &mut ports, &bob, 5), Some(508));
+        assert_eq!(shard_a.stats(Transport::Udp).quota_refusals, 2);
+        // A closed allocation gives its place back.
+        shard_a.close(tuple(1), &mut ports);
+        assert_eq!(allocate(&mut shard_a, &mut ports, &bob, 5), None);
     }
 
     #[test]
     fn bandwidth_is_capped_per_allocation() {
         let mut ports = Ports::default();
-        let mut relay = Relay::new(Settings { bandwidth_bytes_per_sec: 1000, ..settings() });
+        let mut relay = relay(Settings { bandwidth_bytes_per_sec: 1000, ..settings() });
         let client = allocate(&mut relay, &mut ports, T0);
         let bind = client.request(
             METHOD_CHANNEL_BIND,
@@ -1380,7 +1342,7 @@ mod tests {
     #[test]
     fn unauthenticated_requests_are_rate_limited_per_source() {
         let mut ports = Ports::default();
-        let mut relay = Relay::new(Settings { unauthenticated_per_sec: 5, ..settings() });
+        let mut relay = Relay::new(settings(), std::sync::Arc::new(Limits::new(10, 100, 5)));
         let request = Client::new(SECRET, "x", T0, 60).request(METHOD_BINDING, vec![]);
         let answered = (0..20)
             .filter(|_| relay.handle_client(T0, tuple0(), &request, &mut ports) != Action::None)
@@ -1394,7 +1356,7 @@ mod tests {
     #[test]
     fn unknown_required_attributes_get_420_and_garbage_gets_nothing() {
         let mut ports = Ports::default();
-        let mut relay = Relay::new(settings());
+        let mut relay = relay(settings());
         let client = Client::new(SECRET, "x", T0, 60);
         let odd: Box<dyn Setter> = Box::new(UnknownAttribute(AttrType(0x0042)));
         let mut message = Message::new();

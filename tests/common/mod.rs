@@ -155,9 +155,8 @@ pub fn start_on(config: Config, listeners: Listeners) -> Running {
     let appservice = listeners.appservice.local_addr().unwrap();
     let client = listeners.client.local_addr().unwrap();
     let ops = listeners.ops.local_addr().unwrap();
-    let turn = listeners.turn.as_ref().map(|turn| turn.udp.local_addr().unwrap());
-    let turn_tls =
-        listeners.turn.as_ref().and_then(|turn| turn.tls.as_ref()).map(|(tls, _)| tls.local_addr().unwrap());
+    let turn = listeners.turn.as_ref().map(|turn| turn.local_addr().unwrap());
+    let turn_tls = listeners.turn.as_ref().and_then(switchboard::turn::io::Listeners::tls_local_addr);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(switchboard::run(config, listeners, shutdown.clone()));
     Running { appservice, client, ops, turn, turn_tls, shutdown, task }
@@ -191,6 +190,12 @@ impl Running {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("Switchboard did not start listening within 30 s");
+    }
+
+    /// The metrics once the TURN relay's shards have published theirs (every second).
+    pub async fn turn_metrics(&self) -> String {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        self.metrics().await
     }
 
     pub async fn metrics(&self) -> String {

@@ -1,0 +1,172 @@
+//! What the relay's shards share: allocations per user and in all (the quotas, 486 and 508), and
+//! each source's budget of unauthenticated requests. Everything else about an allocation lives in
+//! the one shard that holds it; these counts must be global, or a user could take the quota once per
+//! core. The lock is held for a map look-up, never across IO.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// Sources tracked by the unauthenticated-request limiter before new ones are refused (after the
+/// idle ones have been forgotten): bounds its memory under a spoofed-source flood.
+const SOURCES_MAX: usize = 65_536;
+
+/// Why an allocation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The user holds `user_quota` allocations (486).
+    UserQuota,
+    /// The relay holds `total_quota` allocations (508).
+    TotalQuota,
+}
+
+#[derive(Debug)]
+pub struct Limits {
+    user_quota: usize,
+    total_quota: usize,
+    /// Unauthenticated requests per second per source IP (burst: twice as many); 0: no limit.
+    unauthenticated_per_sec: u32,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    per_user: HashMap<Box<str>, usize>,
+    total: usize,
+    /// Token buckets of unauthenticated requests per source: (tokens, last refill in unix ms).
+    sources: HashMap<IpAddr, (f64, u64)>,
+}
+
+impl Limits {
+    pub fn new(user_quota: usize, total_quota: usize, unauthenticated_per_sec: u32) -> Self {
+        Self { user_quota, total_quota, unauthenticated_per_sec, state: Mutex::default() }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a new allocation of `username`, unless a quota is reached.
+    pub fn take(&self, username: &str) -> Result<(), Refusal> {
+        let mut state = self.state();
+        let held = state.per_user.get(username).copied().unwrap_or(0);
+        if held >= self.user_quota {
+            return Err(Refusal::UserQuota);
+        }
+        if state.total >= self.total_quota {
+            return Err(Refusal::TotalQuota);
+        }
+        state.total += 1;
+        *state.per_user.entry(username.into()).or_default() += 1;
+        Ok(())
+    }
+
+    /// Forgets an allocation of `username` counted by [`Limits::take`].
+    pub fn release(&self, username: &str) {
+        let mut state = self.state();
+        if let Some(count) = state.per_user.get_mut(username) {
+            *count -= 1;
+            if *count == 0 {
+                state.per_user.remove(username);
+            }
+            state.total -= 1;
+        }
+    }
+
+    /// Allocations counted now (all shards).
+    pub fn allocations(&self) -> usize {
+        self.state().total
+    }
+
+    /// Whether an unauthenticated request from `source` may be answered now; spends one token.
+    pub fn allow_unauthenticated(&self, source: IpAddr, now_ms: u64) -> bool {
+        let rate = f64::from(self.unauthenticated_per_sec);
+        if rate == 0.0 {
+            return true;
+        }
+        let burst = 2.0 * rate;
+        let mut state = self.state();
+        if !state.sources.contains_key(&source) && state.sources.len() >= SOURCES_MAX {
+            // Forget sources whose bucket has refilled: they are no different from new ones.
+            state.sources.retain(|_, bucket| refilled(*bucket, now_ms, rate) < burst);
+            if state.sources.len() >= SOURCES_MAX {
+                return false;
+            }
+        }
+        let bucket = state.sources.entry(source).or_insert((burst, now_ms));
+        let tokens = refilled(*bucket, now_ms, rate).min(burst);
+        if tokens < 1.0 {
+            *bucket = (tokens, now_ms);
+            return false;
+        }
+        *bucket = (tokens - 1.0, now_ms);
+        true
+    }
+
+    /// Forgets the sources whose budget has refilled (called about once a second).
+    pub fn forget_idle_sources(&self, now_ms: u64) {
+        let rate = f64::from(self.unauthenticated_per_sec);
+        self.state().sources.retain(|_, bucket| refilled(*bucket, now_ms, rate) < 2.0 * rate);
+    }
+
+    /// Sources the limiter remembers (for tests of its bound).
+    pub fn tracked_sources(&self) -> usize {
+        self.state().sources.len()
+    }
+}
+
+/// The tokens of `bucket` at `now_ms`, before the cap.
+fn refilled((tokens, at): (f64, u64), now_ms: u64, rate: f64) -> f64 {
+    #[allow(clippy::cast_precision_loss)] // milliseconds since the last request: far below 2^52
+    let elapsed_secs = now_ms.saturating_sub(at) as f64 / 1000.0;
+    tokens + elapsed_secs * rate
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_700_000_000_000;
+
+    #[test]
+    fn quotas_count_per_user_and_in_all_and_are_released() {
+        let limits = Limits::new(2, 3, 0);
+        assert_eq!(limits.take("alice"), Ok(()));
+        assert_eq!(limits.take("alice"), Ok(()));
+        assert_eq!(limits.take("alice"), Err(Refusal::UserQuota));
+        assert_eq!(limits.take("bob"), Ok(()));
+        assert_eq!(limits.take("carol"), Err(Refusal::TotalQuota));
+        limits.release("alice");
+        assert_eq!(limits.allocations(), 2);
+        assert_eq!(limits.take("carol"), Ok(()));
+        limits.release("nobody");
+        assert_eq!(limits.allocations(), 3, "releasing what was never taken changes nothing");
+    }
+
+    #[test]
+    fn the_unauthenticated_budget_is_a_burst_of_twice_the_rate_refilled_over_time() {
+        let limits = Limits::new(1, 1, 5);
+        let source: IpAddr = "192.0.2.1".parse().unwrap();
+        let answered = (0..20).filter(|_| limits.allow_unauthenticated(source, T0)).count();
+        assert_eq!(answered, 10);
+        assert!(limits.allow_unauthenticated("192.0.2.2".parse().unwrap(), T0), "another source");
+        assert!(!limits.allow_unauthenticated(source, T0 + 100), "half a token after 100 ms");
+        assert!(limits.allow_unauthenticated(source, T0 + 300), "refilled");
+        limits.forget_idle_sources(T0 + 10_000);
+        assert_eq!(limits.tracked_sources(), 0, "refilled buckets are forgotten");
+    }
+
+    #[test]
+    fn the_limiter_table_is_bounded() {
+        let limits = Limits::new(1, 1, 1);
+        for n in 0..u32::try_from(SOURCES_MAX).unwrap() {
+            assert!(limits.allow_unauthenticated(IpAddr::from(n.to_be_bytes()), T0));
+        }
+        assert!(!limits.allow_unauthenticated("198.51.100.1".parse().unwrap(), T0), "table full");
+        assert!(
+            limits.allow_unauthenticated("198.51.100.1".parse().unwrap(), T0 + 2_000),
+            "idle ones forgotten"
+        );
+        assert_eq!(limits.tracked_sources(), 1);
+    }
+}

@@ -1,0 +1,507 @@
+//! A raw STUN/TURN client (messages built byte by byte with the `stun` crate, sent over real UDP
+//! sockets) against the embedded relay: every error code a client can meet, the data paths, the
+//! closed peer policy, quotas across shards, the lifetime clamp, stale nonces, the per-source limit
+//! of unauthenticated requests, the bandwidth cap and IPv6 relays.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use stun::attributes::{
+    ATTR_DATA, ATTR_NONCE, ATTR_REALM, ATTR_SOFTWARE, ATTR_UNKNOWN_ATTRIBUTES, ATTR_USERNAME, AttrType,
+};
+use stun::error_code::ErrorCodeAttribute;
+use stun::integrity::MessageIntegrity;
+use stun::message::{
+    CLASS_INDICATION, CLASS_REQUEST, CLASS_SUCCESS_RESPONSE, Getter, METHOD_ALLOCATE, METHOD_BINDING,
+    METHOD_CHANNEL_BIND, METHOD_CREATE_PERMISSION, METHOD_REFRESH, METHOD_SEND, Message, MessageType, Method,
+    Setter,
+};
+use stun::textattrs::TextAttribute;
+use stun::xoraddr::XorMappedAddress;
+use tokio::net::UdpSocket;
+use turn::proto::channum::ChannelNumber;
+use turn::proto::lifetime::Lifetime;
+use turn::proto::peeraddr::PeerAddress;
+use turn::proto::relayaddr::RelayedAddress;
+use turn::proto::reqfamily::REQUESTED_FAMILY_IPV6;
+use turn::proto::reqtrans::RequestedTransport;
+
+const WAIT: Duration = Duration::from_secs(2);
+
+/// A TURN client speaking raw messages from its own UDP socket.
+struct Client {
+    socket: UdpSocket,
+    server: SocketAddr,
+    username: String,
+    password: String,
+    /// REALM and NONCE from the last challenge.
+    challenge: Option<(String, String)>,
+}
+
+impl Client {
+    async fn new(server: SocketAddr, user: &str) -> Self {
+        Self::with_secret(server, user, common::TURN_SECRET.as_bytes(), 600).await
+    }
+
+    async fn with_secret(server: SocketAddr, user: &str, secret: &[u8], lifetime_secs: i64) -> Self {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let now = now.checked_add_signed(lifetime_secs).unwrap();
+        let username = format!("{now}:{user}");
+        let password = switchboard::turn::credentials::password(secret, &username);
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        Self { socket, server, username, password, challenge: None }
+    }
+
+    fn local(&self) -> SocketAddr {
+        self.socket.local_addr().unwrap()
+    }
+
+    /// A message of `method`/`class` with `attributes`, signed when a challenge was answered.
+    fn build(&self, method: Method, attributes: Vec<Box<dyn Setter>>, sign: bool) -> Vec<u8> {
+        let mut all: Vec<Box<dyn Setter>> = vec![
+            Box::new(stun::agent::TransactionId::new()),
+            Box::new(MessageType::new(method, CLASS_REQUEST)),
+        ];
+        all.extend(attributes);
+        if let (true, Some((realm, nonce))) = (sign, &self.challenge) {
+            all.push(Box::new(TextAttribute::new(ATTR_USERNAME, self.username.clone())));
+            all.push(Box::new(TextAttribute::new(ATTR_REALM, realm.clone())));
+            all.push(Box::new(TextAttribute::new(ATTR_NONCE, nonce.clone())));
+            all.push(Box::new(MessageIntegrity::new_long_term_integrity(
+                self.username.clone(),
+                realm.clone(),
+                self.password.clone(),
+            )));
+        }
+        let mut message = Message::new();
+        message.build(&all).unwrap();
+        message.raw
+    }
+
+    /// Sends `bytes` and waits for the answer with the same transaction id (`None` after 2 s).
+    async fn exchange(&self, bytes: &[u8]) -> Option<(Vec<u8>, Message)> {
+        self.socket.send_to(bytes, self.server).await.unwrap();
+        let mut buffer = vec![0u8; 65_536];
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (length, _) =
+                tokio::time::timeout_at(deadline, self.socket.recv_from(&mut buffer)).await.ok()?.unwrap();
+            let raw = buffer[..length].to_vec();
+            let mut message = Message::new();
+            message.raw.clone_from(&raw);
+            if message.decode().is_ok() && raw[8..20] == bytes[8..20] {
+                return Some((raw, message));
+            }
+        }
+    }
+
+    /// A signed request; the answer.
+    async fn request(&self, method: Method, attributes: Vec<Box<dyn Setter>>) -> Message {
+        self.exchange(&self.build(method, attributes, true)).await.expect("an answer").1
+    }
+
+    /// The 401 dance and an Allocate of a UDP relay; the answer.
+    async fn allocate(&mut self, mut attributes: Vec<Box<dyn Setter>>) -> Message {
+        let (_, challenge) =
+            self.exchange(&self.build(METHOD_ALLOCATE, vec![udp()], false)).await.expect("a challenge");
+        assert_eq!(code(&challenge), Some(401));
+        self.learn(&challenge);
+        attributes.insert(0, udp());
+        self.request(METHOD_ALLOCATE, attributes).await
+    }
+
+    /// Takes REALM and NONCE from a 401 or 438.
+    fn learn(&mut self, challenge: &Message) {
+        let realm = TextAttribute::get_from_as(challenge, ATTR_REALM).unwrap().text;
+        let nonce = TextAttribute::get_from_as(challenge, ATTR_NONCE).unwrap().text;
+        self.challenge = Some((realm, nonce));
+    }
+
+    async fn permit(&self, peers: &[SocketAddr]) -> Message {
+        let attributes = peers.iter().map(|peer| peer_attribute(*peer)).collect();
+        self.request(METHOD_CREATE_PERMISSION, attributes).await
+    }
+
+    /// A Send indication of `data` to `peer` (no answer).
+    async fn send_indication(&self, peer: SocketAddr, data: &[u8]) {
+        let mut message = Message::new();
+        message
+            .build(&[
+                Box::new(stun::agent::TransactionId::new()),
+                Box::new(MessageType::new(METHOD_SEND, CLASS_INDICATION)),
+                peer_attribute(peer),
+                Box::new(turn::proto::data::Data(data.to_vec())),
+            ])
+            .unwrap();
+        self.socket.send_to(&message.raw, self.server).await.unwrap();
+    }
+
+    /// The next datagram from the relay (`None` after 2 s).
+    async fn receive(&self) -> Option<Vec<u8>> {
+        let mut buffer = vec![0u8; 65_536];
+        let (length, _) = tokio::time::timeout(WAIT, self.socket.recv_from(&mut buffer)).await.ok()?.unwrap();
+        Some(buffer[..length].to_vec())
+    }
+}
+
+fn udp() -> Box<dyn Setter> {
+    Box::new(RequestedTransport { protocol: turn::proto::PROTO_UDP })
+}
+
+fn peer_attribute(peer: SocketAddr) -> Box<dyn Setter> {
+    Box::new(PeerAddress { ip: peer.ip(), port: peer.port() })
+}
+
+fn code(message: &Message) -> Option<u16> {
+    let mut attribute = ErrorCodeAttribute::default();
+    attribute.get_from(message).ok().map(|()| attribute.code.0)
+}
+
+fn relayed(message: &Message) -> SocketAddr {
+    let mut address = RelayedAddress::default();
+    address.get_from(message).unwrap_or_else(|e| panic!("no XOR-RELAYED-ADDRESS ({e}): {message}"));
+    SocketAddr::new(address.ip, address.port)
+}
+
+fn success(message: &Message) -> bool {
+    message.typ.class == CLASS_SUCCESS_RESPONSE
+}
+
+/// Every attribute's padding is zero (CVE-2020-4067: a relay that leaked memory through padding).
+fn padding_is_zero(raw: &[u8]) -> bool {
+    let mut at = 20;
+    while at + 4 <= raw.len() {
+        let length = usize::from(u16::from_be_bytes([raw[at + 2], raw[at + 3]]));
+        let padded = length.next_multiple_of(4);
+        if raw.get(at + 4 + length..at + 4 + padded).is_none_or(|padding| padding.iter().any(|b| *b != 0)) {
+            return false;
+        }
+        at += 4 + padded;
+    }
+    at == raw.len()
+}
+
+/// How many more a budget refilling at `per_sec` may have let through since `started` (rounded up,
+/// plus one for the clock's granularity).
+fn refilled_during(started: std::time::Instant, per_sec: f64) -> usize {
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a few seconds at most
+    let refilled = (started.elapsed().as_secs_f64() * per_sec).ceil() as usize;
+    refilled + 1
+}
+
+/// Switchboard with the relay configured by `turn` (TOML lines added to the test `[turn]`).
+async fn relay(dir: &std::path::Path, turn: &str) -> (common::Running, SocketAddr) {
+    let toml = common::config_toml(&common::sqlite_url(dir), "http://127.0.0.1:9", [0, 0, 0])
+        .replace("allowed_peers = [\"127.0.0.0/8\"]\n", turn);
+    let config = switchboard::config::Config::from_toml_str(&toml).expect("valid config");
+    let running = common::start(config).await;
+    let address = running.turn.expect("the embedded relay listens");
+    (running, address)
+}
+
+#[tokio::test]
+async fn unauthenticated_and_refused_requests_get_their_error_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, server) = relay(dir.path(), "unauthenticated_per_sec = 0\n").await;
+    let mut alice = Client::new(server, "@alice:localhost").await;
+
+    // Binding: the mapped address, no SOFTWARE, no amplification.
+    let binding = alice.build(METHOD_BINDING, vec![], false);
+    let (raw, answer) = alice.exchange(&binding).await.expect("a Binding answer");
+    let mut mapped = XorMappedAddress::default();
+    mapped.get_from(&answer).unwrap();
+    assert_eq!(SocketAddr::new(mapped.ip, mapped.port), alice.local());
+    assert!(!answer.contains(ATTR_SOFTWARE));
+    assert!(raw.len() <= 3 * binding.len());
+
+    // 420 names the unknown comprehension-required attribute.
+    let mut odd = Message::new();
+    odd.build(&[
+        Box::new(stun::agent::TransactionId::new()),
+        Box::new(MessageType::new(METHOD_BINDING, CLASS_REQUEST)),
+    ])
+    .unwrap();
+    odd.add(AttrType(0x0042), &[1, 2, 3, 4]);
+    odd.write_length();
+    let (_, answer) = alice.exchange(&odd.raw).await.expect("an answer");
+    assert_eq!(code(&answer), Some(420));
+    assert_eq!(answer.get(ATTR_UNKNOWN_ATTRIBUTES).unwrap(), [0x00, 0x42]);
+
+    // 400: an Allocate without REQUESTED-TRANSPORT; a method this relay does not offer (RFC 6062).
+    let (_, answer) = alice.exchange(&alice.build(METHOD_ALLOCATE, vec![], false)).await.unwrap();
+    assert_eq!(code(&answer), Some(400));
+    let (_, answer) =
+        alice.exchange(&alice.build(stun::message::METHOD_CONNECT, vec![], false)).await.unwrap();
+    assert_eq!(code(&answer), Some(400));
+
+    // 401: the challenge is small, padded with zeros and carries no SOFTWARE.
+    let minimal = alice.build(METHOD_ALLOCATE, vec![udp()], false);
+    let (raw, challenge) = alice.exchange(&minimal).await.unwrap();
+    assert_eq!(code(&challenge), Some(401));
+    assert!(raw.len() <= 3 * minimal.len(), "{} bytes for a {}-byte request", raw.len(), minimal.len());
+    assert!(padding_is_zero(&raw), "{raw:?}");
+    assert!(!challenge.contains(ATTR_SOFTWARE));
+    alice.learn(&challenge);
+    // 401: wrong secret, expired username.
+    let mut mallory = Client::with_secret(server, "@mallory:localhost", b"not-the-secret", 600).await;
+    let nonce_for = mallory.exchange(&mallory.build(METHOD_ALLOCATE, vec![udp()], false)).await.unwrap().1;
+    mallory.learn(&nonce_for);
+    assert_eq!(code(&mallory.request(METHOD_ALLOCATE, vec![udp()]).await), Some(401), "wrong secret");
+    let mut late = Client::with_secret(server, "@late:localhost", common::TURN_SECRET.as_bytes(), -60).await;
+    let nonce_for = late.exchange(&late.build(METHOD_ALLOCATE, vec![udp()], false)).await.unwrap().1;
+    late.learn(&nonce_for);
+    assert_eq!(code(&late.request(METHOD_ALLOCATE, vec![udp()]).await), Some(401), "expired username");
+    // 442: only UDP relays.
+    let tcp: Box<dyn Setter> = Box::new(RequestedTransport { protocol: turn::proto::PROTO_TCP });
+    assert_eq!(code(&alice.request(METHOD_ALLOCATE, vec![tcp]).await), Some(442));
+
+    let metrics = running.turn_metrics().await;
+    assert_eq!(common::metric(&metrics, r#"switchboard_turn_auth_failures_total{transport="udp"}"#), 2);
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_allocation_relays_both_ways_to_permitted_peers_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, server) = relay(dir.path(), "allowed_peers = [\"127.0.0.0/8\"]\n").await;
+    let mut alice = Client::new(server, "@alice:localhost").await;
+    // A lifetime above the maximum is clamped to 3600 s.
+    let long: Box<dyn Setter> = Box::new(Lifetime(Duration::from_secs(100_000)));
+    let allocated = alice.allocate(vec![long]).await;
+    assert!(success(&allocated), "{allocated}");
+    let mut lifetime = Lifetime::default();
+    lifetime.get_from(&allocated).unwrap();
+    assert_eq!(lifetime.0, Duration::from_secs(3600));
+    let relay_address = relayed(&allocated);
+    assert_eq!(relay_address.ip(), IpAddr::from([127, 0, 0, 1]));
+    // 437: another Allocate on the same 5-tuple.
+    assert_eq!(code(&alice.request(METHOD_ALLOCATE, vec![udp()]).await), Some(437));
+    // 441: a request on alice's allocation with bob's credentials.
+    let mut bob_here = Client::new(server, "@bob:localhost").await;
+    bob_here.challenge.clone_from(&alice.challenge);
+    let refresh = bob_here.build(METHOD_REFRESH, vec![], true);
+    let (_, answer) = alice.exchange(&refresh).await.unwrap();
+    assert_eq!(code(&answer), Some(441));
+
+    // 403 for any denied peer, all or nothing; 443 for the other family; 400 for a bad channel.
+    let peer_a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer_b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (a, b) = (peer_a.local_addr().unwrap(), peer_b.local_addr().unwrap());
+    for denied in ["10.0.0.1:5000", "169.254.169.254:80", "192.168.1.1:1", "224.0.0.1:5", "0.0.0.0:9"] {
+        assert_eq!(code(&alice.permit(&[a, denied.parse().unwrap()]).await), Some(403), "{denied}");
+    }
+    assert_eq!(code(&alice.permit(&["[2001:4860::1]:5000".parse().unwrap()]).await), Some(443));
+    let bind = |number: u16, peer: SocketAddr| -> Vec<Box<dyn Setter>> {
+        vec![Box::new(ChannelNumber(number)), peer_attribute(peer)]
+    };
+    assert_eq!(code(&alice.request(METHOD_CHANNEL_BIND, bind(0x3FFF, a)).await), Some(400));
+    assert_eq!(
+        code(&alice.request(METHOD_CHANNEL_BIND, bind(0x4000, "10.1.1.1:1".parse().unwrap())).await),
+        Some(403)
+    );
+
+    // Both XOR-PEER-ADDRESSes of one CreatePermission are installed: each peer gets data.
+    assert!(success(&alice.permit(&[a, b]).await));
+    alice.send_indication(a, b"to a").await;
+    alice.send_indication(b, b"to b").await;
+    let mut buffer = [0u8; 1500];
+    for (peer, expected) in [(&peer_a, &b"to a"[..]), (&peer_b, &b"to b"[..])] {
+        let (length, from) = tokio::time::timeout(WAIT, peer.recv_from(&mut buffer)).await.unwrap().unwrap();
+        assert_eq!((&buffer[..length], from), (expected, relay_address));
+    }
+    // The peer's answer comes back as a Data indication naming it.
+    peer_b.send_to(b"from b", relay_address).await.unwrap();
+    let data = alice.receive().await.expect("a Data indication");
+    let mut message = Message::new();
+    message.raw = data;
+    message.decode().unwrap();
+    assert_eq!(message.get(ATTR_DATA).unwrap(), b"from b");
+    let mut from = PeerAddress::default();
+    from.get_from(&message).unwrap();
+    assert_eq!(SocketAddr::new(from.ip, from.port), b);
+    // Over a channel, both ways.
+    assert!(success(&alice.request(METHOD_CHANNEL_BIND, bind(0x4001, a)).await));
+    let mut frame = vec![0x40, 0x01, 0x00, 0x05];
+    frame.extend_from_slice(b"hello");
+    alice.socket.send_to(&frame, server).await.unwrap();
+    let (length, _) = tokio::time::timeout(WAIT, peer_a.recv_from(&mut buffer)).await.unwrap().unwrap();
+    assert_eq!(&buffer[..length], b"hello");
+    peer_a.send_to(b"back", relay_address).await.unwrap();
+    assert_eq!(alice.receive().await.expect("ChannelData"), [0x40, 0x01, 0x00, 0x04, b'b', b'a', b'c', b'k']);
+    // A peer without a permission reaches nobody.
+    let stranger = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    stranger.send_to(b"let me in", relay_address).await.unwrap();
+    assert_eq!(alice.receive().await, None);
+
+    let metrics = running.turn_metrics().await;
+    let udp_metric =
+        |name: &str| common::metric(&metrics, &format!("switchboard_turn_{name}{{transport=\"udp\"}}"));
+    assert_eq!(udp_metric("denied_peers_total"), 6, "{metrics}");
+    assert_eq!(
+        (udp_metric("allocations"), udp_metric("permissions"), udp_metric("channels")),
+        (1, 1, 1),
+        "{metrics}"
+    );
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn quotas_hold_across_shards_and_stale_nonces_are_renewed() {
+    let dir = tempfile::tempdir().unwrap();
+    // A nonce lifetime of 1 s: a nonce is stale once its second is 2 s old.
+    let turn = "user_quota = 2\ntotal_quota = 3\nnonce_lifetime_secs = 1\nunauthenticated_per_sec = 0\nthreads = 2\n";
+    let (running, server) = relay(dir.path(), turn).await;
+    let mut alice = Client::new(server, "@alice:localhost").await;
+    assert!(success(&alice.allocate(vec![]).await));
+    // 486 and 508: quotas count allocations on every shard (clients spread over both).
+    let mut alice_2 = Client::new(server, "@alice:localhost").await;
+    assert!(success(&alice_2.allocate(vec![]).await));
+    let mut bob = Client::new(server, "@bob:localhost").await;
+    assert!(success(&bob.allocate(vec![]).await));
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        answers.push(code(&Client::new(server, "@alice:localhost").await.allocate(vec![]).await));
+        answers.push(code(&Client::new(server, "@carol:localhost").await.allocate(vec![]).await));
+    }
+    assert_eq!(answers, [Some(486), Some(508)].repeat(4), "alice has 2, the relay 3");
+
+    // 438 once the nonce is older than its lifetime, with a fresh one that works.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let stale = alice.request(METHOD_REFRESH, vec![]).await;
+    assert_eq!(code(&stale), Some(438));
+    let before = alice.challenge.clone();
+    alice.learn(&stale);
+    assert_ne!(alice.challenge, before);
+    assert!(success(&alice.request(METHOD_REFRESH, vec![]).await));
+
+    // 437 once the allocation is deleted (Refresh with lifetime 0); its place is given back.
+    let zero: Box<dyn Setter> = Box::new(Lifetime(Duration::ZERO));
+    assert!(success(&alice.request(METHOD_REFRESH, vec![zero]).await));
+    assert_eq!(code(&alice.permit(&["8.8.8.8:53".parse().unwrap()]).await), Some(437));
+    assert_eq!(code(&alice.request(METHOD_REFRESH, vec![]).await), Some(437));
+    let mut carol = Client::new(server, "@carol:localhost").await;
+    assert!(success(&carol.allocate(vec![]).await), "room for one more");
+
+    let metrics = running.turn_metrics().await;
+    let udp_metric =
+        |name: &str| common::metric(&metrics, &format!("switchboard_turn_{name}{{transport=\"udp\"}}"));
+    assert_eq!(udp_metric("allocations"), 3, "{metrics}");
+    assert_eq!(udp_metric("quota_refusals_total"), 8, "{metrics}");
+    assert_eq!(udp_metric("auth_failures_total"), 1, "the stale nonce: {metrics}");
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn peers_on_loopback_and_private_networks_are_refused_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, server) = relay(dir.path(), "relay_address_v6 = \"::1\"\n").await;
+    let mut client = Client::new(server, "@alice:localhost").await;
+    assert!(success(&client.allocate(vec![]).await));
+    for denied in
+        ["127.0.0.1:5000", "127.1.2.3:1", "10.0.0.1:1", "172.16.0.1:1", "100.64.0.1:1", "255.255.255.255:1"]
+    {
+        assert_eq!(code(&client.permit(&[denied.parse().unwrap()]).await), Some(403), "{denied}");
+    }
+    let mut v6 = Client::new(server, "@alice:localhost").await;
+    let family: Box<dyn Setter> = Box::new(REQUESTED_FAMILY_IPV6);
+    let allocated = v6.allocate(vec![family]).await;
+    assert!(success(&allocated), "{allocated}");
+    assert!(relayed(&allocated).is_ipv6());
+    // IPv4 peers smuggled in IPv6 forms, and IPv6 ranges of the deny list.
+    for denied in
+        ["[::1]:1", "[::ffff:127.0.0.1]:1", "[::ffff:10.0.0.1]:1", "[::127.0.0.1]:1", "[64:ff9b::a00:1]:1"]
+            .into_iter()
+            .chain(["[fc00::1]:1", "[fe80::1]:1", "[ff02::1]:1", "[2001:db8::1]:1", "[::]:1"])
+    {
+        assert_eq!(code(&v6.permit(&[denied.parse().unwrap()]).await), Some(403), "{denied}");
+    }
+    // A public peer is allowed (nothing is sent to it).
+    assert!(success(&client.permit(&["8.8.8.8:53".parse().unwrap()]).await));
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_ipv6_relay_carries_data_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, server) =
+        relay(dir.path(), "allowed_peers = [\"127.0.0.0/8\", \"::1/128\"]\nrelay_address_v6 = \"::1\"\n")
+            .await;
+    let mut client = Client::new(server, "@alice:localhost").await;
+    let family: Box<dyn Setter> = Box::new(REQUESTED_FAMILY_IPV6);
+    let allocated = client.allocate(vec![family]).await;
+    let relay_address = relayed(&allocated);
+    assert_eq!(relay_address.ip(), "::1".parse::<IpAddr>().unwrap());
+    let peer = UdpSocket::bind("[::1]:0").await.unwrap();
+    let peer_address = peer.local_addr().unwrap();
+    assert_eq!(code(&client.permit(&["127.0.0.1:1".parse().unwrap()]).await), Some(443), "family mismatch");
+    assert!(success(&client.permit(&[peer_address]).await));
+    client.send_indication(peer_address, b"over IPv6").await;
+    let mut buffer = [0u8; 1500];
+    let (length, from) = tokio::time::timeout(WAIT, peer.recv_from(&mut buffer)).await.unwrap().unwrap();
+    assert_eq!((&buffer[..length], from), (&b"over IPv6"[..], relay_address));
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn unauthenticated_requests_are_limited_per_source_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, server) = relay(dir.path(), "unauthenticated_per_sec = 5\n").await;
+    let client = Client::new(server, "@alice:localhost").await;
+    let started = std::time::Instant::now();
+    for _ in 0..30 {
+        client.socket.send_to(&client.build(METHOD_BINDING, vec![], false), server).await.unwrap();
+    }
+    let refilled = refilled_during(started, 5.0);
+    let mut answered = 0;
+    while client.receive().await.is_some() {
+        answered += 1;
+    }
+    assert!((10..=10 + refilled).contains(&answered), "a burst of twice the rate, not {answered} of 30");
+    // Another source address is not held back by the first one's flood.
+    let other = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    other.send_to(&client.build(METHOD_BINDING, vec![], false), server).await.unwrap();
+    let mut buffer = [0u8; 1500];
+    assert!(
+        tokio::time::timeout(WAIT, other.recv_from(&mut buffer)).await.is_ok(),
+        "another source is answered"
+    );
+    // The first is answered again once its budget refills.
+    assert!(client.exchange(&client.build(METHOD_BINDING, vec![], false)).await.is_some());
+    let metrics = running.metrics().await;
+    assert!(common::metric(&metrics, r#"switchboard_turn_rate_limited_total{transport="udp"}"#) >= 18);
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn each_allocation_is_held_to_its_bandwidth() {
+    let dir = tempfile::tempdir().unwrap();
+    let turn = "allowed_peers = [\"127.0.0.0/8\"]\nbandwidth_bytes_per_sec = 20000\n";
+    let (running, server) = relay(dir.path(), turn).await;
+    let mut client = Client::new(server, "@alice:localhost").await;
+    assert!(success(&client.allocate(vec![]).await));
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer_address = peer.local_addr().unwrap();
+    let bind: Vec<Box<dyn Setter>> = vec![Box::new(ChannelNumber(0x4000)), peer_attribute(peer_address)];
+    assert!(success(&client.request(METHOD_CHANNEL_BIND, bind).await));
+    let mut frame = vec![0x40, 0x00, 0x03, 0xE8]; // 1000 bytes
+    frame.resize(1004, 0xAB);
+    let started = std::time::Instant::now();
+    for _ in 0..100 {
+        client.socket.send_to(&frame, server).await.unwrap();
+    }
+    let refilled = refilled_during(started, 20.0);
+    let mut received = 0;
+    let mut buffer = [0u8; 1500];
+    while tokio::time::timeout(Duration::from_millis(500), peer.recv_from(&mut buffer)).await.is_ok() {
+        received += 1;
+    }
+    // 20,000 bytes of budget, plus what refills while the burst is sent.
+    assert!((20..=20 + refilled).contains(&received), "{received} of 100 packets of 1000 bytes relayed");
+    let metrics = running.turn_metrics().await;
+    let dropped =
+        common::metric(&metrics, r#"switchboard_turn_over_bandwidth_dropped_total{transport="udp"}"#);
+    assert_eq!(dropped, 100 - received as u64, "{metrics}");
+    running.stop().await.unwrap();
+}
