@@ -4,7 +4,8 @@
 //!   read from /proc before and after each load, and loss as uclient reports it;
 //! - resident memory per idle allocation, with 5,000 allocations made by this bench's own client.
 //!
-//! Loads alternate between the two servers, 3 runs each; medians. uclient staggers its clients'
+//! Loads alternate between the two servers (who goes first alternates too), 5 runs each; medians,
+//! and the median of each run's Switchboard ÷ coturn ratio. uclient staggers its clients'
 //! starts, so messages per second say little: compare CPU per message.
 //!
 //! Run: `cargo bench --bench turn` (needs coturn: `deploy/prerequisites --tests`);
@@ -193,6 +194,20 @@ fn allocate(
     }
 }
 
+/// One uclient run against `server`: its CPU µs per relayed message and the messages lost; `None`
+/// when uclient did not finish.
+async fn measure(server: &Server, peer_port: u16, flags: &[&str]) -> Option<(f64, u64)> {
+    let before = cpu_seconds(server.pid);
+    let (relayed, lost, output) = uclient(server.port, peer_port, flags)?;
+    // Let the server finish what is in flight before reading its CPU time.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cpu = cpu_seconds(server.pid) - before;
+    assert!(relayed > 0, "{} relayed nothing:\n{output}", server.name);
+    #[allow(clippy::cast_precision_loss)]
+    let per_message = cpu / relayed as f64 * 1e6;
+    Some((per_message, lost))
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     if values.is_empty() {
         return f64::NAN;
@@ -218,48 +233,52 @@ async fn main() {
     process.wait_for("/health").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    println!("| load | server | CPU µs per relayed message | loss | Switchboard ÷ coturn |");
-    println!("|---|---|---:|---:|---:|");
+    println!(
+        "| load | coturn µs/msg | Switchboard µs/msg | lost (coturn, Switchboard) | ratio of medians | median of paired ratios |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     // SWITCHBOARD_BENCH_LOADS=<text>: only the loads whose name contains it ("" or "memory": none).
     let only = std::env::var("SWITCHBOARD_BENCH_LOADS").ok();
     let chosen = LOADS
         .iter()
         .filter(|(name, _)| only.as_deref().is_none_or(|text| !text.is_empty() && name.contains(text)));
+    let servers = [&coturn, &switchboard];
     for (load, flags) in chosen {
         let mut per_message: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        let mut paired = Vec::new();
         let mut lost = [0u64; 2];
         let mut unfinished = [0u32; 2];
-        for _ in 0..RUNS {
-            for (index, server) in [&coturn, &switchboard].into_iter().enumerate() {
-                let before = cpu_seconds(server.pid);
-                let Some((relayed, lost_now, output)) = uclient(server.port, peer_port, flags) else {
-                    eprintln!("{load}: uclient did not finish against {}", server.name);
+        for run in 0..RUNS {
+            // Alternate who goes first: neither always follows the other's load.
+            let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+            let mut this_run = [None, None];
+            for index in order {
+                if let Some((us, lost_now)) = measure(servers[index], peer_port, flags).await {
+                    this_run[index] = Some(us);
+                    per_message[index].push(us);
+                    lost[index] += lost_now;
+                } else {
+                    eprintln!("{load}: uclient did not finish against {}", servers[index].name);
                     unfinished[index] += 1;
-                    continue;
-                };
-                // Let the server finish what is in flight before reading its CPU time.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let cpu = cpu_seconds(server.pid) - before;
-                assert!(relayed > 0, "{} relayed nothing:\n{output}", server.name);
-                #[allow(clippy::cast_precision_loss)]
-                per_message[index].push(cpu / relayed as f64 * 1e6);
-                lost[index] += lost_now;
+                }
+            }
+            if let [Some(coturn_us), Some(switchboard_us)] = this_run {
+                paired.push(switchboard_us / coturn_us);
             }
         }
         if per_message.iter().any(Vec::is_empty) {
-            println!("| {load} | (a server never finished: {unfinished:?}) | | | |");
+            println!("| {load} | (a server never finished: {unfinished:?}) | | | | |");
             continue;
         }
         let [coturn_us, switchboard_us] = per_message.map(median);
-        let note = |i: usize| {
-            if unfinished[i] > 0 { format!(" ({} runs unfinished)", unfinished[i]) } else { String::new() }
-        };
-        println!("| {load} | coturn | {coturn_us:.2} | {}{} | |", lost[0], note(0));
+        let unfinished =
+            if unfinished == [0, 0] { String::new() } else { format!(" (unfinished {unfinished:?})") };
         println!(
-            "| {load} | Switchboard | {switchboard_us:.2} | {}{} | **{:.2}** |",
+            "| {load} | {coturn_us:.2} | {switchboard_us:.2} | {}, {}{unfinished} | {:.2} | **{:.2}** |",
+            lost[0],
             lost[1],
-            note(1),
-            switchboard_us / coturn_us
+            switchboard_us / coturn_us,
+            median(paired),
         );
     }
 

@@ -228,7 +228,7 @@ pub struct TurnConfig {
     /// Relay threads (shards, each with its own sockets on the listen addresses); 0: one per core.
     #[serde(default)]
     pub threads: usize,
-    /// TURN URIs handed to clients.
+    /// TURN URIs handed to clients; by default, the embedded relay's own listeners.
     #[serde(default)]
     pub uris: Vec<String>,
     /// Lifetime of minted credentials, in seconds.
@@ -717,7 +717,8 @@ unauthenticated_per_sec = {unauth_rate}
 nonce_lifetime_secs = {nonce_lifetime}
 # Relay threads, each with its own sockets on the listen addresses (SO_REUSEPORT); 0: one per core.
 threads = 0
-# TURN URIs handed to clients, e.g. ["turn:turn.example.org:3478?transport=udp"].
+# TURN URIs handed to clients, e.g. ["turn:turn.example.org:3478?transport=udp"]. Empty: the embedded
+# relay's own listeners (at external_address when set); set them when clients know the relay by name.
 uris = []
 # Lifetime of minted TURN credentials, in seconds.
 user_lifetime_secs = {turn_lifetime}

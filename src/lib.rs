@@ -136,7 +136,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             .shared_secret
             .clone()
             .filter(|_| config.turn.mode != config::TurnMode::Off),
-        uris: config.turn.uris.clone(),
+        uris: turn::client_uris(&config, listeners.turn.as_ref()),
         lifetime_secs: config.turn.user_lifetime_secs,
     };
     let client = http::with_fallbacks(

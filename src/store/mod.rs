@@ -463,8 +463,11 @@ async fn insert_transaction(
     Ok(inserted.rows_affected() == 1)
 }
 
-/// How often the SQLite WAL is checkpointed into the database file.
+/// How often the SQLite WAL is checkpointed into the database file while it is being written.
 const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+/// The checkpointer's longest pause while nothing is written (it doubles up to this): an idle
+/// service should not wake up four times a second.
+const CHECKPOINT_IDLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(4);
 /// WAL size (4 KiB frames) past which the checkpointer also truncates the WAL: 256 MiB.
 const WAL_TRUNCATE_FRAMES: i64 = 65_536;
 
@@ -472,25 +475,34 @@ const WAL_TRUNCATE_FRAMES: i64 = 65_536;
 /// homeserver waiting on them) do not pay for it. `PASSIVE` never blocks readers or the writer, but
 /// under a steady stream of commits the WAL may never find a quiet moment to start over; when it
 /// has grown past [`WAL_TRUNCATE_FRAMES`], a `TRUNCATE` checkpoint (which waits for the writer, a
-/// rare pause) bounds it.
+/// rare pause) bounds it. While the WAL does not change, the pauses grow to
+/// [`CHECKPOINT_IDLE_INTERVAL`].
 async fn checkpoint_wal(pool: AnyPool) {
-    let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pause = CHECKPOINT_INTERVAL;
+    let mut last_frames = None;
     while !pool.is_closed() {
-        tick.tick().await;
+        tokio::time::sleep(pause).await;
         let result = async {
             // (busy, frames in the WAL, frames copied to the database)
-            let (_, frames, _): (i64, i64, i64) =
+            let (_, frames, copied): (i64, i64, i64) =
                 sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&pool).await?;
             if frames > WAL_TRUNCATE_FRAMES {
                 sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&pool).await?;
             }
-            Ok::<_, sqlx::Error>(())
+            Ok::<_, sqlx::Error>((frames, copied))
         };
-        if let Err(error) = result.await
-            && !pool.is_closed()
-        {
-            tracing::warn!(%error, "store.checkpoint failed; retrying");
+        match result.await {
+            Ok((frames, copied)) => {
+                let unchanged = last_frames == Some(frames) && copied == frames;
+                pause =
+                    if unchanged { (pause * 2).min(CHECKPOINT_IDLE_INTERVAL) } else { CHECKPOINT_INTERVAL };
+                last_frames = Some(frames);
+            }
+            Err(error) if !pool.is_closed() => {
+                tracing::warn!(%error, "store.checkpoint failed; retrying");
+                pause = CHECKPOINT_INTERVAL;
+            }
+            Err(_) => {}
         }
     }
 }

@@ -43,6 +43,8 @@ const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 /// A stream client that sends nothing for this long is disconnected (its allocation, if any, had to
 /// be refreshed within its lifetime anyway).
 const STREAM_IDLE: Duration = Duration::from_secs(3600);
+/// Receive and send buffer asked for the client-facing UDP sockets.
+const CLIENT_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// Pending connections per listener socket.
 const LISTEN_BACKLOG: i32 = 1024;
 
@@ -136,7 +138,11 @@ fn reuse_port_socket(address: SocketAddr, kind: Type, protocol: Protocol) -> std
 }
 
 fn bind_udp(address: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    Ok(reuse_port_socket(address, Type::DGRAM, Protocol::UDP)?.into())
+    let socket = reuse_port_socket(address, Type::DGRAM, Protocol::UDP)?;
+    // Room for bursts from many clients (the kernel caps it at net.core.rmem_max/wmem_max).
+    socket.set_recv_buffer_size(CLIENT_SOCKET_BUFFER)?;
+    socket.set_send_buffer_size(CLIENT_SOCKET_BUFFER)?;
+    Ok(socket.into())
 }
 
 fn bind_tcp(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {

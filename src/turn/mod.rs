@@ -70,6 +70,26 @@ pub fn embedded(config: &Config) -> Embedded {
     Embedded { settings, limits: Arc::new(limits), sockets }
 }
 
+/// The TURN URIs handed to clients: `[turn] uris`, or, for the embedded relay when there are none,
+/// its own listeners (UDP, TCP, and TLS when configured), at `external_address` when set.
+pub fn client_uris(config: &Config, embedded: Option<&io::Listeners>) -> Vec<String> {
+    let turn = &config.turn;
+    let Some(listeners) = embedded.filter(|_| turn.uris.is_empty()) else { return turn.uris.clone() };
+    let public = |address: std::net::SocketAddr| {
+        std::net::SocketAddr::new(turn.external_address.unwrap_or(address.ip()), address.port())
+    };
+    let mut uris = Vec::new();
+    if let Ok(address) = listeners.local_addr() {
+        let address = public(address);
+        uris.push(format!("turn:{address}?transport=udp"));
+        uris.push(format!("turn:{address}?transport=tcp"));
+    }
+    if let Some(address) = listeners.tls_local_addr() {
+        uris.push(format!("turns:{}?transport=tcp", public(address)));
+    }
+    uris
+}
+
 /// The number of relay shards for `[turn] threads` (0: one per core).
 pub fn shards(config: &Config) -> usize {
     match config.turn.threads {

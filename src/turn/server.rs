@@ -1354,6 +1354,63 @@ mod tests {
     }
 
     #[test]
+    fn mangled_packets_never_panic_and_leave_the_relay_serving() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x7475_726e);
+        let mut ports = Ports::default();
+        let mut relay = relay(settings());
+        let client = allocate(&mut relay, &mut ports, T0);
+        let relay_addr = *ports.open.iter().next().unwrap();
+        let mut send = Message::new();
+        send.build(&[
+            Box::new(TransactionIdFrom([5; 12])),
+            Box::new(MessageType::new(METHOD_SEND, CLASS_INDICATION)),
+            peer_attr(peer()),
+            Box::new(turn::proto::data::Data(b"payload".to_vec())),
+        ])
+        .unwrap();
+        let samples = [
+            client.request(METHOD_ALLOCATE, vec![transport()]),
+            client.request(METHOD_REFRESH, vec![Box::new(Lifetime(std::time::Duration::from_secs(900)))]),
+            client.request(
+                METHOD_CREATE_PERMISSION,
+                vec![peer_attr(peer()), peer_attr("[::1]:9".parse().unwrap())],
+            ),
+            client.request(
+                METHOD_CHANNEL_BIND,
+                vec![Box::new(turn::proto::channum::ChannelNumber(0x4000)), peer_attr(peer())],
+            ),
+            client.request(METHOD_BINDING, vec![]),
+            send.raw.clone(),
+            vec![0x40, 0x00, 0x00, 0x03, b'a', b'b', b'c'],
+        ];
+        let mut out = Vec::new();
+        for round in 0..20_000_u64 {
+            let mut packet = samples[usize::try_from(round).unwrap() % samples.len()].clone();
+            match rng.random_range(0..4) {
+                0 => {
+                    for _ in 0..rng.random_range(1..4) {
+                        let at = rng.random_range(0..packet.len());
+                        packet[at] ^= rng.random_range(1..=u8::MAX);
+                    }
+                }
+                1 => packet.truncate(rng.random_range(0..packet.len())),
+                2 if packet.len() >= 4 => {
+                    packet[2] = rng.random();
+                    packet[3] = rng.random();
+                }
+                _ => packet.extend((0..rng.random_range(1..64)).map(|_| rng.random::<u8>())),
+            }
+            let now = T0 + round;
+            let _ = relay.handle_client(now, tuple0(), &packet, &mut ports);
+            let _ = relay.handle_peer(now, relay_addr, peer(), &packet, &mut out);
+        }
+        let binding = Client::new(SECRET, "x", T0, 60).request(METHOD_BINDING, vec![]);
+        let answer = reply(relay.handle_client(T0 + 20_000, tuple0(), &binding, &mut ports));
+        assert_eq!(answer.typ.class, CLASS_SUCCESS_RESPONSE);
+    }
+
+    #[test]
     fn unknown_required_attributes_get_420_and_garbage_gets_nothing() {
         let mut ports = Ports::default();
         let mut relay = relay(settings());
