@@ -183,6 +183,11 @@ fn padding_is_zero(raw: &[u8]) -> bool {
     at == raw.len()
 }
 
+/// The relay metric `switchboard_turn_<name>` of UDP clients.
+fn udp_metric(metrics: &str, name: &str) -> u64 {
+    common::metric(metrics, &format!("switchboard_turn_{name}{{transport=\"udp\"}}"))
+}
+
 /// How many more a budget refilling at `per_sec` may have let through since `started` (rounded up,
 /// plus one for the clock's granularity).
 fn refilled_during(started: std::time::Instant, per_sec: f64) -> usize {
@@ -258,7 +263,7 @@ async fn unauthenticated_and_refused_requests_get_their_error_codes() {
     assert_eq!(code(&alice.request(METHOD_ALLOCATE, vec![tcp]).await), Some(442));
 
     let metrics = running.turn_metrics().await;
-    assert_eq!(common::metric(&metrics, r#"switchboard_turn_auth_failures_total{transport="udp"}"#), 2);
+    assert_eq!(udp_metric(&metrics, "auth_failures_total"), 2);
     running.stop().await.unwrap();
 }
 
@@ -336,11 +341,13 @@ async fn an_allocation_relays_both_ways_to_permitted_peers_only() {
     assert_eq!(alice.receive().await, None);
 
     let metrics = running.turn_metrics().await;
-    let udp_metric =
-        |name: &str| common::metric(&metrics, &format!("switchboard_turn_{name}{{transport=\"udp\"}}"));
-    assert_eq!(udp_metric("denied_peers_total"), 6, "{metrics}");
+    assert_eq!(udp_metric(&metrics, "denied_peers_total"), 6, "{metrics}");
     assert_eq!(
-        (udp_metric("allocations"), udp_metric("permissions"), udp_metric("channels")),
+        (
+            udp_metric(&metrics, "allocations"),
+            udp_metric(&metrics, "permissions"),
+            udp_metric(&metrics, "channels")
+        ),
         (1, 1, 1),
         "{metrics}"
     );
@@ -385,11 +392,9 @@ async fn quotas_hold_across_shards_and_stale_nonces_are_renewed() {
     assert!(success(&carol.allocate(vec![]).await), "room for one more");
 
     let metrics = running.turn_metrics().await;
-    let udp_metric =
-        |name: &str| common::metric(&metrics, &format!("switchboard_turn_{name}{{transport=\"udp\"}}"));
-    assert_eq!(udp_metric("allocations"), 3, "{metrics}");
-    assert_eq!(udp_metric("quota_refusals_total"), 8, "{metrics}");
-    assert_eq!(udp_metric("auth_failures_total"), 1, "the stale nonce: {metrics}");
+    assert_eq!(udp_metric(&metrics, "allocations"), 3, "{metrics}");
+    assert_eq!(udp_metric(&metrics, "quota_refusals_total"), 8, "{metrics}");
+    assert_eq!(udp_metric(&metrics, "auth_failures_total"), 1, "the stale nonce: {metrics}");
     running.stop().await.unwrap();
 }
 
@@ -470,7 +475,7 @@ async fn unauthenticated_requests_are_limited_per_source_address() {
     // The first is answered again once its budget refills.
     assert!(client.exchange(&client.build(METHOD_BINDING, vec![], false)).await.is_some());
     let metrics = running.metrics().await;
-    assert!(common::metric(&metrics, r#"switchboard_turn_rate_limited_total{transport="udp"}"#) >= 18);
+    assert!(udp_metric(&metrics, "rate_limited_total") >= 18);
     running.stop().await.unwrap();
 }
 
@@ -500,8 +505,7 @@ async fn each_allocation_is_held_to_its_bandwidth() {
     // 20,000 bytes of budget, plus what refills while the burst is sent.
     assert!((20..=20 + refilled).contains(&received), "{received} of 100 packets of 1000 bytes relayed");
     let metrics = running.turn_metrics().await;
-    let dropped =
-        common::metric(&metrics, r#"switchboard_turn_over_bandwidth_dropped_total{transport="udp"}"#);
+    let dropped = udp_metric(&metrics, "over_bandwidth_dropped_total");
     let relayed = common::metric(
         &metrics,
         r#"switchboard_turn_relayed_packets_total{transport="udp",direction="to_peer"}"#,

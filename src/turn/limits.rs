@@ -74,7 +74,8 @@ impl Limits {
     }
 
     /// Allocations counted now (all shards).
-    pub fn allocations(&self) -> usize {
+    #[cfg(test)]
+    fn allocations(&self) -> usize {
         self.state().total
     }
 
@@ -109,8 +110,9 @@ impl Limits {
         self.state().sources.retain(|_, bucket| refilled(*bucket, now_ms, rate) < 2.0 * rate);
     }
 
-    /// Sources the limiter remembers (for tests of its bound).
-    pub fn tracked_sources(&self) -> usize {
+    /// Sources the limiter remembers.
+    #[cfg(test)]
+    fn tracked_sources(&self) -> usize {
         self.state().sources.len()
     }
 }
