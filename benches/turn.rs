@@ -229,7 +229,7 @@ async fn main() {
             .expect("start turnutils_peer (apt-get install coturn)"),
     );
     let (coturn, _coturn_process) = coturn(common::free_port());
-    let (switchboard, process) = switchboard(dir.path(), common::free_port());
+    let (switchboard, mut process) = switchboard(dir.path(), common::free_port());
     process.wait_for("/health").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 

@@ -38,7 +38,7 @@ async fn a_flood_of_unauthenticated_allocates_does_not_grow_memory() {
     let ports = [common::free_port(), common::free_port(), common::free_port()];
     let toml = common::config_toml(&common::sqlite_url(dir.path()), "http://127.0.0.1:9", ports)
         .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{turn_port}\""));
-    let process = common::Process::start(dir.path(), &toml, ports);
+    let mut process = common::Process::start(dir.path(), &toml, ports);
     process.wait_for("/health").await;
     let relay: std::net::SocketAddr = format!("127.0.0.1:{turn_port}").parse().unwrap();
     let mut sockets = Vec::new();

@@ -21,8 +21,9 @@ use crate::telemetry::Metrics;
 
 /// Entries kept in the `whoami` cache before expired ones are swept.
 const WHOAMI_CACHE_MAX: usize = 100_000;
-/// Backoff while the homeserver is unreachable: 1 s doubling to this.
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Backoff while the homeserver is unreachable: 1 s doubling to this, so that `/ready` turns green
+/// within about 10 s of the homeserver (or its route back to us) coming back.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Re-check interval while the homeserver is healthy.
 const HEALTHY_RECHECK: Duration = Duration::from_secs(30);
 

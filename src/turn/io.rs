@@ -440,7 +440,11 @@ where
                 Some(backlog) => std::mem::swap(&mut backlog.bytes, &mut pending),
                 None => return,
             }
-            if writer.write_all(&pending).await.is_err() || writer.flush().await.is_err() {
+            let written = match tuple.transport {
+                Transport::Tls => write_frame_by_frame(&mut writer, &pending).await,
+                _ => writer.write_all(&pending).await,
+            };
+            if written.is_err() || writer.flush().await.is_err() {
                 return;
             }
             pending.clear();
@@ -466,6 +470,22 @@ where
     let Shard { relay, ports, streams, .. } = &mut *guard;
     streams.remove(&tuple.client);
     relay.close(tuple, ports);
+}
+
+/// Writes each queued frame with a write of its own, which rustls seals in a TLS record of its own.
+/// The stream is still a byte stream, but coturn's `turnutils_uclient` (and clients built like it)
+/// take what one `SSL_read` returns for one message and drop the rest of the record; coturn writes
+/// one record per message too. Plain TCP writes the whole backlog at once.
+async fn write_frame_by_frame<W>(writer: &mut W, mut frames: &[u8]) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    while let Some(length) = frame_length(frames) {
+        let (frame, rest) = frames.split_at(length.min(frames.len()));
+        writer.write_all(frame).await?;
+        frames = rest;
+    }
+    Ok(())
 }
 
 /// Handles the complete frames at the start of `inbound`; the bytes they took, or `None` when the
@@ -544,7 +564,46 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 
 #[cfg(test)]
 mod tests {
-    use super::frame_length;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::io::AsyncWrite;
+
+    use super::{frame_length, write_frame_by_frame};
+
+    /// Keeps what each `poll_write` was given.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bytes: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.0.push(bytes.to_vec());
+            Poll::Ready(Ok(bytes.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_clients_get_each_frame_in_a_write_of_its_own() {
+        let binding_success = [&[0x01, 0x01, 0x00, 0x04, 0x21, 0x12, 0xA4, 0x42][..], &[7; 16]].concat();
+        let channel_data = [0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0, 0];
+        let second_channel_data = [0x40, 0x01, 0x00, 0x04, 9, 9, 9, 9];
+        let backlog = [&binding_success[..], &channel_data, &second_channel_data].concat();
+        let mut writes = Writes::default();
+        write_frame_by_frame(&mut writes, &backlog).await.unwrap();
+        assert_eq!(writes.0, [binding_success, channel_data.to_vec(), second_channel_data.to_vec()]);
+    }
 
     #[test]
     fn stream_frames_are_stun_messages_or_padded_channel_data() {

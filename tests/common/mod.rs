@@ -540,13 +540,38 @@ impl Process {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the ops listener answers `path` with a success status.
-    pub async fn wait_for(&self, path: &str) {
+    /// Waits at most 30 s until the ops listener answers `path` with a success status. Fails at once
+    /// if the process exits; a failure shows the last answer and the end of the log.
+    pub async fn wait_for(&mut self, path: &str) {
         let url = format!("http://127.0.0.1:{}{path}", self.ports[2]);
-        eventually(Duration::from_secs(30), &url, || async {
-            reqwest::get(&url).await.ok().filter(|r| r.status().is_success()).map(|_| ())
-        })
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last_answer;
+        loop {
+            if let Some(status) = self.try_wait() {
+                panic!("switchboard exited ({status}) before {url} answered\n{}", self.log_tail());
+            }
+            match reqwest::get(&url).await {
+                Ok(response) if response.status().is_success() => return,
+                Ok(response) => {
+                    last_answer =
+                        format!("{}: {}", response.status(), response.text().await.unwrap_or_default());
+                }
+                Err(error) => last_answer = error.to_string(),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after 30s waiting for {url}; last answer: {last_answer}\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The log's last 40 lines.
+    fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 }
 
