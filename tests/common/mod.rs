@@ -237,9 +237,20 @@ pub fn uclient_number(output: &str, key: &str) -> Option<u64> {
     })
 }
 
-/// A free loopback port (bound and released; fine for tests).
+/// A loopback port free for TCP and UDP, for a server the test starts later. It is drawn at random
+/// below Linux's ephemeral range (32768-60999): a port the kernel handed out for `bind(0)` is soon
+/// handed to another test again, and outgoing connections take ports from that range, so between
+/// this check and the server's bind one of them could take it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    for _ in 0..1000 {
+        let port = rand::random_range(20_000..32_768);
+        let free = std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-32767");
 }
 
 /// Polls `check` every 50 ms until it returns `Some`, for at most `timeout`.
