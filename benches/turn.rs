@@ -37,13 +37,30 @@ const LOADS: &[(&str, &[&str])] = &[
         &["-m", "50", "-n", "500", "-l", "160", "-z", "20", "-s"],
     ),
     ("50 streams × 160 B every 20 ms, TCP", &["-m", "50", "-n", "500", "-l", "160", "-z", "20", "-t"]),
+    ("50 streams × 160 B every 20 ms, TLS", &["-m", "50", "-n", "500", "-l", "160", "-z", "20", "-t", "-S"]),
 ];
 
-/// A relay under test: its name, process and TURN port.
+/// A relay under test: its name, process, TURN port and TURN-over-TLS port.
 struct Server {
     name: &'static str,
     pid: u32,
     port: u16,
+    tls_port: u16,
+}
+
+/// A certificate and key for both servers' TLS listeners, in `dir`.
+fn certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (certificate, key) = (dir.join("turn.crt"), dir.join("turn.key"));
+    let openssl = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+        .args(["-subj", "/CN=localhost", "-days", "1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&certificate)
+        .output()
+        .expect("run openssl");
+    assert!(openssl.status.success(), "{}", String::from_utf8_lossy(&openssl.stderr));
+    (certificate, key)
 }
 
 /// A child process killed when dropped (coturn, the echo peer).
@@ -67,20 +84,25 @@ fn cpu_seconds(pid: u32) -> f64 {
     seconds
 }
 
-fn coturn(port: u16) -> (Server, KillOnDrop) {
+fn coturn(dir: &std::path::Path, port: u16, tls_port: u16) -> (Server, KillOnDrop) {
+    let (certificate, key) = certificate(dir);
     let child = Command::new("turnserver")
         .args(["-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "--listening-port"])
         .arg(port.to_string())
+        .args(["--tls-listening-port", &tls_port.to_string(), "--cert"])
+        .arg(certificate)
+        .arg("--pkey")
+        .arg(key)
         .args([
             "--use-auth-secret",
             &format!("--static-auth-secret={SECRET}"),
             "--realm",
             common::SERVER_NAME,
         ])
-        .args(["--allow-loopback-peers", "--no-cli", "--no-tls", "--no-dtls", "--min-port", "30000"])
+        .args(["--allow-loopback-peers", "--no-cli", "--no-dtls", "--min-port", "40000"])
         .args([
             "--max-port",
-            "39999",
+            "49999",
             "--log-file",
             "stdout",
             "--simple-log",
@@ -90,28 +112,37 @@ fn coturn(port: u16) -> (Server, KillOnDrop) {
         .stderr(Stdio::null())
         .spawn()
         .expect("start turnserver (apt-get install coturn)");
-    (Server { name: "coturn", pid: child.id(), port }, KillOnDrop(child))
+    (Server { name: "coturn", pid: child.id(), port, tls_port }, KillOnDrop(child))
 }
 
-fn switchboard(dir: &std::path::Path, port: u16) -> (Server, common::Process) {
+fn switchboard(dir: &std::path::Path, port: u16, tls_port: u16) -> (Server, common::Process) {
+    let (certificate, key) = certificate(dir);
     let ports = [common::free_port(), common::free_port(), common::free_port()];
     let toml = common::config_toml(&common::sqlite_url(dir), "http://127.0.0.1:9", ports)
         .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""))
         .replace(
             "allowed_peers = [\"127.0.0.0/8\"]",
-            "allowed_peers = [\"127.0.0.0/8\"]\nbandwidth_bytes_per_sec = 0\nunauthenticated_per_sec = 0\n\
-             user_quota = 20000\ntotal_quota = 20000\nrelay_port_min = 40000\nrelay_port_max = 49999",
+            &format!(
+                "allowed_peers = [\"127.0.0.0/8\"]\nbandwidth_bytes_per_sec = 0\nunauthenticated_per_sec = 0\n\
+                 user_quota = 20000\ntotal_quota = 20000\nrelay_port_min = 50000\nrelay_port_max = 59999\n\
+                 tls_listen = \"127.0.0.1:{tls_port}\"\ntls_certificate = \"{}\"\ntls_key = \"{}\"",
+                certificate.display(),
+                key.display()
+            ),
         )
         .replace("level = \"info,switchboard=debug\"", "level = \"warn\"");
     let process = common::Process::start(dir, &toml, ports);
-    (Server { name: "switchboard", pid: process.pid(), port }, process)
+    (Server { name: "switchboard", pid: process.pid(), port, tls_port }, process)
 }
 
 /// Runs uclient with `flags` against `port`; returns (messages relayed, lost, output), or `None`
-/// when it did not finish within 2 minutes (uclient can wait forever for a lost echo).
+/// when it did not finish within 2 minutes (uclient can wait forever for a lost echo); then what
+/// it printed goes to stderr, for the next look at why.
 fn uclient(port: u16, peer: u16, flags: &[&str]) -> Option<(u64, u64, String)> {
+    // stdbuf: line-buffered, so a killed uclient's output is not lost in its stdio buffer.
     let output = Command::new("timeout")
-        .args(["120", "turnutils_uclient", "-W", SECRET, "-u", "bench", "-e", "127.0.0.1", "-r"])
+        .args(["120", "stdbuf", "-oL", "turnutils_uclient", "-W", SECRET, "-u", "bench", "-e"])
+        .args(["127.0.0.1", "-r"])
         .arg(peer.to_string())
         .args(["-X", "-c", "-p", &port.to_string()])
         .args(flags)
@@ -119,6 +150,11 @@ fn uclient(port: u16, peer: u16, flags: &[&str]) -> Option<(u64, u64, String)> {
         .output()
         .expect("run turnutils_uclient");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!("uclient {flags:?} on port {port} ended with {}; its last lines:", output.status);
+        eprintln!("{}", lines[lines.len().saturating_sub(30)..].join("\n"));
+    }
     let after = |key: &str| common::uclient_number(&text, key);
     let relayed = after("tot_send_msgs=")? + after("tot_recv_msgs=")?;
     Some((relayed, after("Total lost packets")?, text))
@@ -198,7 +234,8 @@ fn allocate(
 /// when uclient did not finish.
 async fn measure(server: &Server, peer_port: u16, flags: &[&str]) -> Option<(f64, u64)> {
     let before = cpu_seconds(server.pid);
-    let (relayed, lost, output) = uclient(server.port, peer_port, flags)?;
+    let port = if flags.contains(&"-S") { server.tls_port } else { server.port };
+    let (relayed, lost, output) = uclient(port, peer_port, flags)?;
     // Let the server finish what is in flight before reading its CPU time.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let cpu = cpu_seconds(server.pid) - before;
@@ -228,8 +265,11 @@ async fn main() {
             .spawn()
             .expect("start turnutils_peer (apt-get install coturn)"),
     );
-    let (coturn, _coturn_process) = coturn(common::free_port());
-    let (switchboard, mut process) = switchboard(dir.path(), common::free_port());
+    let (coturn_dir, switchboard_dir) = (dir.path().join("coturn"), dir.path().join("switchboard"));
+    std::fs::create_dir_all(&coturn_dir).unwrap();
+    std::fs::create_dir_all(&switchboard_dir).unwrap();
+    let (coturn, _coturn_process) = coturn(&coturn_dir, common::free_port(), common::free_port());
+    let (switchboard, mut process) = switchboard(&switchboard_dir, common::free_port(), common::free_port());
     process.wait_for("/health").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
