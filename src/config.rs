@@ -225,6 +225,10 @@ pub struct TurnConfig {
     /// How long a nonce stays fresh (seconds) before a request with it gets 438 and a new one.
     #[serde(default = "default_turn_nonce_lifetime_secs")]
     pub nonce_lifetime_secs: u64,
+    /// Seconds a TCP or TLS client may stay connected without an allocation (coturn's
+    /// max-allocate-timeout): from connecting, or from the end of its allocation.
+    #[serde(default = "default_turn_allocate_timeout_secs")]
+    pub allocate_timeout_secs: u64,
     /// Relay threads (shards, each with its own sockets on the listen addresses); 0: one per core.
     #[serde(default)]
     pub threads: usize,
@@ -340,6 +344,9 @@ fn default_turn_unauthenticated_per_sec() -> u32 {
 fn default_turn_nonce_lifetime_secs() -> u64 {
     600
 }
+fn default_turn_allocate_timeout_secs() -> u64 {
+    60
+}
 fn default_turn_user_lifetime_secs() -> u64 {
     86_400
 }
@@ -402,6 +409,7 @@ impl Default for TurnConfig {
             bandwidth_bytes_per_sec: default_turn_bandwidth(),
             unauthenticated_per_sec: default_turn_unauthenticated_per_sec(),
             nonce_lifetime_secs: default_turn_nonce_lifetime_secs(),
+            allocate_timeout_secs: default_turn_allocate_timeout_secs(),
             threads: 0,
             uris: Vec::new(),
             user_lifetime_secs: default_turn_user_lifetime_secs(),
@@ -520,6 +528,9 @@ impl Config {
         }
         if self.turn.nonce_lifetime_secs == 0 {
             return Err(invalid("turn.nonce_lifetime_secs", "must be at least 1"));
+        }
+        if self.turn.allocate_timeout_secs == 0 {
+            return Err(invalid("turn.allocate_timeout_secs", "must be at least 1"));
         }
         if self.turn.threads > 256 {
             return Err(invalid("turn.threads", "must be at most 256 (0: one per core)"));
@@ -715,6 +726,9 @@ bandwidth_bytes_per_sec = {bandwidth}
 unauthenticated_per_sec = {unauth_rate}
 # How long a nonce stays fresh (seconds; coturn's stale-nonce) before 438 hands out a new one.
 nonce_lifetime_secs = {nonce_lifetime}
+# Seconds a TCP or TLS client may stay connected without an allocation (coturn's
+# max-allocate-timeout), from connecting or from the end of its allocation.
+allocate_timeout_secs = {allocate_timeout}
 # Relay threads, each with its own sockets on the listen addresses (SO_REUSEPORT); 0: one per core.
 threads = 0
 # TURN URIs handed to clients, e.g. ["turn:turn.example.org:3478?transport=udp"]. Empty: the embedded
@@ -759,6 +773,7 @@ format = "text"
         bandwidth = default_turn_bandwidth(),
         unauth_rate = default_turn_unauthenticated_per_sec(),
         nonce_lifetime = default_turn_nonce_lifetime_secs(),
+        allocate_timeout = default_turn_allocate_timeout_secs(),
         turn_lifetime = default_turn_user_lifetime_secs(),
         log_level = toml_str(&default_log_level()),
     )

@@ -165,8 +165,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     tasks.spawn(discovery.clone().consume(discovery_inbox, shutdown.clone()));
     tasks.spawn(discovery.refresh(shutdown.clone()));
     if let Some(listeners) = turn_listener {
-        let turn::Embedded { settings, limits, sockets } = turn::embedded(&config);
-        tasks.spawn(turn::io::serve(settings, limits, listeners, sockets, metrics.clone(), shutdown.clone()));
+        tasks.spawn(turn::io::serve(turn::embedded(&config), listeners, metrics.clone(), shutdown.clone()));
     }
     tasks.close();
 

@@ -1,7 +1,8 @@
 //! A raw STUN/TURN client (messages built byte by byte with the `stun` crate, sent over real UDP
 //! sockets) against the embedded relay: every error code a client can meet, the data paths, the
 //! closed peer policy, quotas across shards, the lifetime clamp, stale nonces, the per-source limit
-//! of unauthenticated requests, the bandwidth cap and IPv6 relays.
+//! of unauthenticated requests, the bandwidth cap and IPv6 relays; and over TCP, how long a
+//! connection may go without an allocation.
 
 mod common;
 
@@ -20,7 +21,8 @@ use stun::message::{
 };
 use stun::textattrs::TextAttribute;
 use stun::xoraddr::XorMappedAddress;
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
 use turn::proto::channum::ChannelNumber;
 use turn::proto::lifetime::Lifetime;
 use turn::proto::peeraddr::PeerAddress;
@@ -542,5 +544,58 @@ async fn relayed_addresses_follow_the_port_range_and_the_external_address_and_ol
         let (length, from) = tokio::time::timeout(WAIT, peer.recv_from(&mut buffer)).await.unwrap().unwrap();
         assert_eq!((&buffer[..length], from.port()), (&b"via the range"[..], advertised.port()));
     }
+    running.stop().await.unwrap();
+}
+
+/// Sends `bytes` on a TCP connection and reads the STUN message that answers.
+async fn stream_exchange(stream: &mut TcpStream, bytes: &[u8]) -> Message {
+    stream.write_all(bytes).await.unwrap();
+    let mut raw = vec![0u8; 20];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut raw)).await.expect("a header in time").unwrap();
+    let length = usize::from(u16::from_be_bytes([raw[2], raw[3]]));
+    raw.resize(20 + length, 0);
+    tokio::time::timeout(WAIT, stream.read_exact(&mut raw[20..])).await.expect("a body in time").unwrap();
+    let mut message = Message::new();
+    message.raw = raw;
+    message.decode().expect("a STUN message");
+    message
+}
+
+/// Whether the relay closes `stream` within `within` (nothing else arrives on it here).
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buffer = [0u8; 512];
+    matches!(tokio::time::timeout(within, stream.read(&mut buffer)).await, Ok(Ok(0) | Err(_)))
+}
+
+#[tokio::test]
+async fn tcp_clients_are_hung_up_after_the_allocate_timeout_without_an_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let turn = "allowed_peers = [\"127.0.0.0/8\"]\nallocate_timeout_secs = 1\n";
+    let (running, server) = relay(dir.path(), turn).await;
+    let connected = std::time::Instant::now();
+    let mut silent = TcpStream::connect(server).await.unwrap();
+    let mut allocating = TcpStream::connect(server).await.unwrap();
+    // The client's messages and credentials; its UDP socket stays unused.
+    let mut client = Client::new(server, "@alice:localhost").await;
+    let challenge =
+        stream_exchange(&mut allocating, &client.build(METHOD_ALLOCATE, vec![udp()], false)).await;
+    assert_eq!(code(&challenge), Some(401));
+    client.learn(&challenge);
+    let allocated = stream_exchange(&mut allocating, &client.build(METHOD_ALLOCATE, vec![udp()], true)).await;
+    assert!(success(&allocated), "{allocated}");
+
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await, "a silent connection is hung up");
+    assert!(connected.elapsed() >= Duration::from_secs(1), "not before the timeout");
+    // The allocated connection outlives the timeout and is still served.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let binding = stream_exchange(&mut allocating, &client.build(METHOD_BINDING, vec![], false)).await;
+    assert!(success(&binding), "{binding}");
+    // Deleting the allocation starts the clock again.
+    let zero: Box<dyn Setter> = Box::new(Lifetime(Duration::ZERO));
+    let deleted = stream_exchange(&mut allocating, &client.build(METHOD_REFRESH, vec![zero], true)).await;
+    assert!(success(&deleted), "{deleted}");
+    let deleted_at = std::time::Instant::now();
+    assert!(closed_within(&mut allocating, Duration::from_secs(5)).await, "hung up once unallocated");
+    assert!(deleted_at.elapsed() >= Duration::from_millis(900), "not before the timeout");
     running.stop().await.unwrap();
 }

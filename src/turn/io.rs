@@ -11,7 +11,8 @@
 //! allocation costs a socket and a few hundred bytes, not a buffer of its own.
 //!
 //! Sends never wait: a full socket buffer (or a stream client's full backlog) drops the packet, as
-//! the network would. Closing a TCP or TLS connection deletes its allocation (RFC 8656 §3.1).
+//! the network would. Closing a TCP or TLS connection deletes its allocation (RFC 8656 §3.1); a
+//! connection that goes `allocate_timeout` without one is closed.
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
@@ -27,8 +28,8 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::limits::Limits;
-use super::server::{Action, FiveTuple, Relay, RelayPorts, Settings, Transport};
+use super::Embedded;
+use super::server::{Action, FiveTuple, Relay, RelayPorts, Transport};
 
 /// Largest datagram read (a TURN message carrying a full-size UDP payload fits).
 const MAX_DATAGRAM: usize = 65_536;
@@ -154,20 +155,19 @@ fn bind_tcp(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 /// Runs the relay on `listeners`, one shard per listener set, until `shutdown`. A shard that fails
 /// cancels `shutdown` (the process stops rather than serve some of its clients).
 pub async fn serve(
-    settings: Settings,
-    limits: Arc<Limits>,
+    embedded: Embedded,
     listeners: Listeners,
-    sockets: RelaySockets,
     metrics: Arc<crate::telemetry::Metrics>,
     shutdown: CancellationToken,
 ) {
+    let Embedded { settings, limits, sockets, allocate_timeout } = embedded;
     let waiting = TaskTracker::new();
     for (index, shard) in listeners.shards.into_iter().enumerate() {
         let (finished, outcome) = oneshot::channel();
         let relay = Relay::new(settings.clone(), limits.clone());
         let (tls, metrics, stop) = (listeners.tls.clone(), metrics.clone(), shutdown.clone());
         let spawned = std::thread::Builder::new().name(format!("turn-shard-{index}")).spawn(move || {
-            let _ = finished.send(run_shard(relay, shard, tls, sockets, &metrics, &stop));
+            let _ = finished.send(run_shard(relay, shard, tls, sockets, allocate_timeout, &metrics, &stop));
         });
         if let Err(error) = spawned {
             tracing::error!(%error, "turn.shard could not start; shutting down");
@@ -195,6 +195,7 @@ fn run_shard(
     listeners: ShardListeners,
     tls: Option<tokio_rustls::TlsAcceptor>,
     sockets: RelaySockets,
+    allocate_timeout: Duration,
     metrics: &crate::telemetry::Metrics,
     shutdown: &CancellationToken,
 ) -> std::io::Result<()> {
@@ -226,7 +227,7 @@ fn run_shard(
         if let Some((listener, acceptor)) = tls {
             tokio::spawn(accept_streams(listener, Some(acceptor), shard.clone()));
         }
-        expire_until(&shard, metrics, shutdown).await;
+        expire_until(&shard, allocate_timeout, metrics, shutdown).await;
         Ok(())
     })
 }
@@ -243,10 +244,14 @@ struct Shard {
     framed: Vec<u8>,
 }
 
-/// Bytes for a stream client, and the writer task to wake.
+/// Bytes for a stream client, the writer task to wake, and since when it has had no allocation.
 struct Backlog {
     bytes: Vec<u8>,
     wake: Arc<Notify>,
+    tuple: FiveTuple,
+    /// Since when it has been without an allocation (Unix ms): its connection, or the first
+    /// expiry tick that found its allocation gone. `None` while it has one.
+    unallocated_since: Option<u64>,
 }
 
 impl Backlog {
@@ -431,7 +436,13 @@ where
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let wake = Arc::new(Notify::new());
-    lock(&shard).streams.insert(tuple.client, Backlog { bytes: Vec::new(), wake: wake.clone() });
+    let backlog = Backlog {
+        bytes: Vec::new(),
+        wake: wake.clone(),
+        tuple,
+        unallocated_since: Some(crate::unix_millis_u64()),
+    };
+    lock(&shard).streams.insert(tuple.client, backlog);
     let writing = async {
         let mut pending = Vec::new();
         loop {
@@ -529,19 +540,23 @@ fn frame_length(bytes: &[u8]) -> Option<usize> {
 /// second until `shutdown`.
 async fn expire_until(
     shard: &Mutex<Shard>,
+    allocate_timeout: Duration,
     metrics: &crate::telemetry::Metrics,
     shutdown: &CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut published = super::Published::default();
+    let allocate_timeout_ms = u64::try_from(allocate_timeout.as_millis()).unwrap_or(u64::MAX);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
+        let now = crate::unix_millis_u64();
         let mut guard = lock(shard);
-        let Shard { relay, ports, .. } = &mut *guard;
-        relay.expire(crate::unix_millis_u64(), ports);
+        let Shard { relay, ports, streams, .. } = &mut *guard;
+        relay.expire(now, ports);
+        hang_up_unallocated(relay, streams, now, allocate_timeout_ms);
         super::publish(&metrics.turn, relay, &mut published);
     }
     // What this shard counted leaves the gauges with it.
@@ -549,6 +564,26 @@ async fn expire_until(
     let Shard { relay, ports, .. } = &mut *guard;
     relay.close_all(ports);
     super::publish(&metrics.turn, relay, &mut published);
+}
+
+/// Hangs up on the stream clients that have gone `timeout_ms` without an allocation, since they
+/// connected or since their allocation ended: a connection that allocates nothing only holds a
+/// descriptor and buffers (coturn's max-allocate-timeout).
+fn hang_up_unallocated(relay: &Relay, streams: &mut HashMap<SocketAddr, Backlog>, now: u64, timeout_ms: u64) {
+    streams.retain(|client, backlog| {
+        if relay.has_allocation(backlog.tuple) {
+            backlog.unallocated_since = None;
+            return true;
+        }
+        let since = *backlog.unallocated_since.get_or_insert(now);
+        if now.saturating_sub(since) < timeout_ms {
+            return true;
+        }
+        tracing::debug!(%client, "turn.stream: no allocation within allocate_timeout_secs; hanging up");
+        // The writer finds its entry gone and ends the connection.
+        backlog.wake.notify_one();
+        false
+    });
 }
 
 /// Sends a datagram without waiting: a full socket buffer drops it, as the network would. This goes

@@ -42,6 +42,8 @@ pub struct Embedded {
     pub settings: server::Settings,
     pub limits: Arc<limits::Limits>,
     pub sockets: io::RelaySockets,
+    /// How long a stream client may stay connected without an allocation.
+    pub allocate_timeout: std::time::Duration,
 }
 
 /// The embedded relay's settings, from `[turn]`; a fresh nonce key.
@@ -67,7 +69,8 @@ pub fn embedded(config: &Config) -> Embedded {
         ipv6: turn.relay_address_v6,
         ports: (turn.relay_port_min, turn.relay_port_max),
     };
-    Embedded { settings, limits: Arc::new(limits), sockets }
+    let allocate_timeout = std::time::Duration::from_secs(turn.allocate_timeout_secs);
+    Embedded { settings, limits: Arc::new(limits), sockets, allocate_timeout }
 }
 
 /// The TURN URIs handed to clients: `[turn] uris`, or, for the embedded relay when there are none,

@@ -302,6 +302,11 @@ impl Relay {
         Some(tuple)
     }
 
+    /// Whether `tuple` holds an allocation.
+    pub fn has_allocation(&self, tuple: FiveTuple) -> bool {
+        self.allocations.contains_key(&tuple)
+    }
+
     /// Drops expired allocations (closing their relay sockets), permissions and channels.
     pub fn expire(&mut self, now_ms: u64, ports: &mut dyn RelayPorts) {
         let expired: Vec<FiveTuple> = self
