@@ -229,6 +229,9 @@ pub struct TurnConfig {
     /// max-allocate-timeout): from connecting, or from the end of its allocation.
     #[serde(default = "default_turn_allocate_timeout_secs")]
     pub allocate_timeout_secs: u64,
+    /// Open TCP and TLS connections per source IP address (0: no limit).
+    #[serde(default = "default_turn_connections_per_source")]
+    pub connections_per_source: usize,
     /// Relay threads (shards, each with its own sockets on the listen addresses); 0: one per core.
     #[serde(default)]
     pub threads: usize,
@@ -347,6 +350,9 @@ fn default_turn_nonce_lifetime_secs() -> u64 {
 fn default_turn_allocate_timeout_secs() -> u64 {
     60
 }
+fn default_turn_connections_per_source() -> usize {
+    256
+}
 fn default_turn_user_lifetime_secs() -> u64 {
     86_400
 }
@@ -410,6 +416,7 @@ impl Default for TurnConfig {
             unauthenticated_per_sec: default_turn_unauthenticated_per_sec(),
             nonce_lifetime_secs: default_turn_nonce_lifetime_secs(),
             allocate_timeout_secs: default_turn_allocate_timeout_secs(),
+            connections_per_source: default_turn_connections_per_source(),
             threads: 0,
             uris: Vec::new(),
             user_lifetime_secs: default_turn_user_lifetime_secs(),
@@ -729,6 +736,8 @@ nonce_lifetime_secs = {nonce_lifetime}
 # Seconds a TCP or TLS client may stay connected without an allocation (coturn's
 # max-allocate-timeout), from connecting or from the end of its allocation.
 allocate_timeout_secs = {allocate_timeout}
+# Open TCP and TLS connections per source IP address (0: no limit); more are closed at once.
+connections_per_source = {connections_per_source}
 # Relay threads, each with its own sockets on the listen addresses (SO_REUSEPORT); 0: one per core.
 threads = 0
 # TURN URIs handed to clients, e.g. ["turn:turn.example.org:3478?transport=udp"]. Empty: the embedded
@@ -774,6 +783,7 @@ format = "text"
         unauth_rate = default_turn_unauthenticated_per_sec(),
         nonce_lifetime = default_turn_nonce_lifetime_secs(),
         allocate_timeout = default_turn_allocate_timeout_secs(),
+        connections_per_source = default_turn_connections_per_source(),
         turn_lifetime = default_turn_user_lifetime_secs(),
         log_level = toml_str(&default_log_level()),
     )

@@ -123,8 +123,19 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 config.database.migrate_on_start = false;
             }
             telemetry::init(&config.log);
+            raise_open_files_limit();
             runtime()?.block_on(serve(config))
         }
+    }
+}
+
+/// Raises the soft limit of open files to the hard one, as Go programs and nginx do: every TURN
+/// client over TCP or TLS, every relay socket and every HTTP connection takes a descriptor, and
+/// systemd's default soft limit (1024) would let a few hundred of them starve all listeners.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "switchboard.start: open files limit"),
+        Err(error) => tracing::warn!(%error, "switchboard.start: cannot raise the open files limit"),
     }
 }
 

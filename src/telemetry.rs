@@ -107,6 +107,7 @@ pub struct TurnMetrics {
     pub rate_limited: Family<TransportLabel, Counter>,
     pub amplification_dropped: Family<TransportLabel, Counter>,
     pub over_bandwidth_dropped: Family<TransportLabel, Counter>,
+    pub connections_refused: Family<TransportLabel, Counter>,
 }
 
 impl TurnMetrics {
@@ -146,6 +147,11 @@ impl TurnMetrics {
             "over_bandwidth_dropped",
             "Packets dropped by the per-allocation bandwidth cap",
             self.over_bandwidth_dropped.clone(),
+        );
+        turn.register(
+            "connections_refused",
+            "TCP and TLS connections closed at once: their source had connections_per_source open",
+            self.connections_refused.clone(),
         );
     }
 }

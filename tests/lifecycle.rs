@@ -1,4 +1,5 @@
-//! SIGTERM stops accepting, lets an in-flight transaction finish and store, and exits 0.
+//! SIGTERM stops accepting, lets an in-flight transaction finish and store, and exits 0; `serve`
+//! raises its soft limit of open files to the hard one.
 
 mod common;
 
@@ -56,4 +57,33 @@ async fn sigterm_finishes_the_in_flight_transaction_and_exits_zero() {
     let items = common::stored_items(&db).await;
     assert_eq!(items.len(), 1);
     assert_eq!(items[0].event_id.as_deref(), Some("$inflight"));
+}
+
+/// The soft and hard "Max open files" of a process, from /proc.
+fn open_files_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|line| line.starts_with("Max open files")).unwrap();
+    let numbers: Vec<u64> = line.split_whitespace().filter_map(|word| word.parse().ok()).collect();
+    (numbers[0], numbers[1])
+}
+
+#[tokio::test]
+async fn serve_raises_its_open_files_limit_to_the_hard_limit() {
+    let (_, hard) = open_files_limits(std::process::id());
+    let soft = 256.min(hard);
+    if soft == hard {
+        common::skip("the hard limit of open files is too low to lower the soft one under it");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = common::sqlite_url(dir.path());
+    let ports = [common::free_port(), common::free_port(), common::free_port()];
+    let toml = common::config_toml(&db, "http://127.0.0.1:9", ports);
+    // systemd starts services with a soft limit of 1024 under a far higher hard one.
+    let limit = format!("--nofile={soft}:{hard}");
+    let mut child = common::Process::start_wrapped(dir.path(), &toml, ports, &["prlimit", &limit, "--"]);
+    child.wait_for("/health").await;
+    assert_eq!(open_files_limits(child.pid()), (hard, hard), "{}", child.log_text());
+    assert!(child.log_text().contains("open files limit"), "{}", child.log_text());
+    assert_eq!(child.terminate().await.code(), Some(0));
 }

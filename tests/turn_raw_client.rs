@@ -2,7 +2,7 @@
 //! sockets) against the embedded relay: every error code a client can meet, the data paths, the
 //! closed peer policy, quotas across shards, the lifetime clamp, stale nonces, the per-source limit
 //! of unauthenticated requests, the bandwidth cap and IPv6 relays; and over TCP, how long a
-//! connection may go without an allocation.
+//! connection may go without an allocation, and how many one source may open.
 
 mod common;
 
@@ -597,5 +597,39 @@ async fn tcp_clients_are_hung_up_after_the_allocate_timeout_without_an_allocatio
     let deleted_at = std::time::Instant::now();
     assert!(closed_within(&mut allocating, Duration::from_secs(5)).await, "hung up once unallocated");
     assert!(deleted_at.elapsed() >= Duration::from_millis(900), "not before the timeout");
+    running.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn tcp_connections_are_limited_per_source_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let turn = "allowed_peers = [\"127.0.0.0/8\"]\nconnections_per_source = 3\n";
+    let (running, server) = relay(dir.path(), turn).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(TcpStream::connect(server).await.unwrap());
+    }
+    // The connections are counted once accepted: the fourth is closed at once.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = TcpStream::connect(server).await.unwrap();
+    assert!(closed_within(&mut fourth, WAIT).await, "a fourth connection from one source is closed");
+    for stream in &mut open {
+        assert!(!closed_within(stream, Duration::from_millis(100)).await, "the first three stay open");
+    }
+    // Closing one makes room for another (once the relay has seen it close).
+    drop(open.pop());
+    let mut admitted = false;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut again = TcpStream::connect(server).await.unwrap();
+        if !closed_within(&mut again, Duration::from_millis(300)).await {
+            admitted = true;
+            break;
+        }
+    }
+    assert!(admitted, "a connection is admitted again after one closed");
+    let metrics = running.turn_metrics().await;
+    let refused = common::metric(&metrics, r#"switchboard_turn_connections_refused_total{transport="tcp"}"#);
+    assert!(refused >= 1, "{metrics}");
     running.stop().await.unwrap();
 }

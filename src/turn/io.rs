@@ -20,6 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
@@ -30,6 +31,7 @@ use tokio_util::task::TaskTracker;
 
 use super::Embedded;
 use super::server::{Action, FiveTuple, Relay, RelayPorts, Transport};
+use crate::telemetry::TransportLabel;
 
 /// Largest datagram read (a TURN message carrying a full-size UDP payload fits).
 const MAX_DATAGRAM: usize = 65_536;
@@ -223,9 +225,12 @@ fn run_shard(
         });
         // Tasks end with the runtime, when this block returns.
         tokio::spawn(serve_udp(udp, shard.clone()));
-        tokio::spawn(accept_streams(tcp, None, shard.clone()));
+        let refused = |transport: &'static str| {
+            metrics.turn.connections_refused.get_or_create(&TransportLabel { transport }).clone()
+        };
+        tokio::spawn(accept_streams(tcp, None, shard.clone(), refused("tcp")));
         if let Some((listener, acceptor)) = tls {
-            tokio::spawn(accept_streams(listener, Some(acceptor), shard.clone()));
+            tokio::spawn(accept_streams(listener, Some(acceptor), shard.clone(), refused("tls")));
         }
         expire_until(&shard, allocate_timeout, metrics, shutdown).await;
         Ok(())
@@ -396,8 +401,10 @@ async fn accept_streams(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shard: Arc<Mutex<Shard>>,
+    refused: Counter,
 ) {
     let Ok(server) = listener.local_addr() else { return };
+    let limits = lock(&shard).relay.limits().clone();
     loop {
         let (stream, client) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -408,16 +415,26 @@ async fn accept_streams(
                 continue;
             }
         };
+        if !limits.open_connection(client.ip()) {
+            // Dropping the stream closes it.
+            refused.inc();
+            continue;
+        }
+        let counted = Counted { limits: limits.clone(), source: client.ip() };
         let _ = stream.set_nodelay(true);
         let shard = shard.clone();
         match &tls {
             None => {
                 let tuple = FiveTuple { client, server, transport: Transport::Tcp };
-                tokio::spawn(serve_stream(stream, tuple, shard));
+                tokio::spawn(async move {
+                    let _counted = counted;
+                    serve_stream(stream, tuple, shard).await;
+                });
             }
             Some(acceptor) => {
                 let handshake = acceptor.accept(stream);
                 tokio::spawn(async move {
+                    let _counted = counted;
                     if let Ok(Ok(stream)) = tokio::time::timeout(TLS_HANDSHAKE, handshake).await {
                         let tuple = FiveTuple { client, server, transport: Transport::Tls };
                         serve_stream(stream, tuple, shard).await;
@@ -425,6 +442,18 @@ async fn accept_streams(
                 });
             }
         }
+    }
+}
+
+/// A stream connection counted in [`Limits`](super::limits::Limits) until it is dropped.
+struct Counted {
+    limits: Arc<super::limits::Limits>,
+    source: IpAddr,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.limits.close_connection(self.source);
     }
 }
 

@@ -1,5 +1,5 @@
-//! What the relay's shards share: allocations per user and in all (the quotas, 486 and 508), and
-//! each source's budget of unauthenticated requests. Everything else about an allocation lives in
+//! What the relay's shards share: allocations per user and in all (the quotas, 486 and 508), each
+//! source's budget of unauthenticated requests, and its open TCP and TLS connections. Everything else about an allocation lives in
 //! the one shard that holds it; these counts must be global, or a user could take the quota once per
 //! core. The lock is held for a map look-up, never across IO.
 
@@ -26,6 +26,8 @@ pub struct Limits {
     total_quota: usize,
     /// Unauthenticated requests per second per source IP (burst: twice as many); 0: no limit.
     unauthenticated_per_sec: u32,
+    /// Open stream (TCP, TLS) connections per source IP; 0: no limit.
+    connections_per_source: usize,
     state: Mutex<State>,
 }
 
@@ -35,11 +37,47 @@ struct State {
     total: usize,
     /// Token buckets of unauthenticated requests per source: (tokens, last refill in unix ms).
     sources: HashMap<IpAddr, (f64, u64)>,
+    /// Open stream connections per source (only sources with at least one).
+    connections: HashMap<IpAddr, usize>,
 }
 
 impl Limits {
     pub fn new(user_quota: usize, total_quota: usize, unauthenticated_per_sec: u32) -> Self {
-        Self { user_quota, total_quota, unauthenticated_per_sec, state: Mutex::default() }
+        Self {
+            user_quota,
+            total_quota,
+            unauthenticated_per_sec,
+            connections_per_source: 0,
+            state: Mutex::default(),
+        }
+    }
+
+    /// Limits each source IP to `limit` open TCP and TLS connections (0: no limit).
+    #[must_use]
+    pub fn with_connections_per_source(self, limit: usize) -> Self {
+        Self { connections_per_source: limit, ..self }
+    }
+
+    /// Counts a new stream connection from `source`, unless it has `connections_per_source` open.
+    pub fn open_connection(&self, source: IpAddr) -> bool {
+        let mut state = self.state();
+        let open = state.connections.entry(source).or_default();
+        if self.connections_per_source != 0 && *open >= self.connections_per_source {
+            return false;
+        }
+        *open += 1;
+        true
+    }
+
+    /// Forgets a connection counted by [`Limits::open_connection`].
+    pub fn close_connection(&self, source: IpAddr) {
+        let mut state = self.state();
+        if let Some(open) = state.connections.get_mut(&source) {
+            *open -= 1;
+            if *open == 0 {
+                state.connections.remove(&source);
+            }
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -129,6 +167,25 @@ mod tests {
     use super::*;
 
     const T0: u64 = 1_700_000_000_000;
+
+    #[test]
+    fn stream_connections_are_limited_per_source_and_released() {
+        let limits = Limits::new(1, 1, 0).with_connections_per_source(2);
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        assert!(limits.open_connection(a));
+        assert!(limits.open_connection(a));
+        assert!(!limits.open_connection(a), "a third from the same source");
+        assert!(limits.open_connection(b), "another source has its own count");
+        limits.close_connection(a);
+        assert!(limits.open_connection(a), "a closed one makes room");
+        for _ in 0..3 {
+            limits.close_connection(a);
+            limits.close_connection(b);
+        }
+        assert!(limits.state().connections.is_empty(), "closed sources are forgotten");
+        let unlimited = Limits::new(1, 1, 0);
+        assert!((0..1000).all(|_| unlimited.open_connection(a)));
+    }
 
     #[test]
     fn quotas_count_per_user_and_in_all_and_are_released() {

@@ -63,7 +63,8 @@ pub fn embedded(config: &Config) -> Embedded {
         bandwidth_bytes_per_sec: turn.bandwidth_bytes_per_sec,
         external_ip: turn.external_address,
     };
-    let limits = limits::Limits::new(turn.user_quota, turn.total_quota, turn.unauthenticated_per_sec);
+    let limits = limits::Limits::new(turn.user_quota, turn.total_quota, turn.unauthenticated_per_sec)
+        .with_connections_per_source(turn.connections_per_source);
     let sockets = io::RelaySockets {
         ipv4: turn.relay_address.unwrap_or(turn.listen.ip()),
         ipv6: turn.relay_address_v6,

@@ -302,6 +302,11 @@ impl Relay {
         Some(tuple)
     }
 
+    /// The limits this relay shares with the other shards.
+    pub fn limits(&self) -> &std::sync::Arc<Limits> {
+        &self.limits
+    }
+
     /// Whether `tuple` holds an allocation.
     pub fn has_allocation(&self, tuple: FiveTuple) -> bool {
         self.allocations.contains_key(&tuple)

@@ -484,21 +484,38 @@ pub struct Process {
     pub config: PathBuf,
     pub log: PathBuf,
     pub ports: [u16; 3],
+    /// A program that execs the binary with its arguments (such as `prlimit …`); empty: none.
+    wrapper: Vec<String>,
 }
 
 impl Process {
     /// Writes `toml` as the config in `dir` and starts `switchboard serve`, stderr appended to a log.
     pub fn start(dir: &Path, toml: &str, ports: [u16; 3]) -> Process {
+        Self::start_wrapped(dir, toml, ports, &[])
+    }
+
+    /// As [`Process::start`], the binary run by `wrapper` (a program that execs its arguments).
+    pub fn start_wrapped(dir: &Path, toml: &str, ports: [u16; 3], wrapper: &[&str]) -> Process {
         let config = dir.join("switchboard.toml");
         std::fs::write(&config, toml).unwrap();
         let log = dir.join("switchboard.log");
-        let child = Self::spawn(&config, &log);
-        Process { child, config, log, ports }
+        let wrapper: Vec<String> = wrapper.iter().map(|s| (*s).to_owned()).collect();
+        let child = Self::spawn(&wrapper, &config, &log);
+        Process { child, config, log, ports, wrapper }
     }
 
-    fn spawn(config: &Path, log: &Path) -> Child {
+    fn spawn(wrapper: &[String], config: &Path, log: &Path) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        let binary = env!("CARGO_BIN_EXE_switchboard");
+        let mut command = match wrapper.split_first() {
+            Some((program, arguments)) => {
+                let mut command = Command::new(program);
+                command.args(arguments).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        command
             .args(["serve", "-c"])
             .arg(config)
             .env_remove("RUST_LOG")
@@ -521,7 +538,7 @@ impl Process {
 
     /// Starts the binary again on the same config (after `kill`).
     pub fn restart(&mut self) {
-        self.child = Self::spawn(&self.config, &self.log);
+        self.child = Self::spawn(&self.wrapper, &self.config, &self.log);
     }
 
     pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
