@@ -219,7 +219,7 @@ pub struct TurnConfig {
     /// Bytes per second each allocation may relay (0: no cap).
     #[serde(default = "default_turn_bandwidth")]
     pub bandwidth_bytes_per_sec: u64,
-    /// Unauthenticated requests per second per source address (0: no limit).
+    /// Unauthenticated requests per second per source (an IPv4 address or IPv6 /64; 0: no limit).
     #[serde(default = "default_turn_unauthenticated_per_sec")]
     pub unauthenticated_per_sec: u32,
     /// How long a nonce stays fresh (seconds) before a request with it gets 438 and a new one.
@@ -229,7 +229,7 @@ pub struct TurnConfig {
     /// max-allocate-timeout): from connecting, or from the end of its allocation.
     #[serde(default = "default_turn_allocate_timeout_secs")]
     pub allocate_timeout_secs: u64,
-    /// Open TCP and TLS connections per source IP address (0: no limit).
+    /// Open TCP and TLS connections per source (an IPv4 address or IPv6 /64; 0: no limit).
     #[serde(default = "default_turn_connections_per_source")]
     pub connections_per_source: usize,
     /// Relay threads (shards, each with its own sockets on the listen addresses); 0: one per core.
@@ -736,7 +736,8 @@ nonce_lifetime_secs = {nonce_lifetime}
 # Seconds a TCP or TLS client may stay connected without an allocation (coturn's
 # max-allocate-timeout), from connecting or from the end of its allocation.
 allocate_timeout_secs = {allocate_timeout}
-# Open TCP and TLS connections per source IP address (0: no limit); more are closed at once.
+# Open TCP and TLS connections per source (0: no limit); more are closed at once. For this and
+# unauthenticated_per_sec a source is an IPv4 address or an IPv6 /64.
 connections_per_source = {connections_per_source}
 # Relay threads, each with its own sockets on the listen addresses (SO_REUSEPORT); 0: one per core.
 threads = 0

@@ -1,7 +1,10 @@
 //! What the relay's shards share: allocations per user and in all (the quotas, 486 and 508), each
-//! source's budget of unauthenticated requests, and its open TCP and TLS connections. Everything else about an allocation lives in
-//! the one shard that holds it; these counts must be global, or a user could take the quota once per
-//! core. The lock is held for a map look-up, never across IO.
+//! source's budget of unauthenticated requests, and its open TCP and TLS connections. Everything
+//! else about an allocation lives in the one shard that holds it; these counts must be global, or a
+//! user could take the quota once per core. The lock is held for a map look-up, never across IO.
+//!
+//! A source is an IPv4 address or an IPv6 /64: one host or site is usually given a whole /64, so
+//! counting single IPv6 addresses would give it 2^64 budgets.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -61,7 +64,7 @@ impl Limits {
     /// Counts a new stream connection from `source`, unless it has `connections_per_source` open.
     pub fn open_connection(&self, source: IpAddr) -> bool {
         let mut state = self.state();
-        let open = state.connections.entry(source).or_default();
+        let open = state.connections.entry(source_key(source)).or_default();
         if self.connections_per_source != 0 && *open >= self.connections_per_source {
             return false;
         }
@@ -71,6 +74,7 @@ impl Limits {
 
     /// Forgets a connection counted by [`Limits::open_connection`].
     pub fn close_connection(&self, source: IpAddr) {
+        let source = source_key(source);
         let mut state = self.state();
         if let Some(open) = state.connections.get_mut(&source) {
             *open -= 1;
@@ -124,6 +128,7 @@ impl Limits {
             return true;
         }
         let burst = 2.0 * rate;
+        let source = source_key(source);
         let mut state = self.state();
         if !state.sources.contains_key(&source) && state.sources.len() >= SOURCES_MAX {
             // Forget sources whose bucket has refilled: they are no different from new ones.
@@ -152,6 +157,14 @@ impl Limits {
     #[cfg(test)]
     fn tracked_sources(&self) -> usize {
         self.state().sources.len()
+    }
+}
+
+/// What `address` is counted as: itself for IPv4 (also when IPv4-mapped), its /64 for IPv6.
+fn source_key(address: IpAddr) -> IpAddr {
+    match address.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
+        v4 @ IpAddr::V4(_) => v4,
     }
 }
 
@@ -185,6 +198,20 @@ mod tests {
         assert!(limits.state().connections.is_empty(), "closed sources are forgotten");
         let unlimited = Limits::new(1, 1, 0);
         assert!((0..1000).all(|_| unlimited.open_connection(a)));
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_is_one_source_and_mapped_ipv4_is_ipv4() {
+        let limits = Limits::new(1, 1, 0).with_connections_per_source(1);
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert!(limits.open_connection(ip("2001:db8:1:2::1")));
+        assert!(!limits.open_connection(ip("2001:db8:1:2:ffff::9")), "the same /64");
+        assert!(limits.open_connection(ip("2001:db8:1:3::1")), "another /64");
+        assert!(limits.open_connection(ip("::ffff:192.0.2.1")));
+        assert!(!limits.open_connection(ip("192.0.2.1")), "IPv4-mapped is the IPv4 address");
+        assert!(limits.open_connection(ip("::ffff:192.0.2.2")), "not every mapped address in one");
+        limits.close_connection(ip("2001:db8:1:2::77"));
+        assert!(limits.open_connection(ip("2001:db8:1:2::1")), "closed from anywhere in the /64");
     }
 
     #[test]
