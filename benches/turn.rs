@@ -48,21 +48,6 @@ struct Server {
     tls_port: u16,
 }
 
-/// A certificate and key for both servers' TLS listeners, in `dir`.
-fn certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (certificate, key) = (dir.join("turn.crt"), dir.join("turn.key"));
-    let openssl = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
-        .args(["-subj", "/CN=localhost", "-days", "1", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&certificate)
-        .output()
-        .expect("run openssl");
-    assert!(openssl.status.success(), "{}", String::from_utf8_lossy(&openssl.stderr));
-    (certificate, key)
-}
-
 /// A child process killed when dropped (coturn, the echo peer).
 struct KillOnDrop(Child);
 
@@ -85,7 +70,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 fn coturn(dir: &std::path::Path, port: u16, tls_port: u16) -> (Server, KillOnDrop) {
-    let (certificate, key) = certificate(dir);
+    let (certificate, key) = common::self_signed_certificate(dir);
     let child = Command::new("turnserver")
         .args(["-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "--listening-port"])
         .arg(port.to_string())
@@ -116,7 +101,7 @@ fn coturn(dir: &std::path::Path, port: u16, tls_port: u16) -> (Server, KillOnDro
 }
 
 fn switchboard(dir: &std::path::Path, port: u16, tls_port: u16) -> (Server, common::Process) {
-    let (certificate, key) = certificate(dir);
+    let (certificate, key) = common::self_signed_certificate(dir);
     let ports = [common::free_port(), common::free_port(), common::free_port()];
     let toml = common::config_toml(&common::sqlite_url(dir), "http://127.0.0.1:9", ports)
         .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""))

@@ -73,16 +73,7 @@ async fn coturn_clients_relay_through_the_embedded_relay_without_loss() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (certificate, key) = (dir.path().join("turn.crt"), dir.path().join("turn.key"));
-    let openssl = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
-        .args(["-subj", "/CN=localhost", "-days", "1", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&certificate)
-        .output()
-        .expect("run openssl");
-    assert!(openssl.status.success(), "{}", String::from_utf8_lossy(&openssl.stderr));
+    let (certificate, key) = common::self_signed_certificate(dir.path());
     let mut config = common::config(&common::sqlite_url(dir.path()), "http://127.0.0.1:9");
     config.turn.tls_listen = Some("127.0.0.1:0".parse().unwrap());
     config.turn.tls_certificate = Some(certificate);

@@ -253,6 +253,22 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port in 20000-32767");
 }
 
+/// A self-signed P-256 certificate for `localhost` and its key, as PEM files in `dir` (by
+/// `openssl`), for TLS listeners under test.
+pub fn self_signed_certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let (certificate, key) = (dir.join("turn.crt"), dir.join("turn.key"));
+    let openssl = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+        .args(["-subj", "/CN=localhost", "-days", "1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&certificate)
+        .output()
+        .expect("run openssl");
+    assert!(openssl.status.success(), "{}", String::from_utf8_lossy(&openssl.stderr));
+    (certificate, key)
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, for at most `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
