@@ -9,6 +9,7 @@
 //!   they can do; fed by the inbox, the homeserver and signalling connections.
 //! - [`turn`]: TURN/STUN: credentials for Synapse, coturn and the embedded relay, which runs one
 //!   shard per core.
+//! - [`clock`]: wall and monotonic time, passed in; a manual clock that tests step.
 //! - [`store`]: SQLite or PostgreSQL behind one type, with per-backend migrations.
 //! - [`ops`]: `/health`, `/ready`, `/metrics`.
 //! - [`http`], [`telemetry`]: Matrix error JSON and serving; logs and metrics.
@@ -16,6 +17,7 @@
 //! [`run`] takes already-bound listeners and a shutdown token, so tests bind port 0 and call it.
 
 pub mod appservice;
+pub mod clock;
 pub mod config;
 pub mod directory;
 pub mod homeserver;
@@ -37,6 +39,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::appservice::Appservice;
 use crate::appservice::inbox::Subscription;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::directory::service::DirectoryService;
 use crate::homeserver::{HomeserverClient, HomeserverError};
@@ -102,6 +105,16 @@ async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// in-flight transactions) finish within [`SHUTDOWN_GRACE`], stops background tasks and closes the
 /// store.
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), RunError> {
+    run_with_clock(config, listeners, Clock::system(), shutdown).await
+}
+
+/// [`run`] on a given clock (tests pass a [`Clock::manual`] and step it).
+pub async fn run_with_clock(
+    config: Config,
+    listeners: Listeners,
+    clock: Clock,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(Store::connect(&config.database.url, config.database.max_connections).await?);
     if config.database.migrate_on_start {
@@ -113,7 +126,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         homeserver.clone(),
         metrics.clone(),
         directory::service::Settings::from_config(&config),
-        unix_millis(),
+        clock.unix_millis(),
     )
     .await?;
     let discovery_inbox = Subscription::open(store.clone(), directory::service::CONSUMER).await?;
