@@ -34,8 +34,9 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, reason: reason.into() }
 }
 
-/// A secret string: never printed by `Debug`, compared by its users in constant time.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+/// A secret string: never printed by `Debug`. It has no `==`: compare it with
+/// [`Secret::matches`], which takes the same time wherever the inputs differ.
+#[derive(Clone, Default, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
 
@@ -46,6 +47,11 @@ impl Secret {
 
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    /// Whether `candidate` is this secret, in constant time (for equal lengths).
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        bool::from(subtle::ConstantTimeEq::ct_eq(self.0.as_bytes(), candidate))
     }
 }
 
@@ -134,9 +140,25 @@ pub struct OpsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
-    /// `sqlite://PATH` (created if missing, WAL) or `postgres://…`.
-    #[serde(default = "default_database_url")]
-    pub url: String,
+    /// `sqlite://PATH` (created if missing, WAL) or `postgres://…`. A secret: a PostgreSQL URL
+    /// may hold a password. Unset: [`DEFAULT_DATABASE_URL`]; see [`Config::database_url`].
+    #[serde(default)]
+    pub url: Option<Secret>,
+    /// A file holding `url` (for a URL with a password).
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+    /// This instance's name among the instances sharing the database: each keeps its own inbox
+    /// positions. Every instance needs a name of its own.
+    #[serde(default = "default_instance_name")]
+    pub instance_name: String,
+    /// Inbox items every consumer has handled are deleted once stored this long ago (seconds); so
+    /// are transaction ids, but for the newest 100.
+    #[serde(default = "default_inbox_retention_secs")]
+    pub inbox_retention_secs: u64,
+    /// An inbox consumer (of any instance) that has acknowledged nothing for this long (seconds)
+    /// is taken for gone and no longer holds items back from deletion.
+    #[serde(default = "default_inbox_consumer_timeout_secs")]
+    pub inbox_consumer_timeout_secs: u64,
     /// Connections in the pool.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
@@ -299,8 +321,16 @@ fn default_client_listen() -> SocketAddr {
 fn default_ops_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9332))
 }
-fn default_database_url() -> String {
-    "sqlite://switchboard.db".to_owned()
+/// The database used when `[database] url` is not set.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://switchboard.db";
+fn default_instance_name() -> String {
+    "main".to_owned()
+}
+fn default_inbox_retention_secs() -> u64 {
+    600
+}
+fn default_inbox_consumer_timeout_secs() -> u64 {
+    7 * 24 * 3600
 }
 fn default_max_connections() -> u32 {
     8
@@ -373,7 +403,11 @@ impl Default for OpsConfig {
 impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
-            url: default_database_url(),
+            url: None,
+            url_file: None,
+            instance_name: default_instance_name(),
+            inbox_retention_secs: default_inbox_retention_secs(),
+            inbox_consumer_timeout_secs: default_inbox_consumer_timeout_secs(),
             max_connections: default_max_connections(),
             migrate_on_start: true,
         }
@@ -460,6 +494,7 @@ impl Config {
             &mut self.appservice.hs_token,
             self.appservice.hs_token_file.as_deref(),
         )?;
+        read_secret_file("database.url", &mut self.database.url, self.database.url_file.as_deref())?;
         read_secret_file(
             "turn.shared_secret",
             &mut self.turn.shared_secret,
@@ -494,11 +529,29 @@ impl Config {
         if self.appservice.max_transaction_bytes < 64 * 1024 {
             return Err(invalid("appservice.max_transaction_bytes", "must be at least 65536 (one event)"));
         }
-        if !(self.database.url.starts_with("sqlite:")
-            || self.database.url.starts_with("postgres://")
-            || self.database.url.starts_with("postgresql://"))
+        let database_url = self.database_url();
+        if !(database_url.starts_with("sqlite:")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
         {
+            // The URL itself is not repeated: it may hold a password.
             return Err(invalid("database.url", "must start with sqlite:, postgres:// or postgresql://"));
+        }
+        let name = &self.database.instance_name;
+        if name.is_empty()
+            || name.len() > 64
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid(
+                "database.instance_name",
+                "1-64 characters of A-Z, a-z, 0-9, '-', '_' and '.'",
+            ));
+        }
+        if self.database.inbox_retention_secs == 0 {
+            return Err(invalid("database.inbox_retention_secs", "must be at least 1"));
+        }
+        if self.database.inbox_consumer_timeout_secs < 3600 {
+            return Err(invalid("database.inbox_consumer_timeout_secs", "must be at least 3600"));
         }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
@@ -560,6 +613,26 @@ impl Config {
         self.appservice.hs_token.as_ref().expect("validated: appservice.hs_token is set")
     }
 
+    /// `[database] url` (from the file, or the default when unset). It may hold a password: never
+    /// log it; [`Config::database_url_redacted`] is what logs and errors show.
+    pub fn database_url(&self) -> &str {
+        self.database.url.as_ref().map_or(DEFAULT_DATABASE_URL, Secret::expose)
+    }
+
+    /// [`Config::database_url`] without its password (nor any query, which may carry one).
+    pub fn database_url_redacted(&self) -> String {
+        redact_url(self.database_url())
+    }
+
+    /// What [`crate::store::Store::prune`] keeps.
+    pub fn inbox_retention(&self) -> crate::store::Retention {
+        let ms = |secs: u64| i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        crate::store::Retention {
+            items_after_ms: ms(self.database.inbox_retention_secs),
+            consumer_timeout_ms: ms(self.database.inbox_consumer_timeout_secs),
+        }
+    }
+
     pub fn whoami_cache_ttl(&self) -> Duration {
         Duration::from_secs(self.homeserver.whoami_cache_secs)
     }
@@ -598,6 +671,22 @@ fn check_secret<'a>(key: &'static str, value: Option<&'a Secret>) -> Result<&'a 
         return Err(invalid(key, "must not contain whitespace"));
     }
     Ok(secret)
+}
+
+/// `url` with its password replaced and its query left out; something that does not parse as a
+/// URL is shown only by its scheme.
+pub fn redact_url(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("redacted"));
+            }
+            parsed.set_query(None);
+            parsed.set_fragment(None);
+            parsed.to_string()
+        }
+        Err(_) => format!("{}:[redacted]", url.split(':').next().unwrap_or("")),
+    }
 }
 
 fn check_http_url(key: &'static str, url: &Url) -> Result<(), ConfigError> {
@@ -673,11 +762,19 @@ listen = "{client_listen}"
 listen = "{ops_listen}"
 
 [database]
-# sqlite://PATH (created if missing, WAL journal) or postgres://USER:PASSWORD@HOST/DB.
+# sqlite://PATH (created if missing, WAL journal) or postgres://USER:PASSWORD@HOST/DB. Treated as a
+# secret (logs show it without password or query); url_file = "/run/secrets/db_url" reads it from a file.
 url = {db_url}
 max_connections = {db_max}
 # Apply pending migrations when `switchboard serve` starts (`serve --no-migrate` turns this off).
 migrate_on_start = {db_migrate}
+# This instance's name among instances sharing one database (each keeps its own inbox positions).
+instance_name = {db_instance}
+# Inbox items every consumer has handled are deleted once stored this long ago (seconds); so are
+# transaction ids, but for the newest 100 (the homeserver may retry the latest).
+inbox_retention_secs = {db_retention}
+# A consumer that has acknowledged nothing for this long (seconds) no longer holds items back.
+inbox_consumer_timeout_secs = {db_consumer_timeout}
 
 [directory]
 # Presence learnt longer ago than this (seconds) counts as offline after a restart, until confirmed.
@@ -766,7 +863,10 @@ format = "text"
         max_txn = default_max_transaction_bytes(),
         client_listen = default_client_listen(),
         ops_listen = default_ops_listen(),
-        db_url = toml_str(&db.url),
+        db_url = toml_str(DEFAULT_DATABASE_URL),
+        db_instance = toml_str(&db.instance_name),
+        db_retention = db.inbox_retention_secs,
+        db_consumer_timeout = db.inbox_consumer_timeout_secs,
         db_max = db.max_connections,
         db_migrate = db.migrate_on_start,
         presence_stale = default_presence_stale_secs(),
@@ -799,7 +899,7 @@ mod tests {
         let config = Config::from_toml_str(&render(&Rendered::EXAMPLE)).expect("example is valid");
         assert_eq!(config.homeserver.server_name, "example.org");
         assert_eq!(config.appservice.listen, default_appservice_listen());
-        assert_eq!(config.database.url, default_database_url());
+        assert_eq!(config.database_url(), DEFAULT_DATABASE_URL);
         assert_eq!(config.turn.user_lifetime_secs, default_turn_user_lifetime_secs());
         assert_eq!(config.log.format, LogFormat::Text);
     }
@@ -828,9 +928,44 @@ mod tests {
     }
 
     #[test]
+    fn a_database_password_is_never_shown() {
+        let url = "postgres://switchboard:hunter2-database-password@db.internal:5432/sb?password=also-secret";
+        let config = Config::from_toml_str(&minimal(&format!("[database]\nurl = \"{url}\"\n"))).unwrap();
+        assert_eq!(config.database_url(), url, "the store gets the URL whole");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("also-secret"), "{shown}");
+        assert_eq!(config.database_url_redacted(), "postgres://switchboard:redacted@db.internal:5432/sb");
+        assert_eq!(redact_url("sqlite://switchboard.db"), "sqlite://switchboard.db");
+        assert_eq!(redact_url("not a url:hunter2"), "not a url:[redacted]");
+        // A bad URL is refused without being repeated.
+        let error = error_of(&minimal("[database]\nurl = \"mysql://root:hunter2@db/sb\"\n"));
+        assert!(error.contains("database.url") && !error.contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn the_database_url_can_come_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("db_url");
+        std::fs::write(&file, "postgres://sb:hunter2@db/sb\n").unwrap();
+        let toml = minimal(&format!("[database]\nurl_file = \"{}\"\n", file.display()));
+        assert_eq!(Config::from_toml_str(&toml).unwrap().database_url(), "postgres://sb:hunter2@db/sb");
+        let both = toml.replace("url_file", "url = \"sqlite://x.db\"\nurl_file");
+        assert!(error_of(&both).contains("database.url and database.url_file are both set"));
+    }
+
+    #[test]
+    fn secrets_match_only_themselves() {
+        let secret = Secret::new("correct horse battery staple");
+        assert!(secret.matches(b"correct horse battery staple"));
+        assert!(!secret.matches(b"correct horse battery stapl"));
+        assert!(!secret.matches(b"correct horse battery staplf"));
+        assert!(!secret.matches(b""));
+    }
+
+    #[test]
     fn minimal_config_fills_defaults() {
         let config = Config::from_toml_str(&minimal("")).unwrap();
-        assert_eq!(config.database.url, "sqlite://switchboard.db");
+        assert_eq!(config.database_url(), "sqlite://switchboard.db");
         assert_eq!(config.client.listen, default_client_listen());
         assert!(config.turn.shared_secret.is_none());
         assert_eq!(config.turn.mode, TurnMode::Off);

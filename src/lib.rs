@@ -116,7 +116,7 @@ pub async fn run_with_clock(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
-    let store = Arc::new(Store::connect(&config.database.url, config.database.max_connections).await?);
+    let store = Arc::new(Store::connect(config.database_url(), config.database.max_connections).await?);
     if config.database.migrate_on_start {
         store.migrate().await?;
     }
@@ -129,13 +129,20 @@ pub async fn run_with_clock(
         clock.unix_millis(),
     )
     .await?;
-    let discovery_inbox = Subscription::open(store.clone(), directory::service::CONSUMER).await?;
+    let discovery_inbox = Subscription::open(
+        store.clone(),
+        directory::service::CONSUMER,
+        &config.database.instance_name,
+        clock.clone(),
+    )
+    .await?;
 
     let appservice = appservice::router(Arc::new(Appservice {
         hs_token: config.hs_token().clone(),
         store: store.clone(),
         metrics: metrics.clone(),
         max_transaction_bytes: config.appservice.max_transaction_bytes,
+        clock: clock.clone(),
     }));
     let discovery_api = directory::api::Api {
         directory: discovery.clone(),
@@ -169,7 +176,8 @@ pub async fn run_with_clock(
         appservice = %listeners.appservice.local_addr()?,
         client = %listeners.client.local_addr()?,
         ops = %listeners.ops.local_addr()?,
-        database = ?store.backend(),
+        database = %config.database_url_redacted(),
+        instance = %config.database.instance_name,
         "switchboard.start: listening"
     );
 
@@ -177,6 +185,13 @@ pub async fn run_with_clock(
     tasks.spawn(homeserver.clone().watch_health(shutdown.clone()));
     tasks.spawn(discovery.clone().consume(discovery_inbox, shutdown.clone()));
     tasks.spawn(discovery.refresh(shutdown.clone()));
+    tasks.spawn(appservice::inbox::prune(
+        store.clone(),
+        config.inbox_retention(),
+        metrics.clone(),
+        clock.clone(),
+        shutdown.clone(),
+    ));
     if let Some(listeners) = turn_listener {
         tasks.spawn(turn::io::serve(turn::embedded(&config), listeners, metrics.clone(), shutdown.clone()));
     }

@@ -109,7 +109,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Migrate { config } => {
             let config = Config::load(&config)?;
             runtime()?.block_on(async {
-                let store = Store::connect(&config.database.url, 1).await?;
+                let store = Store::connect(config.database_url(), 1).await?;
                 store.migrate().await?;
                 store.close().await;
                 anyhow::Ok(())

@@ -156,6 +156,38 @@ impl TurnMetrics {
     }
 }
 
+/// The inbox's size and retention.
+#[derive(Default)]
+pub struct InboxMetrics {
+    /// Items the inbox holds, as of the last prune.
+    pub items: Gauge,
+    pub pruned_items: Counter,
+    pub pruned_transactions: Counter,
+    pub prune_errors: Counter,
+}
+
+impl InboxMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let inbox = registry.sub_registry_with_prefix("inbox");
+        inbox.register("items", "Items the inbox holds (counted after each prune)", self.items.clone());
+        inbox.register(
+            "pruned_items",
+            "Inbox items deleted: every consumer had handled them and they were older than the retention",
+            self.pruned_items.clone(),
+        );
+        inbox.register(
+            "pruned_transactions",
+            "Transaction ids deleted: older than the retention, and not among the newest kept for retries",
+            self.pruned_transactions.clone(),
+        );
+        inbox.register(
+            "prune_errors",
+            "Prunes that failed (retried at the next interval)",
+            self.prune_errors.clone(),
+        );
+    }
+}
+
 /// Every metric Switchboard exports, registered once at start.
 pub struct Metrics {
     registry: Registry,
@@ -172,6 +204,7 @@ pub struct Metrics {
     pub directory_lookups: Family<LookupLabel, Counter>,
     pub directory_lookups_dropped: Counter,
     pub turn: TurnMetrics,
+    pub inbox: InboxMetrics,
 }
 
 impl Default for Metrics {
@@ -251,6 +284,8 @@ impl Metrics {
         );
         let turn = TurnMetrics::default();
         turn.register(&mut registry);
+        let inbox = InboxMetrics::default();
+        inbox.register(&mut registry);
         Self {
             registry,
             transactions_received,
@@ -266,6 +301,7 @@ impl Metrics {
             directory_lookups,
             directory_lookups_dropped,
             turn,
+            inbox,
         }
     }
 

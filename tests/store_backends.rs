@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard::appservice::inbox::{ItemKind, Subscription};
-use switchboard::store::{DirectoryRow, Ingested, NewItem, Store};
+use switchboard::clock::Clock;
+use switchboard::store::{DirectoryRow, Ingested, NewItem, Pruned, Retention, Store};
 
 fn event<'a>(event_id: &'a str, body: &'a str) -> NewItem<'a> {
     NewItem {
@@ -84,7 +85,8 @@ async fn unacknowledged_items_are_handed_out_again_after_restart() {
         let items: Vec<NewItem<'_>> = ids.iter().zip(&bodies).map(|(id, body)| event(id, body)).collect();
         store.ingest("1", "f", 0, &items[..3]).await.unwrap();
 
-        let mut consumer = Subscription::open(store.clone(), "directory").await.unwrap();
+        let mut consumer =
+            Subscription::open(store.clone(), "directory", "main", Clock::system()).await.unwrap();
         let batch = consumer.next().await.unwrap();
         assert_eq!(batch.len(), 3, "{backend}");
         consumer.ack(batch[1].id).await.unwrap(); // handled two of three, then "crashes"
@@ -92,13 +94,14 @@ async fn unacknowledged_items_are_handed_out_again_after_restart() {
         store.close().await;
 
         let store = open(&url).await;
-        let mut consumer = Subscription::open(store.clone(), "directory").await.unwrap();
+        let mut consumer =
+            Subscription::open(store.clone(), "directory", "main", Clock::system()).await.unwrap();
         let again = consumer.next().await.unwrap();
         assert_eq!(again.len(), 1, "{backend}: only the unacknowledged item comes back");
         assert_eq!(again[0].event_id.as_deref(), Some("$2"));
 
         // A new consumer starts from the beginning; an unrelated one is unaffected by acks.
-        let mut fresh = Subscription::open(store.clone(), "calls").await.unwrap();
+        let mut fresh = Subscription::open(store.clone(), "calls", "main", Clock::system()).await.unwrap();
         assert_eq!(fresh.next().await.unwrap().len(), 3, "{backend}");
 
         // Live items wake a waiting consumer.
@@ -140,7 +143,7 @@ async fn concurrent_writers_keep_ids_in_commit_order() {
         }
         // Read through a third instance: it only learns of the others' commits by polling.
         let reader = open(&url).await;
-        let mut consumer = Subscription::open(reader, "reader").await.unwrap();
+        let mut consumer = Subscription::open(reader, "reader", "main", Clock::system()).await.unwrap();
         let mut seen = Vec::new();
         while seen.len() < 80 {
             let batch =
@@ -258,6 +261,129 @@ async fn directory_loads_across_pages() {
         let expected: Vec<String> = rows.into_iter().map(|row| row.user_id).collect();
         assert_eq!(seen.len(), expected.len(), "{backend}");
         assert!(seen == expected, "{backend}: rows missing, repeated or out of order");
+        store.close().await;
+    }
+}
+
+const MINUTE_MS: i64 = 60_000;
+const RETENTION: Retention =
+    Retention { items_after_ms: 10 * MINUTE_MS, consumer_timeout_ms: 24 * 60 * MINUTE_MS };
+
+/// Stores transaction `txn` with `count` events at `now_ms`.
+async fn ingest_events(store: &Store, txn: &str, count: usize, now_ms: i64) {
+    let ids: Vec<String> = (0..count).map(|i| format!("${txn}.{i}")).collect();
+    let bodies: Vec<String> = ids.iter().map(|id| format!(r#"{{"type":"t","event_id":"{id}"}}"#)).collect();
+    let items: Vec<NewItem<'_>> = ids.iter().zip(&bodies).map(|(id, body)| event(id, body)).collect();
+    store.ingest(txn, "f", now_ms, &items).await.unwrap();
+}
+
+/// Items are deleted only once every consumer of every instance has handled them and they are
+/// older than the retention; a consumer gone for longer than its timeout stops holding them back.
+#[tokio::test]
+async fn handled_items_are_pruned_after_the_retention_and_unhandled_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, url) in common::backends(dir.path()).await {
+        let store = open(&url).await;
+        let clock = Clock::manual(1_000_000_000_000);
+        ingest_events(&store, "1", 3, clock.unix_millis()).await;
+        let mut main = Subscription::open(store.clone(), "directory", "main", clock.clone()).await.unwrap();
+        let mut other = Subscription::open(store.clone(), "directory", "other", clock.clone()).await.unwrap();
+        let items = main.next().await.unwrap();
+        main.ack(items[2].id).await.unwrap();
+        let items = other.next().await.unwrap();
+        other.ack(items[0].id).await.unwrap(); // the other instance has handled one of three
+
+        clock.advance(Duration::from_secs(9 * 60));
+        assert_eq!(
+            store.prune(clock.unix_millis(), &RETENTION).await.unwrap().items,
+            0,
+            "{backend}: too young"
+        );
+        clock.advance(Duration::from_secs(2 * 60));
+        let pruned = store.prune(clock.unix_millis(), &RETENTION).await.unwrap();
+        assert_eq!(pruned.items, 1, "{backend}: only what both instances handled");
+        assert_eq!(store.inbox_len().await.unwrap(), 2, "{backend}");
+
+        // A fresh subscription of the other instance still gets what it has not handled.
+        let mut reopened =
+            Subscription::open(store.clone(), "directory", "other", clock.clone()).await.unwrap();
+        assert_eq!(reopened.next().await.unwrap().len(), 2, "{backend}");
+
+        // The other instance goes away for good: a day later its position no longer counts.
+        clock.advance(Duration::from_secs(24 * 3600 + 60));
+        ingest_events(&store, "2", 1, clock.unix_millis()).await;
+        let items = main.next().await.unwrap();
+        main.ack(items[0].id).await.unwrap();
+        clock.advance(Duration::from_secs(11 * 60));
+        let pruned = store.prune(clock.unix_millis(), &RETENTION).await.unwrap();
+        assert_eq!(pruned.items, 3, "{backend}: a consumer gone for a day holds nothing back");
+        assert_eq!(store.inbox_len().await.unwrap(), 0, "{backend}");
+        store.close().await;
+    }
+}
+
+/// Positions only move forward, and each instance has its own.
+#[tokio::test]
+async fn inbox_positions_are_monotonic_and_per_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, url) in common::backends(dir.path()).await {
+        let store = open(&url).await;
+        store.set_cursor("directory", "a", 50, 1).await.unwrap();
+        store.set_cursor("directory", "a", 30, 2).await.unwrap(); // a late acknowledgement
+        assert_eq!(store.cursor("directory", "a").await.unwrap(), 50, "{backend}: moved backwards");
+        store.set_cursor("directory", "a", 70, 3).await.unwrap();
+        assert_eq!(store.cursor("directory", "a").await.unwrap(), 70, "{backend}");
+        assert_eq!(store.cursor("directory", "b").await.unwrap(), 0, "{backend}: shared between instances");
+        assert_eq!(store.cursor("calls", "a").await.unwrap(), 0, "{backend}: shared between consumers");
+        store.close().await;
+    }
+}
+
+/// Transaction ids older than the retention are deleted, but for the newest 100: the homeserver
+/// retries only its latest transaction, which must still be recognised.
+#[tokio::test]
+async fn old_transaction_ids_are_pruned_but_the_newest_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, url) in common::backends(dir.path()).await {
+        let store = open(&url).await;
+        let clock = Clock::manual(1_000_000_000_000);
+        for txn in 0..150 {
+            store.ingest(&txn.to_string(), "f", clock.unix_millis(), &[]).await.unwrap();
+            clock.advance(Duration::from_millis(10));
+        }
+        clock.advance(Duration::from_secs(3600));
+        let pruned = store.prune(clock.unix_millis(), &RETENTION).await.unwrap();
+        assert_eq!(pruned, Pruned { items: 0, transactions: 50 }, "{backend}");
+        assert!(!store.has_transaction("49").await.unwrap(), "{backend}");
+        assert!(store.has_transaction("50").await.unwrap(), "{backend}");
+        // The latest is still recognised as a retry.
+        assert_eq!(store.ingest("149", "f", clock.unix_millis(), &[]).await.unwrap(), Ingested::Duplicate);
+        store.close().await;
+    }
+}
+
+/// A long ingestion run with a consumer keeping up: with pruning, the inbox holds about one
+/// retention's worth of items however long the run.
+#[tokio::test]
+async fn the_inbox_stays_bounded_in_a_long_ingestion_run() {
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, url) in common::backends(dir.path()).await {
+        let store = open(&url).await;
+        let clock = Clock::manual(1_000_000_000_000);
+        let mut consumer =
+            Subscription::open(store.clone(), "directory", "main", clock.clone()).await.unwrap();
+        let mut largest = 0;
+        // 120 minutes, 100 items a minute; the retention is 10 minutes.
+        for minute in 0..120 {
+            ingest_events(&store, &minute.to_string(), 100, clock.unix_millis()).await;
+            let items = consumer.next().await.unwrap();
+            consumer.ack(items.last().unwrap().id).await.unwrap();
+            clock.advance(Duration::from_secs(60));
+            store.prune(clock.unix_millis(), &RETENTION).await.unwrap();
+            largest = largest.max(store.inbox_len().await.unwrap());
+        }
+        assert!(largest <= 1_100, "{backend}: the inbox grew to {largest} items");
+        assert!(largest >= 1_000, "{backend}: items younger than the retention were deleted ({largest})");
         store.close().await;
     }
 }

@@ -1,16 +1,24 @@
 //! The typed stream of stored appservice input that the rest of Switchboard subscribes to.
 //!
-//! A consumer (the directory, the call broker, …) opens a [`Subscription`] under a stable name, takes
-//! batches with [`Subscription::next`] and acknowledges what it has handled with
-//! [`Subscription::ack`]. Acknowledgements are persisted, so after a crash or restart everything stored
-//! but not yet acknowledged is handed to the consumer again: handling must be idempotent.
+//! A consumer (the directory, the call broker, …) opens a [`Subscription`] under a stable name and
+//! the name of its instance, takes batches with [`Subscription::next`] and acknowledges what it has
+//! handled with [`Subscription::ack`]. Acknowledgements are persisted per consumer and per instance
+//! and only move forward, so after a crash or restart everything stored but not yet acknowledged is
+//! handed to the consumer again: handling must be idempotent.
+//!
+//! [`prune`] keeps the inbox bounded: items every consumer has acknowledged are deleted once older
+//! than the retention (see [`crate::store::Store::prune`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use crate::store::{Store, StoreError, StoredItem};
+use crate::clock::Clock;
+use crate::store::{Retention, Store, StoreError, StoredItem};
+use crate::telemetry::Metrics;
 
 pub use crate::store::ItemKind;
 
@@ -27,23 +35,40 @@ impl StoredItem {
 /// Most items handed out in one batch.
 const BATCH: i64 = 500;
 /// How often a waiting subscription looks for items committed by another Switchboard instance.
-const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often, at most, the inbox is pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A consumer's position in the inbox.
 pub struct Subscription {
     consumer: String,
+    instance: String,
     store: Arc<Store>,
+    clock: Clock,
     /// The last id handed out by `next`.
     handed: i64,
     latest: watch::Receiver<i64>,
 }
 
 impl Subscription {
-    /// Opens the subscription of `consumer` at its last acknowledged item.
-    pub async fn open(store: Arc<Store>, consumer: &str) -> Result<Self, StoreError> {
+    /// Opens the subscription of `consumer` on `instance` (`[database] instance_name`) at its last
+    /// acknowledged item.
+    pub async fn open(
+        store: Arc<Store>,
+        consumer: &str,
+        instance: &str,
+        clock: Clock,
+    ) -> Result<Self, StoreError> {
         let latest = store.watch_latest();
-        let handed = store.cursor(consumer).await?;
-        Ok(Self { consumer: consumer.to_owned(), store, handed, latest })
+        let handed = store.cursor(consumer, instance).await?;
+        Ok(Self {
+            consumer: consumer.to_owned(),
+            instance: instance.to_owned(),
+            store,
+            clock,
+            handed,
+            latest,
+        })
     }
 
     /// The next batch of items, in the order they were stored; waits while there is none.
@@ -66,13 +91,62 @@ impl Subscription {
                         return Ok(Vec::new());
                     }
                 }
-                () = tokio::time::sleep(POLL_INTERVAL) => {}
+                () = self.clock.sleep(POLL_INTERVAL) => {}
             }
         }
     }
 
     /// Records that every item up to and including `id` has been handled.
     pub async fn ack(&mut self, id: i64) -> Result<(), StoreError> {
-        self.store.set_cursor(&self.consumer, id).await
+        self.store.set_cursor(&self.consumer, &self.instance, id, self.clock.unix_millis()).await
+    }
+}
+
+/// Prunes the inbox every [`PRUNE_INTERVAL`] (or half the retention, if shorter) until `shutdown`,
+/// and counts what it deleted and what remains in [`crate::telemetry::InboxMetrics`].
+pub async fn prune(
+    store: Arc<Store>,
+    retention: Retention,
+    metrics: Arc<Metrics>,
+    clock: Clock,
+    shutdown: CancellationToken,
+) {
+    let retention_ms = u64::try_from(retention.items_after_ms).unwrap_or(0);
+    let interval = PRUNE_INTERVAL.min(Duration::from_millis(retention_ms / 2)).max(Duration::from_secs(1));
+    loop {
+        prune_once(&store, &retention, &metrics, &clock).await;
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = clock.sleep(interval) => {}
+        }
+    }
+}
+
+/// One prune, with its metrics.
+#[tracing::instrument(name = "inbox.prune", level = "debug", skip_all)]
+async fn prune_once(store: &Store, retention: &Retention, metrics: &Metrics, clock: &Clock) {
+    match store.prune(clock.unix_millis(), retention).await {
+        Ok(pruned) => {
+            metrics.inbox.pruned_items.inc_by(pruned.items);
+            metrics.inbox.pruned_transactions.inc_by(pruned.transactions);
+            if pruned.items > 0 || pruned.transactions > 0 {
+                tracing::debug!(
+                    items = pruned.items,
+                    transactions = pruned.transactions,
+                    "inbox.prune: deleted"
+                );
+            }
+        }
+        Err(error) => {
+            metrics.inbox.prune_errors.inc();
+            tracing::warn!(%error, "inbox.prune failed; retrying at the next interval");
+            return;
+        }
+    }
+    match store.inbox_len().await {
+        Ok(items) => {
+            metrics.inbox.items.set(items);
+        }
+        Err(error) => tracing::warn!(%error, "inbox.prune cannot count the inbox"),
     }
 }

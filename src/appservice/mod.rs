@@ -22,7 +22,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use http::StatusCode;
-use subtle::ConstantTimeEq;
 
 use crate::config::Secret;
 use crate::http::{MatrixError, with_fallbacks};
@@ -35,6 +34,8 @@ pub struct Appservice {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub max_transaction_bytes: usize,
+    /// When transactions are received (their items' retention counts from it).
+    pub clock: crate::clock::Clock,
 }
 
 /// The router of the appservice listener.
@@ -65,8 +66,7 @@ async fn authenticate(State(appservice): State<Arc<Appservice>>, request: Reques
         return MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "Missing homeserver token")
             .into_response();
     };
-    let expected = appservice.hs_token.expose().as_bytes();
-    if !bool::from(token.as_bytes().ct_eq(expected)) {
+    if !appservice.hs_token.matches(token.as_bytes()) {
         appservice.metrics.reject(Rejection::WrongToken);
         tracing::warn!(path = request.uri().path(), "appservice request with a wrong homeserver token");
         return MatrixError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "Wrong homeserver token")

@@ -131,15 +131,16 @@ pub(super) async fn put(
     let items = fields.items();
 
     let fingerprint = fingerprint(&items);
-    let outcome =
-        appservice.store.ingest(&txn_id, &fingerprint, crate::unix_millis(), &items).await.map_err(
-            |error| {
-                metrics.database_errors.inc();
-                metrics.reject(Rejection::Database);
-                tracing::error!(%error, txn_id, "appservice.transaction could not be stored");
-                MatrixError::unknown("Could not store the transaction; retry later")
-            },
-        )?;
+    let outcome = appservice
+        .store
+        .ingest(&txn_id, &fingerprint, appservice.clock.unix_millis(), &items)
+        .await
+        .map_err(|error| {
+            metrics.database_errors.inc();
+            metrics.reject(Rejection::Database);
+            tracing::error!(%error, txn_id, "appservice.transaction could not be stored");
+            MatrixError::unknown("Could not store the transaction; retry later")
+        })?;
     match outcome {
         Ingested::New { items: stored, reused_id } => {
             metrics.transactions_received.inc();

@@ -28,7 +28,7 @@ static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
 /// Key of the PostgreSQL advisory lock that serialises inbox writers across instances.
 const INBOX_WRITER_LOCK: i64 = 0x5357_4244_0001; // "SWBD" 1
 
-/// Rows per multi-row INSERT: 8 parameters each stays far below both backends' parameter limits.
+/// Rows per multi-row INSERT: 9 parameters each stays far below both backends' parameter limits.
 const INSERT_CHUNK: usize = 500;
 
 #[derive(Debug, thiserror::Error)]
@@ -267,7 +267,8 @@ impl Store {
                     .bind(item.room_id)
                     .bind(item.event_id)
                     .bind(item.to_user_id)
-                    .bind(item.body);
+                    .bind(item.body)
+                    .bind(received_at_ms);
             }
             let ids = query.fetch_all(&mut *tx).await?;
             stored += ids.len();
@@ -326,10 +327,11 @@ impl Store {
         Ok(row.try_get::<i64, _>(0)? > 0)
     }
 
-    /// The last inbox id a consumer has handled (0 for a consumer never seen).
-    pub async fn cursor(&self, consumer: &str) -> Result<i64, StoreError> {
-        let row = sqlx::query("SELECT last_id FROM inbox_cursors WHERE consumer = $1")
+    /// The last inbox id `consumer` has handled on `instance` (0 for one never seen).
+    pub async fn cursor(&self, consumer: &str, instance: &str) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT last_id FROM inbox_positions WHERE consumer = $1 AND instance = $2")
             .bind(consumer)
+            .bind(instance)
             .fetch_optional(&self.pool)
             .await?;
         Ok(match row {
@@ -338,23 +340,122 @@ impl Store {
         })
     }
 
-    /// Records that a consumer has handled every item up to `last_id`.
-    pub async fn set_cursor(&self, consumer: &str, last_id: i64) -> Result<(), StoreError> {
+    /// Records that `consumer` on `instance` has handled every item up to `last_id`, at `now_ms`.
+    /// Positions only move forward: a smaller `last_id` (a late or repeated acknowledgement) leaves
+    /// the stored one as it is.
+    pub async fn set_cursor(
+        &self,
+        consumer: &str,
+        instance: &str,
+        last_id: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO inbox_cursors (consumer, last_id) VALUES ($1, $2) \
-             ON CONFLICT (consumer) DO UPDATE SET last_id = excluded.last_id",
+            "INSERT INTO inbox_positions (consumer, instance, last_id, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (consumer, instance) DO UPDATE SET last_id = excluded.last_id, \
+             updated_at = excluded.updated_at WHERE inbox_positions.last_id < excluded.last_id",
         )
         .bind(consumer)
+        .bind(instance)
         .bind(last_id)
+        .bind(now_ms)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Deletes what no longer needs keeping (see [`Retention`]), in bounded batches. Returns what
+    /// was deleted; a run that hit [`PRUNE_MAX_BATCHES`] leaves the rest to the next one.
+    pub async fn prune(&self, now_ms: i64, retention: &Retention) -> Result<Pruned, StoreError> {
+        let stored_before = now_ms.saturating_sub(retention.items_after_ms);
+        let live_since = now_ms.saturating_sub(retention.consumer_timeout_ms);
+        // The lowest position of the consumers still around; none at all holds everything back.
+        let handled: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(last_id) FROM inbox_positions WHERE updated_at >= $1")
+                .bind(live_since)
+                .fetch_one(&self.pool)
+                .await?;
+        let mut pruned = Pruned::default();
+        if let Some(handled) = handled {
+            pruned.items = self
+                .delete_in_batches(
+                    "DELETE FROM inbox WHERE id IN \
+                     (SELECT id FROM inbox WHERE id <= $1 AND stored_at < $2 ORDER BY id LIMIT $3)",
+                    &[handled, stored_before],
+                )
+                .await?;
+        }
+        // Only the latest transaction can still be retried (the homeserver has one in flight at a
+        // time), but a few more are kept whatever their age.
+        let newest_kept: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(received_at) FROM (SELECT received_at FROM appservice_transactions \
+             ORDER BY received_at DESC LIMIT $1) newest",
+        )
+        .bind(TRANSACTIONS_ALWAYS_KEPT)
+        .fetch_one(&self.pool)
+        .await?;
+        let transactions_before = stored_before.min(newest_kept.unwrap_or(i64::MIN));
+        pruned.transactions = self
+            .delete_in_batches(
+                "DELETE FROM appservice_transactions WHERE txn_id IN \
+                 (SELECT txn_id FROM appservice_transactions WHERE received_at < $1 LIMIT $2)",
+                &[transactions_before],
+            )
+            .await?;
+        Ok(pruned)
+    }
+
+    /// Runs `sql` with `binds` and then [`PRUNE_BATCH`] as its last parameter (its `LIMIT`) until it
+    /// deletes less than a batch, at most [`PRUNE_MAX_BATCHES`] times.
+    async fn delete_in_batches(&self, sql: &str, binds: &[i64]) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        for _ in 0..PRUNE_MAX_BATCHES {
+            let mut query = sqlx::query(sql);
+            for value in binds {
+                query = query.bind(*value);
+            }
+            let done = query.bind(PRUNE_BATCH).execute(&self.pool).await?.rows_affected();
+            deleted += done;
+            if done < u64::try_from(PRUNE_BATCH).unwrap_or(u64::MAX) {
+                break;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// How many items the inbox holds (for the `switchboard_inbox_items` gauge).
+    pub async fn inbox_len(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM inbox").fetch_one(&self.pool).await?)
     }
 
     /// Changes whenever this process commits new inbox items.
     pub fn watch_latest(&self) -> watch::Receiver<i64> {
         self.latest.subscribe()
     }
+}
+
+/// Rows deleted per statement when pruning, so that no prune holds the database for long.
+const PRUNE_BATCH: i64 = 10_000;
+/// Statements per prune: a backlog larger than this many batches is left to the next prune.
+const PRUNE_MAX_BATCHES: usize = 100;
+/// Transactions kept whatever their age, newest first.
+const TRANSACTIONS_ALWAYS_KEPT: i64 = 100;
+
+/// What [`Store::prune`] keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Inbox items every live consumer has handled are deleted once they were stored this long
+    /// ago; so are transaction ids (but for the newest few, which the homeserver may still retry).
+    pub items_after_ms: i64,
+    /// A consumer position not moved for this long no longer holds items back.
+    pub consumer_timeout_ms: i64,
+}
+
+/// What one [`Store::prune`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub items: u64,
+    pub transactions: u64,
 }
 
 /// One user of the directory as stored (see migrations/*/0002_directory.sql and 0003).
@@ -512,9 +613,10 @@ async fn checkpoint_wal(pool: AnyPool) {
 /// SQLite gets anonymous `?` placeholders: for numbered ones sqlx looks each parameter's name up, a
 /// linear scan per parameter, which cost ~20% of ingestion at 800 parameters (docs/benchmarks.md).
 fn insert_items_sql(rows: usize, backend: Backend) -> String {
-    const COLUMNS: usize = 8;
+    const COLUMNS: usize = 9;
     let mut sql = String::from(
-        "INSERT INTO inbox (txn_id, kind, event_type, sender, room_id, event_id, to_user_id, body) VALUES ",
+        "INSERT INTO inbox (txn_id, kind, event_type, sender, room_id, event_id, to_user_id, body, stored_at) \
+         VALUES ",
     );
     for row in 0..rows {
         sql.push_str(if row == 0 { "(" } else { ", (" });
@@ -544,13 +646,16 @@ mod tests {
         let pg = insert_items_sql(2, Backend::Postgres);
         assert!(
             pg.ends_with(
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8), ($9, $10, $11, $12, $13, $14, $15, $16) \
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9), ($10, $11, $12, $13, $14, $15, $16, $17, $18) \
                  ON CONFLICT DO NOTHING RETURNING id"
             ),
             "{pg}"
         );
         let sqlite = insert_items_sql(2, Backend::Sqlite);
-        assert_eq!(sqlite.matches('?').count(), 16, "{sqlite}");
-        assert!(sqlite.ends_with("(?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id"), "{sqlite}");
+        assert_eq!(sqlite.matches('?').count(), 18, "{sqlite}");
+        assert!(
+            sqlite.ends_with("(?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id"),
+            "{sqlite}"
+        );
     }
 }
