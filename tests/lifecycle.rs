@@ -11,10 +11,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn sigterm_finishes_the_in_flight_transaction_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let db = common::sqlite_url(dir.path());
-    let ports = [common::free_port(), common::free_port(), common::free_port()];
-    let mut child =
-        common::Process::start(dir.path(), &common::config_toml(&db, "http://127.0.0.1:9", ports), ports);
+    let toml = common::config_toml(&db, "http://127.0.0.1:9", common::ANY_PORTS);
+    let mut child = common::Process::start(dir.path(), &toml, common::ANY_PORTS);
     child.wait_for("/health").await;
+    let ports = child.ports;
 
     // Start a transaction and send only half of its body.
     let body = br#"{"events": [{"type": "m.room.message", "event_id": "$inflight", "content": {"body": "in flight"}}]}"#;
@@ -77,11 +77,11 @@ async fn serve_raises_its_open_files_limit_to_the_hard_limit() {
     }
     let dir = tempfile::tempdir().unwrap();
     let db = common::sqlite_url(dir.path());
-    let ports = [common::free_port(), common::free_port(), common::free_port()];
-    let toml = common::config_toml(&db, "http://127.0.0.1:9", ports);
+    let toml = common::config_toml(&db, "http://127.0.0.1:9", common::ANY_PORTS);
     // systemd starts services with a soft limit of 1024 under a far higher hard one.
     let limit = format!("--nofile={soft}:{hard}");
-    let mut child = common::Process::start_wrapped(dir.path(), &toml, ports, &["prlimit", &limit, "--"]);
+    let mut child =
+        common::Process::start_wrapped(dir.path(), &toml, common::ANY_PORTS, &["prlimit", &limit, "--"]);
     child.wait_for("/health").await;
     assert_eq!(open_files_limits(child.pid()), (hard, hard), "{}", child.log_text());
     assert!(child.log_text().contains("open files limit"), "{}", child.log_text());

@@ -34,12 +34,10 @@ async fn send(sockets: &[UdpSocket], relay: std::net::SocketAddr, from: u64, cou
 #[tokio::test]
 async fn a_flood_of_unauthenticated_allocates_does_not_grow_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let turn_port = common::free_port();
-    let ports = [common::free_port(), common::free_port(), common::free_port()];
-    let toml = common::config_toml(&common::sqlite_url(dir.path()), "http://127.0.0.1:9", ports)
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{turn_port}\""));
-    let mut process = common::Process::start(dir.path(), &toml, ports);
+    let toml = common::config_toml(&common::sqlite_url(dir.path()), "http://127.0.0.1:9", common::ANY_PORTS);
+    let mut process = common::Process::start(dir.path(), &toml, common::ANY_PORTS);
     process.wait_for("/health").await;
+    let (ports, turn_port) = (process.ports, process.turn_port.expect("the relay's port in the log"));
     let relay: std::net::SocketAddr = format!("127.0.0.1:{turn_port}").parse().unwrap();
     let mut sockets = Vec::new();
     for _ in 0..SOCKETS {

@@ -246,7 +246,10 @@ pub fn uclient_number(output: &str, key: &str) -> Option<u64> {
     })
 }
 
-/// A loopback port free for TCP and UDP, for a server the test starts later. It is drawn at random
+/// A loopback port free for TCP and UDP, for a server the test starts later: only for programs
+/// that cannot bind port 0 and tell us what they bound (Synapse, coturn's tools). Switchboard in
+/// this process gets bound listeners ([`bind`]); as a process it binds port 0 and logs its ports
+/// ([`ANY_PORTS`]). The port is drawn at random
 /// below Linux's ephemeral range (32768-60999): a port the kernel handed out for `bind(0)` is soon
 /// handed to another test again, and outgoing connections take ports from that range, so between
 /// this check and the server's bind one of them could take it.
@@ -503,12 +506,20 @@ pub async fn stored_items(url: &str) -> Vec<switchboard::store::StoredItem> {
     items
 }
 
+/// Ports for [`Process::start`] that let the process bind any free ports (port 0) itself; the test
+/// reads the ports it bound from its start-up log line ([`Process::wait_for`] does this first), so
+/// no port is checked free and released for a later bind that another program could win.
+pub const ANY_PORTS: [u16; 3] = [0, 0, 0];
+
 /// The `switchboard serve` binary as a child process (for crash, signal and log tests).
 pub struct Process {
     child: Child,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// The appservice, client and ops ports ([`ANY_PORTS`] until read from the log).
     pub ports: [u16; 3],
+    /// The embedded TURN relay's port, once read from the log.
+    pub turn_port: Option<u16>,
     /// A program that execs the binary with its arguments (such as `prlimit …`); empty: none.
     wrapper: Vec<String>,
 }
@@ -526,7 +537,35 @@ impl Process {
         let log = dir.join("switchboard.log");
         let wrapper: Vec<String> = wrapper.iter().map(|s| (*s).to_owned()).collect();
         let child = Self::spawn(&wrapper, &config, &log);
-        Process { child, config, log, ports, wrapper }
+        Process { child, config, log, ports, turn_port: None, wrapper }
+    }
+
+    /// Waits (at most 30 s) for the log line `switchboard.start: listening` and takes the ports
+    /// from it; then writes them into the config, so that [`Process::restart`] binds the same ones.
+    /// Fails at once if the process exits first.
+    pub async fn listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (ports, turn_port) = loop {
+            if let Some(found) = logged_ports(&self.log_text()) {
+                break found;
+            }
+            if let Some(status) = self.try_wait() {
+                panic!("switchboard exited ({status}) before listening\n{}", self.log_tail());
+            }
+            assert!(Instant::now() < deadline, "not listening after 30 s\n{}", self.log_tail());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        self.ports = ports;
+        self.turn_port = turn_port;
+        let mut config: toml::Table = std::fs::read_to_string(&self.config).unwrap().parse().unwrap();
+        for (section, port) in [("appservice", ports[0]), ("client", ports[1]), ("ops", ports[2])] {
+            config[section]["listen"] = toml::Value::String(format!("127.0.0.1:{port}"));
+        }
+        config["appservice"]["url"] = toml::Value::String(format!("http://127.0.0.1:{}", ports[0]));
+        if let (Some(port), Some(turn)) = (turn_port, config.get_mut("turn")) {
+            turn["listen"] = toml::Value::String(format!("127.0.0.1:{port}"));
+        }
+        std::fs::write(&self.config, config.to_string()).unwrap();
     }
 
     fn spawn(wrapper: &[String], config: &Path, log: &Path) -> Child {
@@ -596,6 +635,9 @@ impl Process {
     /// Waits at most 30 s until the ops listener answers `path` with a success status. Fails at once
     /// if the process exits; a failure shows the last answer and the end of the log.
     pub async fn wait_for(&mut self, path: &str) {
+        if self.ports == ANY_PORTS {
+            self.listening().await;
+        }
         let url = format!("http://127.0.0.1:{}{path}", self.ports[2]);
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut last_answer;
@@ -628,6 +670,21 @@ impl Process {
     }
 }
 
+/// The appservice, client and ops ports, and the TURN port, from the last `switchboard.start:
+/// listening` line of a log (text or JSON).
+fn logged_ports(log: &str) -> Option<([u16; 3], Option<u16>)> {
+    let line = log.lines().rev().find(|line| line.contains("switchboard.start: listening"))?;
+    let port = |key: &str| -> Option<u16> {
+        let start = [format!("{key}="), format!("\"{key}\":\"")]
+            .iter()
+            .find_map(|prefix| line.find(prefix.as_str()).map(|at| at + prefix.len()))?;
+        let value = line[start..].trim_start_matches("Some(");
+        let end = value.find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']')))?;
+        value[..end].parse::<SocketAddr>().ok().map(|addr| addr.port())
+    };
+    Some(([port("appservice")?, port("client")?, port("ops")?], port("turn")))
+}
+
 impl Drop for Process {
     /// A failed test must not leave a `switchboard serve` behind.
     fn drop(&mut self) {
@@ -638,17 +695,28 @@ impl Drop for Process {
 
 /// A real Synapse with Switchboard registered, Switchboard running as a process on `db`; `edit`
 /// may change the TOML. `None` when Synapse is unavailable.
+///
+/// Switchboard starts first, on ports it binds itself, so that the registration can name its
+/// appservice port; Synapse (a program we cannot hand a socket to) gets a port checked free.
 pub async fn synapse_and_process(
     dir: &Path,
     db: &str,
     edit: impl Fn(String) -> String,
 ) -> Option<(Synapse, Process)> {
-    let ports = [free_port(), free_port(), free_port()];
-    // The registration needs only our URL and tokens; Synapse's URL is known once it runs.
-    let placeholder = Config::from_toml_str(&config_toml(db, "http://127.0.0.1:9", ports)).unwrap();
+    synapse_python().or_else(|| {
+        skip("no Synapse venv (deploy/synapse/install creates .cache/synapse-venv)");
+        None
+    })?;
+    let synapse_port = free_port();
+    let homeserver = format!("http://127.0.0.1:{synapse_port}");
+    let mut process = Process::start(dir, &edit(config_toml(db, &homeserver, ANY_PORTS)), ANY_PORTS);
+    process.listening().await;
+    let config = Config::load(&process.config).unwrap();
     let registration = dir.join("registration.yaml");
-    std::fs::write(&registration, switchboard::appservice::registration::render(&placeholder)).unwrap();
-    let synapse = Synapse::start(&[&registration]).await?;
-    let process = Process::start(dir, &edit(config_toml(db, &synapse.base_url, ports)), ports);
+    std::fs::write(&registration, switchboard::appservice::registration::render(&config)).unwrap();
+    let synapse = Synapse::start_on_port(&[&registration], synapse_port).await?;
+    // Check the homeserver now rather than at the next health-check backoff.
+    let ping = format!("http://127.0.0.1:{}/ping", process.ports[2]);
+    let _ = reqwest::Client::new().post(ping).send().await;
     Some((synapse, process))
 }
