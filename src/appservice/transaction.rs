@@ -7,7 +7,6 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -83,12 +82,13 @@ fn usable<'f>(field: Option<&'f Indexed<'_>>) -> Option<&'f str> {
     field.and_then(Indexed::usable)
 }
 
+#[tracing::instrument(name = "appservice.transaction", skip_all, fields(txn_id = tracing::field::Empty))]
 pub(super) async fn put(
     State(appservice): State<Arc<Appservice>>,
     txn_id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, MatrixError> {
-    let started = Instant::now();
+    let started = appservice.clock.now();
     let metrics = &appservice.metrics;
     let Path(txn_id) = txn_id.map_err(|e| {
         refuse(metrics, Rejection::InvalidParam, "?");
@@ -100,6 +100,7 @@ pub(super) async fn put(
         refuse(metrics, Rejection::InvalidParam, "?");
         return Err(MatrixError::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", "Invalid transaction id"));
     }
+    tracing::Span::current().record("txn_id", txn_id.as_str());
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             refuse(metrics, Rejection::TooLarge, &txn_id);
@@ -165,7 +166,7 @@ pub(super) async fn put(
             tracing::debug!(txn_id, "appservice.transaction replayed; already stored");
         }
     }
-    metrics.transaction_seconds.observe(started.elapsed().as_secs_f64());
+    metrics.transaction_seconds.observe(appservice.clock.now().saturating_duration_since(started).as_secs_f64());
     Ok(Json(json!({})))
 }
 

@@ -238,6 +238,7 @@ impl HomeserverClient {
     /// A user's profile (`GET /_matrix/client/v3/profile/{userId}`); `None` when the homeserver has
     /// no such user (any 404: Synapse 1.163 answers `M_NOT_FOUND` for a user without a profile but
     /// `M_UNKNOWN` "No row found" for one that does not exist).
+    #[tracing::instrument(name = "homeserver.profile", level = "debug", skip_all, fields(user_id = %user_id))]
     pub async fn profile(&self, user_id: &str) -> Result<Option<Profile>, HomeserverError> {
         let request = self.request(reqwest::Method::GET, &["_matrix", "client", "v3", "profile", user_id]);
         match self.send_uncounted(request).await {
@@ -252,6 +253,7 @@ impl HomeserverClient {
 
     /// A local user's presence (`GET /_matrix/client/v3/presence/{userId}/status`), asked as the
     /// user itself: Synapse shows presence only to users sharing a room, or to the user.
+    #[tracing::instrument(name = "homeserver.presence", level = "debug", skip_all, fields(user_id = %user_id))]
     pub async fn presence(&self, user_id: &ruma::UserId) -> Result<PresenceStatus, HomeserverError> {
         let request = self.request_as(
             reqwest::Method::GET,
@@ -265,6 +267,7 @@ impl HomeserverClient {
     /// Asks the homeserver to ping our appservice listener
     /// (`POST /_matrix/client/v1/appservice/{id}/ping`); returns the round-trip it measured.
     /// This also makes Synapse retry transactions it was holding back.
+    #[tracing::instrument(name = "homeserver.ping", level = "debug", skip_all)]
     pub async fn ping(&self) -> Result<Duration, HomeserverError> {
         #[derive(Deserialize)]
         struct Pong {
@@ -281,6 +284,7 @@ impl HomeserverClient {
     }
 
     /// Registers our sender user if the homeserver does not have it yet (once per process).
+    #[tracing::instrument(name = "homeserver.register", level = "debug", skip_all)]
     pub async fn ensure_sender_registered(&self) -> Result<(), HomeserverError> {
         if self.sender_registered.load(Ordering::Relaxed) {
             return Ok(());
@@ -311,6 +315,7 @@ impl HomeserverClient {
     }
 
     /// Checks the homeserver now: ping (both directions) and our sender user.
+    #[tracing::instrument(name = "homeserver.health", level = "debug", skip_all)]
     pub async fn check(&self) -> HomeserverStatus {
         let status = match self.ping().await {
             Ok(rtt) => match self.ensure_sender_registered().await {
