@@ -115,9 +115,12 @@ impl Clock {
         }
     }
 
-    /// Waits for `duration` of this clock's time.
-    pub async fn sleep(&self, duration: Duration) {
-        self.sleep_until(self.now() + duration).await;
+    /// Waits for `duration` of this clock's time, counted from this call (not from the first poll:
+    /// a sleeper that has not run yet when the clock is stepped still wakes on time).
+    pub fn sleep(&self, duration: Duration) -> impl Future<Output = ()> + Send + 'static {
+        let clock = self.clone();
+        let deadline = self.now() + duration;
+        async move { clock.sleep_until(deadline).await }
     }
 
     /// Whether this clock is a manual one (tests use it to skip real-time waits).
@@ -144,10 +147,7 @@ mod tests {
     #[tokio::test]
     async fn a_sleeper_on_a_manual_clock_wakes_when_a_step_passes_its_deadline() {
         let clock = Clock::manual(0);
-        let sleeper = tokio::spawn({
-            let clock = clock.clone();
-            async move { clock.sleep(Duration::from_secs(3600)).await }
-        });
+        let sleeper = tokio::spawn(clock.sleep(Duration::from_secs(3600)));
         clock.advance(Duration::from_secs(1800));
         tokio::task::yield_now().await;
         assert!(!sleeper.is_finished(), "woke before its deadline");
