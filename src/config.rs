@@ -81,9 +81,16 @@ pub struct HomeserverConfig {
     pub server_name: String,
     /// Where Switchboard reaches the homeserver's client-server API.
     pub url: Url,
-    /// How long a successful `whoami` of a client's access token is trusted.
+    /// How long a successful `whoami` of a client's access token is trusted: a token revoked on the
+    /// homeserver (logout) keeps working here at most this long.
     #[serde(default = "default_whoami_cache_secs")]
     pub whoami_cache_secs: u64,
+    /// How long a token the homeserver does not know is answered 401 without asking it again.
+    #[serde(default = "default_whoami_negative_cache_secs")]
+    pub whoami_negative_cache_secs: u64,
+    /// Tokens kept in each of the two `whoami` caches (known, unknown); the oldest are evicted.
+    #[serde(default = "default_whoami_cache_entries")]
+    pub whoami_cache_entries: usize,
     /// Per-request timeout towards the homeserver.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
@@ -113,6 +120,18 @@ pub struct AppserviceConfig {
     /// Largest accepted transaction body, in bytes.
     #[serde(default = "default_max_transaction_bytes")]
     pub max_transaction_bytes: usize,
+    /// Open connections to this listener, at most; more are closed at once.
+    #[serde(default = "default_appservice_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers, counted from connecting or from
+    /// the end of the previous response (so also how long an idle keep-alive connection is kept).
+    /// Longer than Synapse keeps idle connections (120 s), so that Synapse closes them, never us
+    /// while it sends a transaction on one (it would not retry it, and would back off).
+    #[serde(default = "default_appservice_header_read_timeout_secs")]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request may take, body included, before it is answered 408.
+    #[serde(default = "default_appservice_request_timeout_secs")]
+    pub request_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -121,6 +140,26 @@ pub struct ClientConfig {
     /// Where the client API (HTTP and WebSocket) listens; put a TLS proxy in front.
     #[serde(default = "default_client_listen")]
     pub listen: SocketAddr,
+    /// Open connections to this listener, at most; more are closed at once.
+    #[serde(default = "default_client_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers, counted from connecting or from
+    /// the end of the previous response (so also how long an idle keep-alive connection is kept).
+    #[serde(default = "default_header_read_timeout_secs")]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request may take, body included, before it is answered 408.
+    #[serde(default = "default_request_timeout_secs_listener")]
+    pub request_timeout_secs: u64,
+    /// Largest accepted request body, in bytes.
+    #[serde(default = "default_client_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Requests per second, per source (an IPv4 address or IPv6 /64), whose access token is not
+    /// known to be valid; past it they are answered 429 `M_LIMIT_EXCEEDED`. 0: no limit.
+    #[serde(default = "default_unknown_token_per_sec")]
+    pub unknown_token_per_sec: u32,
+    /// How many such requests a source may make at once before the rate applies.
+    #[serde(default = "default_unknown_token_burst")]
+    pub unknown_token_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +168,15 @@ pub struct OpsConfig {
     /// Where `/health`, `/ready` and `/metrics` listen.
     #[serde(default = "default_ops_listen")]
     pub listen: SocketAddr,
+    /// Open connections to this listener, at most; more are closed at once.
+    #[serde(default = "default_ops_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers (and an idle one is kept).
+    #[serde(default = "default_header_read_timeout_secs")]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request may take before it is answered 408.
+    #[serde(default = "default_request_timeout_secs_listener")]
+    pub request_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -272,7 +320,45 @@ pub enum LogFormat {
 }
 
 fn default_whoami_cache_secs() -> u64 {
-    300
+    60
+}
+fn default_whoami_negative_cache_secs() -> u64 {
+    60
+}
+fn default_whoami_cache_entries() -> usize {
+    100_000
+}
+fn default_header_read_timeout_secs() -> u64 {
+    10
+}
+fn default_appservice_header_read_timeout_secs() -> u64 {
+    180
+}
+fn default_request_timeout_secs_listener() -> u64 {
+    60
+}
+fn default_appservice_request_timeout_secs() -> u64 {
+    // A full transaction (max_transaction_bytes) and its durable store.
+    120
+}
+fn default_client_max_connections() -> usize {
+    10_000
+}
+fn default_appservice_max_connections() -> usize {
+    256
+}
+fn default_ops_max_connections() -> usize {
+    64
+}
+fn default_client_max_body_bytes() -> usize {
+    // A discovery query of 1,000 addresses is about 45 KiB.
+    256 * 1024
+}
+fn default_unknown_token_per_sec() -> u32 {
+    2
+}
+fn default_unknown_token_burst() -> u32 {
+    20
 }
 fn default_request_timeout_secs() -> u64 {
     30
@@ -362,12 +448,25 @@ fn default_log_level() -> String {
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { listen: default_client_listen() }
+        Self {
+            listen: default_client_listen(),
+            max_connections: default_client_max_connections(),
+            header_read_timeout_secs: default_header_read_timeout_secs(),
+            request_timeout_secs: default_request_timeout_secs_listener(),
+            max_body_bytes: default_client_max_body_bytes(),
+            unknown_token_per_sec: default_unknown_token_per_sec(),
+            unknown_token_burst: default_unknown_token_burst(),
+        }
     }
 }
 impl Default for OpsConfig {
     fn default() -> Self {
-        Self { listen: default_ops_listen() }
+        Self {
+            listen: default_ops_listen(),
+            max_connections: default_ops_max_connections(),
+            header_read_timeout_secs: default_header_read_timeout_secs(),
+            request_timeout_secs: default_request_timeout_secs_listener(),
+        }
     }
 }
 impl Default for DatabaseConfig {
@@ -494,6 +593,7 @@ impl Config {
         if self.appservice.max_transaction_bytes < 64 * 1024 {
             return Err(invalid("appservice.max_transaction_bytes", "must be at least 65536 (one event)"));
         }
+        self.validate_http()?;
         if !(self.database.url.starts_with("sqlite:")
             || self.database.url.starts_with("postgres://")
             || self.database.url.starts_with("postgresql://"))
@@ -550,6 +650,45 @@ impl Config {
         Ok(())
     }
 
+    /// The listeners' limits and the client token checks.
+    fn validate_http(&self) -> Result<(), ConfigError> {
+        check_listener(
+            [
+                "appservice.max_connections",
+                "appservice.header_read_timeout_secs",
+                "appservice.request_timeout_secs",
+            ],
+            self.appservice.max_connections,
+            self.appservice.header_read_timeout_secs,
+            self.appservice.request_timeout_secs,
+        )?;
+        check_listener(
+            ["client.max_connections", "client.header_read_timeout_secs", "client.request_timeout_secs"],
+            self.client.max_connections,
+            self.client.header_read_timeout_secs,
+            self.client.request_timeout_secs,
+        )?;
+        check_listener(
+            ["ops.max_connections", "ops.header_read_timeout_secs", "ops.request_timeout_secs"],
+            self.ops.max_connections,
+            self.ops.header_read_timeout_secs,
+            self.ops.request_timeout_secs,
+        )?;
+        if self.client.max_body_bytes < 1024 {
+            return Err(invalid("client.max_body_bytes", "must be at least 1024"));
+        }
+        if self.client.unknown_token_per_sec > 0 && self.client.unknown_token_burst == 0 {
+            return Err(invalid(
+                "client.unknown_token_burst",
+                "must be at least 1 when unknown_token_per_sec is set",
+            ));
+        }
+        if self.homeserver.whoami_cache_entries == 0 {
+            return Err(invalid("homeserver.whoami_cache_entries", "must be at least 1"));
+        }
+        Ok(())
+    }
+
     /// The validated `as_token`.
     pub fn as_token(&self) -> &Secret {
         self.appservice.as_token.as_ref().expect("validated: appservice.as_token is set")
@@ -567,6 +706,21 @@ impl Config {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.homeserver.request_timeout_secs)
     }
+}
+
+/// A listener's limits: none of them may be 0. `keys` name them in errors.
+fn check_listener(
+    keys: [&'static str; 3],
+    max_connections: usize,
+    header: u64,
+    request: u64,
+) -> Result<(), ConfigError> {
+    for (key, value) in keys.into_iter().zip([max_connections as u64, header, request]) {
+        if value == 0 {
+            return Err(invalid(key, "must be at least 1"));
+        }
+    }
+    Ok(())
 }
 
 fn read_secret_file(key: &str, value: &mut Option<Secret>, file: Option<&Path>) -> Result<(), ConfigError> {
@@ -644,8 +798,13 @@ pub fn render(v: &Rendered<'_>) -> String {
 server_name = {server_name}
 # Where Switchboard reaches the homeserver's client-server API.
 url = {homeserver_url}
-# Seconds a client's access token, once checked with /whoami, is trusted.
+# Seconds a client's access token, once checked with /whoami, is trusted: a token revoked on the
+# homeserver (logout) keeps working with Switchboard at most this long.
 whoami_cache_secs = {whoami}
+# Seconds a token the homeserver does not know is answered 401 without asking the homeserver again.
+whoami_negative_cache_secs = {whoami_negative}
+# Tokens remembered in each of the two caches (known, unknown); past it the oldest are forgotten.
+whoami_cache_entries = {whoami_entries}
 # Timeout of one request to the homeserver, in seconds.
 request_timeout_secs = {timeout}
 
@@ -663,14 +822,35 @@ hs_token = {hs_token}
 sender_localpart = {sender}
 # Largest transaction body accepted, in bytes.
 max_transaction_bytes = {max_txn}
+# Open connections at most (more are closed at once); seconds a connection may take to send a
+# request's headers, counted from connecting or from the previous response (so also how long an idle
+# keep-alive connection is kept: longer than Synapse's 120 s, so that Synapse closes idle connections
+# rather than see one closed under a transaction); seconds a whole request may take before 408.
+max_connections = {as_max_conn}
+header_read_timeout_secs = {as_header_timeout}
+request_timeout_secs = {as_request_timeout}
 
 [client]
 # Listener of the client API (HTTP and WebSocket). Put a TLS-terminating proxy in front of it.
 listen = "{client_listen}"
+# Open connections, header-read and request timeouts, as for [appservice]; largest request body.
+max_connections = {client_max_conn}
+header_read_timeout_secs = {header_timeout}
+request_timeout_secs = {request_timeout}
+max_body_bytes = {client_max_body}
+# Requests per second per source (an IPv4 address or IPv6 /64; behind a proxy, the proxy) whose
+# access token is not known to be valid, and the burst allowed before that rate applies; past them,
+# 429 M_LIMIT_EXCEEDED. 0 turns the limit off.
+unknown_token_per_sec = {unknown_rate}
+unknown_token_burst = {unknown_burst}
 
 [ops]
 # Listener of /health, /ready and /metrics. Keep it private.
 listen = "{ops_listen}"
+# Open connections, header-read and request timeouts, as for [appservice].
+max_connections = {ops_max_conn}
+header_read_timeout_secs = {header_timeout}
+request_timeout_secs = {request_timeout}
 
 [database]
 # sqlite://PATH (created if missing, WAL journal) or postgres://USER:PASSWORD@HOST/DB.
@@ -756,6 +936,18 @@ format = "text"
         server_name = toml_str(v.server_name),
         homeserver_url = toml_str(v.homeserver_url),
         whoami = default_whoami_cache_secs(),
+        whoami_negative = default_whoami_negative_cache_secs(),
+        whoami_entries = default_whoami_cache_entries(),
+        as_max_conn = default_appservice_max_connections(),
+        header_timeout = default_header_read_timeout_secs(),
+        as_header_timeout = default_appservice_header_read_timeout_secs(),
+        as_request_timeout = default_appservice_request_timeout_secs(),
+        client_max_conn = default_client_max_connections(),
+        request_timeout = default_request_timeout_secs_listener(),
+        client_max_body = default_client_max_body_bytes(),
+        unknown_rate = default_unknown_token_per_sec(),
+        unknown_burst = default_unknown_token_burst(),
+        ops_max_conn = default_ops_max_connections(),
         timeout = default_request_timeout_secs(),
         id = toml_str(&default_appservice_id()),
         as_listen = default_appservice_listen(),
@@ -802,6 +994,23 @@ mod tests {
         assert_eq!(config.database.url, default_database_url());
         assert_eq!(config.turn.user_lifetime_secs, default_turn_user_lifetime_secs());
         assert_eq!(config.log.format, LogFormat::Text);
+        assert_eq!(config.homeserver.whoami_cache_secs, default_whoami_cache_secs());
+        assert_eq!(config.homeserver.whoami_negative_cache_secs, default_whoami_negative_cache_secs());
+        assert_eq!(config.client.max_connections, ClientConfig::default().max_connections);
+        assert_eq!(config.client.unknown_token_burst, default_unknown_token_burst());
+        assert_eq!(config.appservice.request_timeout_secs, default_appservice_request_timeout_secs());
+        assert_eq!(config.ops.max_connections, OpsConfig::default().max_connections);
+    }
+
+    #[test]
+    fn listener_limits_of_zero_are_refused_by_name() {
+        assert!(error_of(&minimal("[client]\nmax_connections = 0\n")).contains("client.max_connections"));
+        assert!(
+            error_of(&minimal("[ops]\nheader_read_timeout_secs = 0\n"))
+                .contains("ops.header_read_timeout_secs")
+        );
+        let toml = minimal("").replace("[appservice]\n", "[appservice]\nrequest_timeout_secs = 0\n");
+        assert!(error_of(&toml).contains("appservice.request_timeout_secs"));
     }
 
     #[test]
