@@ -379,6 +379,46 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_check_whose_callers_all_hang_up_leaves_nothing_in_flight() {
+        // A homeserver that accepts connections and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        let toml = format!(
+            "[homeserver]\nserver_name = \"example.org\"\nurl = \"{url}\"\n[appservice]\nas_token = \"{}\"\n\
+             hs_token = \"{}\"\n[turn]\nmode = \"off\"\n",
+            "a".repeat(40),
+            "h".repeat(40)
+        );
+        let config = Config::from_toml_str(&toml).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let homeserver = Arc::new(HomeserverClient::new(&config, metrics.clone()).unwrap());
+        let auth =
+            Auth::new(homeserver, AuthSettings::from_config(&config), Clock::manual(0), metrics.clone());
+        let waiting = || metrics.http.token_checks_waiting.get();
+
+        let checks: Vec<_> = (0..3)
+            .map(|_| {
+                let auth = auth.clone();
+                tokio::spawn(async move { auth.check("some-token", None).await })
+            })
+            .collect();
+        for _ in 0..1000 {
+            if waiting() == 3 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(waiting(), 3, "the three checks wait for one whoami call");
+        assert_eq!(auth.inner.state().in_flight.len(), 1);
+        for check in checks {
+            check.abort();
+            assert!(check.await.unwrap_err().is_cancelled());
+        }
+        assert_eq!(waiting(), 0);
+        assert!(auth.inner.state().in_flight.is_empty(), "the flight went with its last waiter");
+    }
+
     #[test]
     fn caches_forget_the_least_recently_used_token_first() {
         let mut state = state();
