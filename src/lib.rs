@@ -171,23 +171,12 @@ pub async fn run_with_clock(
     }
     tasks.close();
 
+    let serve = |listener, router, settings| serve_or_stop(listener, router, settings, &metrics, &shutdown);
     let serving = async {
         tokio::try_join!(
-            serve_or_stop(
-                listeners.appservice,
-                appservice,
-                http::ServeSettings::appservice(&config),
-                &metrics,
-                &shutdown
-            ),
-            serve_or_stop(
-                listeners.client,
-                client,
-                http::ServeSettings::client(&config),
-                &metrics,
-                &shutdown
-            ),
-            serve_or_stop(listeners.ops, ops, http::ServeSettings::ops(&config), &metrics, &shutdown),
+            serve(listeners.appservice, appservice, http::ServeSettings::appservice(&config)),
+            serve(listeners.client, client, http::ServeSettings::client(&config)),
+            serve(listeners.ops, ops, http::ServeSettings::ops(&config)),
         )
     };
     let grace_over = async {
