@@ -12,7 +12,8 @@
 //! - [`clock`]: wall and monotonic time, passed in; a manual clock that tests step.
 //! - [`store`]: SQLite or PostgreSQL behind one type, with per-backend migrations.
 //! - [`ops`]: `/health`, `/ready`, `/metrics`.
-//! - [`http`], [`telemetry`]: Matrix error JSON and serving; logs and metrics.
+//! - [`http`], [`telemetry`]: Matrix error JSON, serving with limits, who calls the client API;
+//!   logs and metrics.
 //!
 //! [`run`] takes already-bound listeners and a shutdown token, so tests bind port 0 and call it.
 
@@ -144,26 +145,14 @@ pub async fn run_with_clock(
         max_transaction_bytes: config.appservice.max_transaction_bytes,
         clock: clock.clone(),
     }));
-    let discovery_api = directory::api::Api {
-        directory: discovery.clone(),
-        homeserver: homeserver.clone(),
-        anonymous_read: config.directory.anonymous_read,
-    };
-    let turn_api = turn::api::Api {
-        // `mode = "off"`: no credentials either.
-        shared_secret: config
-            .turn
-            .shared_secret
-            .clone()
-            .filter(|_| config.turn.mode != config::TurnMode::Off),
-        uris: turn::client_uris(&config, listeners.turn.as_ref()),
-        lifetime_secs: config.turn.user_lifetime_secs,
-    };
-    let client = http::with_fallbacks(
-        client_router()
-            .merge(directory::api::router(Arc::new(discovery_api)))
-            .merge(turn::api::router(Arc::new(turn_api), homeserver.clone())),
+    let auth = http::Auth::new(
+        homeserver.clone(),
+        http::auth::AuthSettings::from_config(&config),
+        clock.clone(),
+        metrics.clone(),
     );
+    let turn_uris = turn::client_uris(&config, listeners.turn.as_ref());
+    let client = client_router(&config, auth, discovery.clone(), turn_uris, &clock);
     let ops = ops::router(Arc::new(Ops {
         store: store.clone(),
         homeserver: homeserver.clone(),
@@ -197,11 +186,12 @@ pub async fn run_with_clock(
     }
     tasks.close();
 
+    let serve = |listener, router, settings| serve_or_stop(listener, router, settings, &metrics, &shutdown);
     let serving = async {
         tokio::try_join!(
-            serve_or_stop(listeners.appservice, appservice, &shutdown),
-            serve_or_stop(listeners.client, client, &shutdown),
-            serve_or_stop(listeners.ops, ops, &shutdown),
+            serve(listeners.appservice, appservice, http::ServeSettings::appservice(&config)),
+            serve(listeners.client, client, http::ServeSettings::client(&config)),
+            serve(listeners.ops, ops, http::ServeSettings::ops(&config)),
         )
     };
     let grace_over = async {
@@ -225,9 +215,11 @@ pub async fn run_with_clock(
 async fn serve_or_stop(
     listener: TcpListener,
     router: Router,
+    settings: http::ServeSettings,
+    metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
 ) -> std::io::Result<()> {
-    let result = http::serve(listener, router, shutdown.clone()).await;
+    let result = http::serve(listener, router, settings, metrics.clone(), shutdown.clone()).await;
     if let Err(error) = &result {
         tracing::error!(%error, "switchboard.listener failed; shutting down");
         shutdown.cancel();
@@ -235,11 +227,40 @@ async fn serve_or_stop(
     result
 }
 
-/// The client API's own routes (`/_switchboard/client/versions`); capabilities add theirs.
-fn client_router() -> Router {
-    Router::new().route(
+/// The client API: its own routes (`/_switchboard/client/versions`) and the capabilities'.
+fn client_router(
+    config: &Config,
+    auth: http::Auth,
+    directory: Arc<DirectoryService>,
+    turn_uris: Vec<String>,
+    clock: &Clock,
+) -> Router {
+    let discovery_api = directory::api::Api {
+        directory,
+        auth: auth.clone(),
+        anonymous_read: config.directory.anonymous_read,
+        clock: clock.clone(),
+    };
+    let turn_api = turn::api::Api {
+        // `mode = "off"`: no credentials either.
+        shared_secret: config
+            .turn
+            .shared_secret
+            .clone()
+            .filter(|_| config.turn.mode != config::TurnMode::Off),
+        uris: turn_uris,
+        lifetime_secs: config.turn.user_lifetime_secs,
+        auth,
+        clock: clock.clone(),
+    };
+    let versions = Router::new().route(
         "/_switchboard/client/versions",
         get(|| async { axum::Json(serde_json::json!({ "versions": ["v1"] })) }),
+    );
+    http::with_fallbacks(
+        versions
+            .merge(directory::api::router(Arc::new(discovery_api)))
+            .merge(turn::api::router(Arc::new(turn_api))),
     )
 }
 

@@ -188,6 +188,68 @@ impl InboxMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `appservice`, `client` or `ops`.
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabel {
+    /// `known` (valid tokens) or `unknown` (tokens the homeserver does not know).
+    pub cache: &'static str,
+}
+
+/// The HTTP listeners' connections and the client API's token checks.
+#[derive(Default)]
+pub struct HttpMetrics {
+    pub connections: Family<ListenerLabel, Gauge>,
+    pub connections_refused: Family<ListenerLabel, Counter>,
+    pub header_timeouts: Family<ListenerLabel, Counter>,
+    pub whoami_calls: Counter,
+    pub token_cache_entries: Family<CacheLabel, Gauge>,
+    pub token_checks_waiting: Gauge,
+    pub unknown_token_limited: Counter,
+}
+
+impl HttpMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let http = registry.sub_registry_with_prefix("http");
+        http.register("connections", "Open HTTP connections, by listener", self.connections.clone());
+        http.register(
+            "connections_refused",
+            "HTTP connections closed at once: the listener had max_connections open",
+            self.connections_refused.clone(),
+        );
+        http.register(
+            "header_timeouts",
+            "HTTP connections closed because a request's headers did not arrive within header_read_timeout_secs (or an idle keep-alive connection sent none)",
+            self.header_timeouts.clone(),
+        );
+        let client = registry.sub_registry_with_prefix("client");
+        client.register(
+            "whoami_calls",
+            "Access-token checks (whoami) sent to the homeserver",
+            self.whoami_calls.clone(),
+        );
+        client.register(
+            "token_cache_entries",
+            "Access tokens (as hashes) remembered, by cache",
+            self.token_cache_entries.clone(),
+        );
+        client.register(
+            "token_checks_waiting",
+            "Requests waiting for a whoami call that is in flight",
+            self.token_checks_waiting.clone(),
+        );
+        client.register(
+            "unknown_token_limited",
+            "Requests answered 429: their source sent too many tokens not known to be valid",
+            self.unknown_token_limited.clone(),
+        );
+    }
+}
+
 /// Every metric Switchboard exports, registered once at start.
 pub struct Metrics {
     registry: Registry,
@@ -205,6 +267,7 @@ pub struct Metrics {
     pub directory_lookups_dropped: Counter,
     pub turn: TurnMetrics,
     pub inbox: InboxMetrics,
+    pub http: HttpMetrics,
 }
 
 impl Default for Metrics {
@@ -286,6 +349,8 @@ impl Metrics {
         turn.register(&mut registry);
         let inbox = InboxMetrics::default();
         inbox.register(&mut registry);
+        let http = HttpMetrics::default();
+        http.register(&mut registry);
         Self {
             registry,
             transactions_received,
@@ -302,6 +367,7 @@ impl Metrics {
             directory_lookups_dropped,
             turn,
             inbox,
+            http,
         }
     }
 

@@ -18,7 +18,7 @@ async fn handled_items_are_deleted_once_the_retention_has_passed() {
     config.database.inbox_retention_secs = 600;
     let clock = Clock::manual(1_800_000_000_000);
     let listeners = common::bind(&config).await;
-    let running = common::start_on_with_clock(config, listeners, clock.clone());
+    let running = common::start_on_clock(config, listeners, clock.clone());
     running.wait_listening().await;
 
     let http = reqwest::Client::new();

@@ -60,7 +60,7 @@ pub fn router(appservice: Arc<Appservice>) -> Router {
 /// Checks the homeserver's token: `Authorization: Bearer` or the legacy `access_token` query
 /// parameter. Missing → 401 `M_UNAUTHORIZED`; wrong → 403 `M_FORBIDDEN`. Compared in constant time.
 async fn authenticate(State(appservice): State<Arc<Appservice>>, request: Request, next: Next) -> Response {
-    let Some(token) = crate::http::access_token(&request) else {
+    let Some(token) = crate::http::access_token(request.headers(), request.uri()) else {
         appservice.metrics.reject(Rejection::MissingToken);
         tracing::warn!(path = request.uri().path(), "appservice request without a homeserver token");
         return MatrixError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "Missing homeserver token")

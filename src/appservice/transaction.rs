@@ -166,7 +166,9 @@ pub(super) async fn put(
             tracing::debug!(txn_id, "appservice.transaction replayed; already stored");
         }
     }
-    metrics.transaction_seconds.observe(appservice.clock.now().saturating_duration_since(started).as_secs_f64());
+    metrics
+        .transaction_seconds
+        .observe(appservice.clock.now().saturating_duration_since(started).as_secs_f64());
     Ok(Json(json!({})))
 }
 

@@ -32,6 +32,18 @@ pub struct AppserviceConfig {
     /// Largest accepted transaction body, in bytes.
     #[serde(default = "default_max_transaction_bytes")]
     pub max_transaction_bytes: usize,
+    /// Open connections to this listener, at most; more are closed at once.
+    #[serde(default = "default_appservice_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a connection may take to send a request's headers, counted from connecting or from
+    /// the end of the previous response (so also how long an idle keep-alive connection is kept).
+    /// Longer than Synapse keeps idle connections (120 s), so that Synapse closes them, never us
+    /// while it sends a transaction on one (it would not retry it, and would back off).
+    #[serde(default = "default_appservice_header_read_timeout_secs")]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a request may take, body included, before it is answered 408.
+    #[serde(default = "default_appservice_request_timeout_secs")]
+    pub request_timeout_secs: u64,
 }
 
 fn default_appservice_id() -> String {
@@ -45,6 +57,16 @@ fn default_appservice_url() -> Url {
 }
 fn default_sender_localpart() -> String {
     "switchboard".to_owned()
+}
+fn default_appservice_max_connections() -> usize {
+    256
+}
+fn default_appservice_header_read_timeout_secs() -> u64 {
+    180
+}
+fn default_appservice_request_timeout_secs() -> u64 {
+    // A full transaction (max_transaction_bytes) and its durable store.
+    120
 }
 fn default_max_transaction_bytes() -> usize {
     // 100 events of at most 64 KiB each, plus ephemeral data and to-device messages.
@@ -71,6 +93,14 @@ impl AppserviceConfig {
         if self.max_transaction_bytes < 64 * 1024 {
             return Err(invalid("appservice.max_transaction_bytes", "must be at least 65536 (one event)"));
         }
+        super::check_listener(
+            [
+                "appservice.max_connections",
+                "appservice.header_read_timeout_secs",
+                "appservice.request_timeout_secs",
+            ],
+            [self.max_connections as u64, self.header_read_timeout_secs, self.request_timeout_secs],
+        )?;
         Ok(())
     }
 }
@@ -90,4 +120,11 @@ hs_token = {hs_token}
 sender_localpart = "switchboard"
 # Largest transaction body accepted, in bytes.
 max_transaction_bytes = 33554432
+# Open connections at most (more are closed at once); seconds a connection may take to send a
+# request's headers, counted from connecting or from the previous response (so also how long an idle
+# keep-alive connection is kept: longer than Synapse's 120 s, so that Synapse closes idle connections
+# rather than see one closed under a transaction); seconds a whole request may take before 408.
+max_connections = 256
+header_read_timeout_secs = 180
+request_timeout_secs = 120
 "#;

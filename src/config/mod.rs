@@ -151,6 +151,8 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.homeserver.validate()?;
         self.appservice.validate(&self.homeserver)?;
+        self.client.validate()?;
+        self.ops.validate()?;
         self.database.validate()?;
         self.turn.validate()?;
         self.log.validate()?;
@@ -193,6 +195,25 @@ impl Config {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.homeserver.request_timeout_secs)
+    }
+}
+
+/// Header-read timeout of the client and ops listeners (seconds).
+fn default_header_read_timeout_secs() -> u64 {
+    10
+}
+
+/// Request timeout of the client and ops listeners (seconds).
+fn default_listener_request_timeout_secs() -> u64 {
+    60
+}
+
+/// A listener's limits (`max_connections`, `header_read_timeout_secs`, `request_timeout_secs`
+/// under `section`): none of them may be 0. `keys` are their full names, for errors.
+fn check_listener(keys: [&'static str; 3], values: [u64; 3]) -> Result<(), ConfigError> {
+    match keys.into_iter().zip(values).find(|(_, value)| *value == 0) {
+        Some((key, _)) => Err(invalid(key, "must be at least 1")),
+        None => Ok(()),
     }
 }
 
@@ -338,6 +359,17 @@ mod tests {
             database.remove("url");
         }
         assert_eq!(parsed, defaults, "the example's values differ from the defaults");
+    }
+
+    #[test]
+    fn listener_limits_of_zero_are_refused_by_name() {
+        assert!(error_of(&minimal("[client]\nmax_connections = 0\n")).contains("client.max_connections"));
+        assert!(
+            error_of(&minimal("[ops]\nheader_read_timeout_secs = 0\n"))
+                .contains("ops.header_read_timeout_secs")
+        );
+        let toml = minimal("").replace("[appservice]\n", "[appservice]\nrequest_timeout_secs = 0\n");
+        assert!(error_of(&toml).contains("appservice.request_timeout_secs"));
     }
 
     #[test]

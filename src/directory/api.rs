@@ -1,5 +1,5 @@
-//! Discovery on the client listener, authenticated with the caller's Matrix access token (checked
-//! with the homeserver's `whoami`, cached):
+//! Discovery on the client listener, authenticated with the caller's Matrix access token (a
+//! [`Caller`]; with `[directory] anonymous_read`, requests without a token are served too):
 //! - `GET /_switchboard/client/v1/address/{address}/metadata` → `{"user_id", "capabilities",
 //!   "displayname"}` of the best reachable verified user (the shape Raiden's path-finding service
 //!   answered; `capabilities` is the `avatar_url` string), or 404 `M_NOT_FOUND`;
@@ -14,9 +14,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{FromRef, FromRequestParts, OptionalFromRequestParts, Path, State};
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,8 +26,8 @@ use serde_json::{Value, json};
 use super::identity::Address;
 use super::model::{Directory, Presence, User};
 use super::service::DirectoryService;
-use crate::homeserver::HomeserverClient;
-use crate::http::MatrixError;
+use crate::clock::Clock;
+use crate::http::{Auth, Caller, MatrixError};
 
 /// Most addresses in one query.
 const MAX_QUERY: usize = 1000;
@@ -36,10 +36,17 @@ const QUERY_LOOKUPS: usize = 16;
 
 pub struct Api {
     pub directory: Arc<DirectoryService>,
-    pub homeserver: Arc<HomeserverClient>,
+    pub auth: Auth,
     /// Requests without a token are served (`[directory] anonymous_read`); a token, when given, is
     /// still checked.
     pub anonymous_read: bool,
+    pub clock: Clock,
+}
+
+impl FromRef<Arc<Api>> for Auth {
+    fn from_ref(api: &Arc<Api>) -> Auth {
+        api.auth.clone()
+    }
 }
 
 pub fn router(api: Arc<Api>) -> Router {
@@ -47,20 +54,23 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/_switchboard/client/v1/address/{address}/metadata", get(metadata))
         .route("/_switchboard/client/v1/peers/{address}", get(peer))
         .route("/_switchboard/client/v1/peers/query", post(query))
-        .route_layer(middleware::from_fn_with_state(api.clone(), authenticate))
         .with_state(api)
 }
 
-/// The caller must hold a valid access token of this homeserver, unless anonymous reads are
-/// allowed and it presents none.
-async fn authenticate(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
-    let token = crate::http::access_token(&request);
-    if api.anonymous_read && token.is_none() {
-        return next.run(request).await;
-    }
-    match crate::http::caller(&api.homeserver, token).await {
-        Ok(_) => next.run(request).await,
-        Err(error) => error.into_response(),
+/// Whoever may read the directory: a [`Caller`], or with `anonymous_read` also a request without a
+/// token (a token, when given, is still checked).
+struct Reader;
+
+impl FromRequestParts<Arc<Api>> for Reader {
+    type Rejection = MatrixError;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Self, MatrixError> {
+        if api.anonymous_read {
+            <Caller as OptionalFromRequestParts<_>>::from_request_parts(parts, api).await?;
+        } else {
+            <Caller as FromRequestParts<_>>::from_request_parts(parts, api).await?;
+        }
+        Ok(Reader)
     }
 }
 
@@ -76,7 +86,11 @@ struct Metadata<'a> {
     displayname: Option<&'a str>,
 }
 
-async fn metadata(State(api): State<Arc<Api>>, Path(address): Path<String>) -> Result<Response, MatrixError> {
+async fn metadata(
+    _: Reader,
+    State(api): State<Arc<Api>>,
+    Path(address): Path<String>,
+) -> Result<Response, MatrixError> {
     let address = parse_address(&address)?;
     api.directory.discover(&address).await;
     let directory = api.directory.read();
@@ -114,16 +128,20 @@ fn peer_json(directory: &Directory, address: &Address, now_ms: i64) -> Value {
     json!({ "address": address.to_checksum(), "reachable": directory.reachable(address), "users": users })
 }
 
-async fn peer(State(api): State<Arc<Api>>, Path(address): Path<String>) -> Result<Json<Value>, MatrixError> {
+async fn peer(
+    _: Reader,
+    State(api): State<Arc<Api>>,
+    Path(address): Path<String>,
+) -> Result<Json<Value>, MatrixError> {
     let address = parse_address(&address)?;
     api.directory.discover(&address).await;
-    Ok(Json(peer_json(&api.directory.read(), &address, crate::unix_millis())))
+    Ok(Json(peer_json(&api.directory.read(), &address, api.clock.unix_millis())))
 }
 
 /// Watches every address of a query, and looks up the first [`QUERY_LOOKUPS`] unknown ones on the
 /// homeserver (concurrently); the others are answered as they are, and looked up when asked alone.
 async fn discover_some(api: &Api, addresses: impl Iterator<Item = Address>) {
-    let now_ms = crate::unix_millis();
+    let now_ms = api.clock.unix_millis();
     let mut lookups = tokio::task::JoinSet::new();
     for address in addresses {
         api.directory.watch(&address, now_ms);
@@ -141,10 +159,14 @@ struct Query {
 }
 
 async fn query(
+    _: Reader,
     State(api): State<Arc<Api>>,
     body: Result<Json<Query>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Value>, MatrixError> {
     let Json(query) = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return MatrixError::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", "The query is too large");
+        }
         MatrixError::new(
             StatusCode::BAD_REQUEST,
             "M_BAD_JSON",
@@ -165,7 +187,7 @@ async fn query(
         .collect::<Result<Vec<_>, MatrixError>>()?;
     discover_some(&api, addresses.iter().map(|(_, address)| *address)).await;
     let directory = api.directory.read();
-    let now_ms = crate::unix_millis();
+    let now_ms = api.clock.unix_millis();
     let answer: BTreeMap<&String, Value> = addresses
         .into_iter()
         .map(|(text, address)| (text, peer_json(&directory, &address, now_ms)))

@@ -4,10 +4,9 @@
 //! The homeserver may be down when Switchboard starts: [`HomeserverClient::watch_health`] keeps
 //! trying with backoff and publishes what it saw, which `/ready` reports.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ruma::{OwnedDeviceId, OwnedUserId};
 use serde::{Deserialize, Serialize};
@@ -19,8 +18,6 @@ use url::Url;
 use crate::config::{Config, Secret};
 use crate::telemetry::Metrics;
 
-/// Entries kept in the `whoami` cache before expired ones are swept.
-const WHOAMI_CACHE_MAX: usize = 100_000;
 /// Backoff while the homeserver is unreachable: 1 s doubling to this, so that `/ready` turns green
 /// within about 10 s of the homeserver (or its route back to us) coming back.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -88,8 +85,6 @@ pub struct HomeserverClient {
     as_token: Secret,
     appservice_id: String,
     sender_localpart: String,
-    whoami_ttl: Duration,
-    whoami_cache: Mutex<HashMap<String, (Whoami, Instant)>>,
     status: watch::Sender<HomeserverStatus>,
     sender_registered: AtomicBool,
     metrics: Arc<Metrics>,
@@ -130,8 +125,6 @@ impl HomeserverClient {
             as_token: config.as_token().clone(),
             appservice_id: config.appservice.id.clone(),
             sender_localpart: config.appservice.sender_localpart.clone(),
-            whoami_ttl: config.whoami_cache_ttl(),
-            whoami_cache: Mutex::new(HashMap::new()),
             status: watch::Sender::new(HomeserverStatus::default()),
             sender_registered: AtomicBool::new(false),
             metrics,
@@ -200,15 +193,9 @@ impl HomeserverClient {
         Err(HomeserverError::Matrix { status: status.as_u16(), errcode: body.errcode, error: body.error })
     }
 
-    /// Who `access_token` belongs to (`GET /_matrix/client/v3/account/whoami`), cached for the
-    /// configured time. Failures are not cached.
+    /// Who `access_token` belongs to (`GET /_matrix/client/v3/account/whoami`), asked every time:
+    /// [`crate::http::Auth`] remembers the answers and shares one call among concurrent checks.
     pub async fn whoami(&self, access_token: &str) -> Result<Whoami, HomeserverError> {
-        let now = Instant::now();
-        if let Some((whoami, expires)) = self.cache().get(access_token)
-            && *expires > now
-        {
-            return Ok(whoami.clone());
-        }
         let request = self
             .http
             .get(self.url(&["_matrix", "client", "v3", "account", "whoami"]))
@@ -219,20 +206,7 @@ impl HomeserverClient {
                 self.metrics.homeserver_errors.inc();
             }
         })?;
-        let whoami = Whoami { user_id: body.user_id, device_id: body.device_id };
-        let mut cache = self.cache();
-        if cache.len() >= WHOAMI_CACHE_MAX {
-            cache.retain(|_, (_, expires)| *expires > now);
-            if cache.len() >= WHOAMI_CACHE_MAX {
-                cache.clear();
-            }
-        }
-        cache.insert(access_token.to_owned(), (whoami.clone(), now + self.whoami_ttl));
-        Ok(whoami)
-    }
-
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Whoami, Instant)>> {
-        self.whoami_cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        Ok(Whoami { user_id: body.user_id, device_id: body.device_id })
     }
 
     /// A user's profile (`GET /_matrix/client/v3/profile/{userId}`); `None` when the homeserver has

@@ -152,15 +152,19 @@ pub async fn bind(config: &Config) -> Listeners {
 
 /// Starts Switchboard on already-bound listeners.
 pub fn start_on(config: Config, listeners: Listeners) -> Running {
-    start_on_with_clock(config, listeners, switchboard::clock::Clock::system())
+    start_on_clock(config, listeners, switchboard::clock::Clock::system())
 }
 
-/// As [`start_on`], on a clock the test may step.
-pub fn start_on_with_clock(
-    config: Config,
-    listeners: Listeners,
-    clock: switchboard::clock::Clock,
-) -> Running {
+/// Starts Switchboard on `clock` (a `Clock::manual` that the test steps) and waits until it listens.
+pub async fn start_with_clock(config: Config, clock: switchboard::clock::Clock) -> Running {
+    let listeners = bind(&config).await;
+    let running = start_on_clock(config, listeners, clock);
+    running.wait_listening().await;
+    running
+}
+
+/// [`start_on`] with a given clock.
+pub fn start_on_clock(config: Config, listeners: Listeners, clock: switchboard::clock::Clock) -> Running {
     let appservice = listeners.appservice.local_addr().unwrap();
     let client = listeners.client.local_addr().unwrap();
     let ops = listeners.ops.local_addr().unwrap();
