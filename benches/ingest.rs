@@ -321,6 +321,8 @@ listen = "127.0.0.1:0"
 listen = "127.0.0.1:0"
 [database]
 url = "{database_url}"
+[turn]
+mode = "off"
 [log]
 level = "warn"
 "#
