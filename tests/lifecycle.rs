@@ -28,7 +28,13 @@ async fn sigterm_finishes_the_in_flight_transaction_and_exits_zero() {
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(first).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Wait until the server holds the connection (not just the kernel's accept queue).
+    let metrics = format!("http://127.0.0.1:{}/metrics", ports[2]);
+    common::eventually(Duration::from_secs(10), "the transaction's connection accepted", || async {
+        let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
+        (common::metric(&text, "switchboard_http_connections{listener=\"appservice\"}") == 1).then_some(())
+    })
+    .await;
 
     child.sigterm();
     // The listeners close (no new connections), while the process waits for the transaction.

@@ -50,6 +50,7 @@ async fn sigkill_during_a_stream_of_events_loses_and_repeats_nothing() {
     })
     .await;
     switchboard.kill();
+    // The outage itself, not a wait for a condition: Synapse's sends fail for a second and queue.
     tokio::time::sleep(Duration::from_secs(1)).await;
     switchboard.restart();
 
