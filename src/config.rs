@@ -166,6 +166,10 @@ pub struct DirectoryConfig {
     /// before a look-up asks again.
     #[serde(default = "default_profile_cache_secs")]
     pub profile_cache_secs: u64,
+    /// Most users of other homeservers (remote users) the directory holds; past it, those seen
+    /// longest ago are evicted (from memory and the store). ~500 bytes each.
+    #[serde(default = "default_max_remote_users")]
+    pub max_remote_users: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -317,6 +321,9 @@ fn default_reconcile_interval_secs() -> u64 {
 fn default_profile_cache_secs() -> u64 {
     600
 }
+fn default_max_remote_users() -> usize {
+    1_000_000
+}
 fn default_presence_stale_secs() -> u64 {
     300
 }
@@ -387,6 +394,7 @@ impl Default for DirectoryConfig {
             lookups_per_sec: default_lookups_per_sec(),
             reconcile_interval_secs: default_reconcile_interval_secs(),
             profile_cache_secs: default_profile_cache_secs(),
+            max_remote_users: default_max_remote_users(),
         }
     }
 }
@@ -692,6 +700,9 @@ lookups_per_sec = {lookups_per_sec}
 reconcile_interval_secs = {reconcile_interval}
 # How long (seconds) a profile looked up on the homeserver, or its absence, is trusted.
 profile_cache_secs = {profile_cache}
+# Most users of other homeservers the directory holds (about 500 bytes each); past it, those seen
+# longest ago are evicted, from memory and from the database.
+max_remote_users = {max_remote_users}
 
 [turn]
 # "embedded": Switchboard runs the TURN/STUN relay; "external": it only hands out credentials for
@@ -773,6 +784,7 @@ format = "text"
         lookups_per_sec = default_lookups_per_sec(),
         reconcile_interval = default_reconcile_interval_secs(),
         profile_cache = default_profile_cache_secs(),
+        max_remote_users = default_max_remote_users(),
         turn_secret = toml_str(v.turn_shared_secret),
         turn_listen = default_turn_listen(),
         relay_min = default_relay_port_min(),
