@@ -42,6 +42,8 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use hashlink::LinkedHashMap;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -109,14 +111,19 @@ impl Settings {
 /// Keys and the time (unix ms) each was last inserted, in that order, at most `max` of them: a full
 /// table evicts its oldest entry (counted), and expired entries are dropped from the front.
 struct Table<K> {
-    name: &'static str,
     entries: LinkedHashMap<K, i64>,
     max: usize,
+    /// `switchboard_directory_table_entries` and `_table_evicted_total` of this table.
+    gauge: Gauge,
+    evicted: Counter,
 }
 
 impl<K: Hash + Eq> Table<K> {
-    fn new(name: &'static str, max: usize) -> Self {
-        Self { name, entries: LinkedHashMap::new(), max }
+    fn new(name: &'static str, max: usize, metrics: &Metrics) -> Self {
+        let label = TableLabel { table: name };
+        let gauge = metrics.directory.table_entries.get_or_create(&label).clone();
+        let evicted = metrics.directory.table_evicted.get_or_create(&label).clone();
+        Self { entries: LinkedHashMap::new(), max, gauge, evicted }
     }
 
     /// When `key` was last inserted, if it is there.
@@ -128,27 +135,25 @@ impl<K: Hash + Eq> Table<K> {
     }
 
     /// Drops the entries inserted `ttl_ms` or longer before `now_ms` (the oldest are at the front).
-    fn expire(&mut self, now_ms: i64, ttl_ms: i64, metrics: &Metrics) {
+    fn expire(&mut self, now_ms: i64, ttl_ms: i64) {
         while self.entries.front().is_some_and(|(_, at)| now_ms.saturating_sub(*at) >= ttl_ms) {
             self.entries.pop_front();
         }
-        self.count(metrics);
+        self.count();
     }
 
     /// Inserts `key` (or moves it to the back) at `now_ms`, evicting the oldest entries past `max`.
-    fn insert(&mut self, key: K, now_ms: i64, metrics: &Metrics) {
+    fn insert(&mut self, key: K, now_ms: i64) {
         self.entries.insert(key, now_ms);
-        let label = TableLabel { table: self.name };
         while self.entries.len() > self.max {
             self.entries.pop_front();
-            metrics.directory.table_evicted.get_or_create(&label).inc();
+            self.evicted.inc();
         }
-        self.count(metrics);
+        self.count();
     }
 
-    fn count(&self, metrics: &Metrics) {
-        let entries = i64::try_from(self.entries.len()).unwrap_or(i64::MAX);
-        metrics.directory.table_entries.get_or_create(&TableLabel { table: self.name }).set(entries);
+    fn count(&self) {
+        self.gauge.set(i64::try_from(self.entries.len()).unwrap_or(i64::MAX));
     }
 }
 
@@ -308,7 +313,8 @@ impl DirectoryService {
         }
         count_users(&metrics, &model);
         let (jobs, queued) = mpsc::channel(QUEUE_CAPACITY);
-        let table_max = settings.table_max;
+        let looked_up = Table::new("looked_up", settings.table_max, &metrics);
+        let watched = Table::new("watched", settings.table_max, &metrics);
         Ok(Arc::new(Self {
             model: RwLock::new(model),
             clock,
@@ -319,9 +325,9 @@ impl DirectoryService {
             settings,
             jobs,
             queued: Mutex::new(Some(queued)),
-            looked_up: Mutex::new(Table::new("looked_up", table_max)),
+            looked_up: Mutex::new(looked_up),
             inflight: Mutex::new(HashMap::new()),
-            watched: Mutex::new(Table::new("watched", table_max)),
+            watched: Mutex::new(watched),
             evicting: tokio::sync::Mutex::new(()),
             feeds: Mutex::new(HashMap::new()),
         }))
@@ -428,7 +434,7 @@ impl DirectoryService {
     /// The table holds `table_max` addresses; a full one forgets the one asked for longest ago.
     pub fn watch(&self, address: &Address, now_ms: i64) {
         let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
-        watched.insert(*address, now_ms, &self.metrics);
+        watched.insert(*address, now_ms);
     }
 
     /// Queues a profile look-up unless one is in flight (then waits for that one) or one was queued
@@ -445,7 +451,7 @@ impl DirectoryService {
         {
             let ttl = self.settings.profile_cache_ms;
             let mut looked_up = self.looked_up.lock().unwrap_or_else(PoisonError::into_inner);
-            looked_up.expire(now_ms, ttl, &self.metrics);
+            looked_up.expire(now_ms, ttl);
             if looked_up.get(user_id).is_some_and(|at| now_ms.saturating_sub(at) < ttl) {
                 return None;
             }
@@ -454,7 +460,7 @@ impl DirectoryService {
                 self.metrics.directory_lookups_dropped.inc();
                 return None;
             }
-            looked_up.insert(user_id.into(), now_ms, &self.metrics);
+            looked_up.insert(user_id.into(), now_ms);
         }
         if !self.queue(Job::Profile { user_id: user_id.to_owned() }) {
             return None;
@@ -678,7 +684,7 @@ impl DirectoryService {
     fn reconcile_candidates(&self, now_ms: i64, all: bool) -> VecDeque<String> {
         let mut watched: Vec<Address> = {
             let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
-            watched.expire(now_ms, WATCH_MS, &self.metrics);
+            watched.expire(now_ms, WATCH_MS);
             watched.entries.keys().copied().collect()
         };
         watched.extend(self.feeds.lock().unwrap_or_else(PoisonError::into_inner).keys());
