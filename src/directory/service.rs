@@ -491,15 +491,14 @@ impl DirectoryService {
             .collect();
         txn_ids.sort_unstable();
         txn_ids.dedup();
-        let received = if txn_ids.is_empty() { Vec::new() } else { self.store.received_at(&txn_ids).await? };
+        let received: HashMap<String, i64> = if txn_ids.is_empty() {
+            HashMap::new()
+        } else {
+            self.store.received_at(&txn_ids).await?.into_iter().collect()
+        };
         Ok(items
             .iter()
-            .map(|item| {
-                received
-                    .iter()
-                    .find(|(txn_id, _)| *txn_id == item.txn_id)
-                    .map_or(now_ms, |(_, at)| (*at).min(now_ms))
-            })
+            .map(|item| received.get(&item.txn_id).map_or(now_ms, |at| (*at).min(now_ms)))
             .collect())
     }
 
