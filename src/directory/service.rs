@@ -309,6 +309,10 @@ impl DirectoryService {
         if excess > 0 {
             let evicted = model.evict(model.oldest_remote(excess));
             metrics.directory.remote_evicted.inc_by(evicted.len() as u64);
+            tracing::info!(
+                evicted = evicted.len(),
+                "directory.load: remote users past max_remote_users evicted"
+            );
             store.delete_directory_users(&evicted).await?;
         }
         count_users(&metrics, &model);
@@ -588,6 +592,10 @@ impl DirectoryService {
             evicted
         };
         self.metrics.directory.remote_evicted.inc_by(evicted.len() as u64);
+        tracing::info!(
+            evicted = evicted.len(),
+            "directory.evict: remote users past max_remote_users evicted"
+        );
         if let Err(error) = self.store.delete_directory_users(&evicted).await {
             // They are gone from the model; the next start evicts them again.
             tracing::warn!(%error, "directory.evict: deleting evicted users failed");
