@@ -117,6 +117,17 @@ impl Drop for Harness {
 async fn harness(stub: &Arc<Stub>, tune: impl FnOnce(&mut Settings)) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let url = common::sqlite_url(dir.path());
+    harness_on(stub, dir, &url, tune).await
+}
+
+/// [`harness`] on the database at `url` (`dir` is kept as long as the harness).
+async fn harness_on(
+    stub: &Arc<Stub>,
+    dir: tempfile::TempDir,
+    url: &str,
+    tune: impl FnOnce(&mut Settings),
+) -> Harness {
+    let url = url.to_owned();
     let config = common::config(&url, &serve(stub.clone()).await);
     let store = Arc::new(Store::connect(&url, 2).await.unwrap());
     store.migrate().await.unwrap();
@@ -217,12 +228,27 @@ async fn concurrent_discovery_of_an_unknown_address_waits_for_the_one_look_up_in
 
 #[tokio::test]
 async fn a_stale_presence_push_replayed_from_the_inbox_does_not_overwrite_a_fresher_reconciliation() {
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, url) in common::backends(dir.path()).await {
+        let dir = tempfile::tempdir().unwrap();
+        stale_push_after_reconciliation(backend, dir, &url).await;
+    }
+}
+
+async fn stale_push_after_reconciliation(backend: &str, dir: tempfile::TempDir, url: &str) {
     let stub = Arc::new(Stub::default());
     stub.presence.lock().unwrap().insert(USER.to_owned(), "offline");
-    let h = harness(&stub, |settings| settings.reconcile_interval_ms = 60_000).await;
+    let h = harness_on(&stub, dir, url, |settings| settings.reconcile_interval_ms = 60_000).await;
+    // The inbox as the directory's subscription reads it: what was stored after its cursor.
+    let mut cursor = 0;
+    let mut unread = async |store: &Store| {
+        let items = store.items_after(cursor, 10).await.unwrap();
+        cursor = items.last().map_or(cursor, |item| item.id);
+        items
+    };
     // The user's profile arrived first, and was handled.
     ingest(&h.store, "t0", T0, ItemKind::Event, &join_body(USER, Some(SIGNATURE), CAPS)).await;
-    h.service.apply(&h.store.items_after(0, 10).await.unwrap(), T0).await.unwrap();
+    h.service.apply(&unread(&h.store).await, T0).await.unwrap();
     // A push "online" is received at T0 + 1 s and stored, but Switchboard stops before the
     // directory handles it.
     ingest(&h.store, "t1", T0 + 1_000, ItemKind::Ephemeral, &presence_body(USER, "online")).await;
@@ -237,21 +263,25 @@ async fn a_stale_presence_push_replayed_from_the_inbox_does_not_overwrite_a_fres
         (model.user(USER).is_some_and(|user| user.presence_at_ms >= reconciled)).then_some(())
     })
     .await;
-    assert_eq!(stub.presence_calls(), 1);
+    assert_eq!(stub.presence_calls(), 1, "{backend}");
 
     // Now the inbox is replayed from the directory's cursor: the older push must not win.
-    h.service.apply(&h.store.items_after(1, 10).await.unwrap(), h.clock.unix_millis()).await.unwrap();
+    h.service.apply(&unread(&h.store).await, h.clock.unix_millis()).await.unwrap();
     let user = h.service.read().user(USER).cloned().unwrap();
-    assert_eq!(user.presence(), Presence::Offline, "the push of T0 + 1 s overwrote the answer of T0 + 60 s");
+    assert_eq!(
+        user.presence(),
+        Presence::Offline,
+        "{backend}: the push of T0 + 1 s overwrote the answer of T0 + 60 s"
+    );
     assert!(!h.service.read().reachable(&address()));
     let rows = h.store.directory_users().await.unwrap();
-    assert_eq!((rows[0].presence.as_str(), rows[0].presence_at), ("offline", reconciled));
+    assert_eq!((rows[0].presence.as_str(), rows[0].presence_at), ("offline", reconciled), "{backend}");
 
     // A push received later than the reconciliation counts.
     h.clock.advance(Duration::from_secs(1));
     ingest(&h.store, "t2", T0 + 61_000, ItemKind::Ephemeral, &presence_body(USER, "online")).await;
-    h.service.apply(&h.store.items_after(2, 10).await.unwrap(), h.clock.unix_millis()).await.unwrap();
-    assert!(h.service.read().reachable(&address()), "a fresher push is applied");
+    h.service.apply(&unread(&h.store).await, h.clock.unix_millis()).await.unwrap();
+    assert!(h.service.read().reachable(&address()), "{backend}: a fresher push is applied");
 
     // Reconciliation rounds follow the clock: a step past the interval brings the next one.
     stub.presence.lock().unwrap().insert(USER.to_owned(), "unavailable");
@@ -261,7 +291,7 @@ async fn a_stale_presence_push_replayed_from_the_inbox_does_not_overwrite_a_fres
         (presence == Some(Presence::Unavailable)).then_some(())
     })
     .await;
-    assert_eq!(stub.presence_calls(), 2);
+    assert_eq!(stub.presence_calls(), 2, "{backend}");
 }
 
 #[tokio::test]
