@@ -88,8 +88,11 @@ fn switchboard_now_ms() -> i64 {
 /// and how long it took.
 async fn serve(dir: &std::path::Path, db: &str, homeserver: &str) -> (common::Process, Duration) {
     let ports = [common::free_port(), common::free_port(), common::free_port()];
+    // The synthetic users are of another server (bench.example): raise the bound on remote users
+    // so that however many are seeded, all stay.
     let toml = common::config_toml(db, homeserver, ports)
-        .replace("level = \"info,switchboard=debug\"", "level = \"warn\"");
+        .replace("level = \"info,switchboard=debug\"", "level = \"warn\"")
+        + "[directory]\nmax_remote_users = 100000000\n";
     let started = Instant::now();
     let process = common::Process::start(dir, &toml, ports);
     let health = format!("http://127.0.0.1:{}/health", ports[2]);

@@ -127,7 +127,7 @@ pub async fn run_with_clock(
         homeserver.clone(),
         metrics.clone(),
         directory::service::Settings::from_config(&config),
-        clock.unix_millis(),
+        clock.clone(),
     )
     .await?;
     let discovery_inbox = Subscription::open(

@@ -93,6 +93,59 @@ pub struct RelayedLabel {
     pub direction: &'static str,
 }
 
+/// One of the directory's bounded tables: `watched` (addresses clients asked for) or `looked_up`
+/// (users whose profile was asked of the homeserver recently).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: &'static str,
+}
+
+/// The directory's bounds and the work it saves (see docs/operations.md).
+#[derive(Default)]
+pub struct DirectoryMetrics {
+    /// Users of other homeservers the directory holds (`[directory] max_remote_users`).
+    pub remote_users: Gauge,
+    /// Remote users evicted, the ones seen longest ago first.
+    pub remote_evicted: Counter,
+    /// Entries of each bounded table.
+    pub table_entries: Family<TableLabel, Gauge>,
+    /// Entries evicted from a full table, the oldest first (expired ones are not counted).
+    pub table_evicted: Family<TableLabel, Counter>,
+    /// Displayname signatures recovered (secp256k1), only for new or changed displaynames.
+    pub signature_checks: Counter,
+}
+
+impl DirectoryMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let directory = registry.sub_registry_with_prefix("directory");
+        directory.register(
+            "remote_users",
+            "Users of other homeservers the directory holds",
+            self.remote_users.clone(),
+        );
+        directory.register(
+            "remote_users_evicted",
+            "Users of other homeservers evicted past max_remote_users, seen longest ago first",
+            self.remote_evicted.clone(),
+        );
+        directory.register(
+            "table_entries",
+            "Entries of the directory's bounded tables",
+            self.table_entries.clone(),
+        );
+        directory.register(
+            "table_evicted",
+            "Entries evicted from a full directory table, oldest first",
+            self.table_evicted.clone(),
+        );
+        directory.register(
+            "signature_checks",
+            "Displayname signatures recovered (new or changed displaynames only)",
+            self.signature_checks.clone(),
+        );
+    }
+}
+
 /// The embedded TURN relay's metrics, by client transport.
 #[derive(Default)]
 pub struct TurnMetrics {
@@ -265,6 +318,7 @@ pub struct Metrics {
     pub directory_users: Gauge,
     pub directory_lookups: Family<LookupLabel, Counter>,
     pub directory_lookups_dropped: Counter,
+    pub directory: DirectoryMetrics,
     pub turn: TurnMetrics,
     pub inbox: InboxMetrics,
     pub http: HttpMetrics,
@@ -345,6 +399,8 @@ impl Metrics {
             "Look-ups not queued because the queue was full",
             directory_lookups_dropped.clone(),
         );
+        let directory = DirectoryMetrics::default();
+        directory.register(&mut registry);
         let turn = TurnMetrics::default();
         turn.register(&mut registry);
         let inbox = InboxMetrics::default();
@@ -365,6 +421,7 @@ impl Metrics {
             directory_users,
             directory_lookups,
             directory_lookups_dropped,
+            directory,
             turn,
             inbox,
             http,

@@ -298,6 +298,7 @@ async fn directory_loads_across_pages() {
                 presence: "offline".to_owned(),
                 presence_at: 0,
                 last_active_ms: None,
+                profile_at: 0,
             })
             .collect();
         let store = open(&url).await;

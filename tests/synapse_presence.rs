@@ -140,10 +140,19 @@ async fn presence_lost_while_down_is_reconciled_after_a_restart() {
     })
     .await;
 
-    // Down: the first push fails (and marks the appservice down), the second is dropped.
+    // Down: the first push fails (and Synapse marks the appservice down), the second is dropped.
     switchboard.kill();
     set_presence(&synapse, &user, "unavailable").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let synapse_db = format!("sqlite://{}?mode=ro", synapse.dir.path().join("homeserver.db").display());
+    common::eventually(Duration::from_secs(30), "Synapse to mark the appservice down", || async {
+        let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&synapse_db).await.ok()?;
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM application_services_state")
+            .fetch_optional(&mut db)
+            .await
+            .ok()?;
+        (state.as_deref() == Some("down")).then_some(())
+    })
+    .await;
     set_presence(&synapse, &user, "offline").await;
     switchboard.restart();
     switchboard.wait_for("/health").await;

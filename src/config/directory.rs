@@ -23,6 +23,10 @@ pub struct DirectoryConfig {
     /// before a look-up asks again.
     #[serde(default = "default_profile_cache_secs")]
     pub profile_cache_secs: u64,
+    /// Most users of other homeservers (remote users) the directory holds; past it, those seen
+    /// longest ago are evicted (from memory and the store). ~500 bytes each.
+    #[serde(default = "default_max_remote_users")]
+    pub max_remote_users: usize,
 }
 
 fn default_lookups_per_sec() -> u32 {
@@ -33,6 +37,9 @@ fn default_reconcile_interval_secs() -> u64 {
 }
 fn default_profile_cache_secs() -> u64 {
     600
+}
+fn default_max_remote_users() -> usize {
+    1_000_000
 }
 fn default_presence_stale_secs() -> u64 {
     300
@@ -46,6 +53,7 @@ impl Default for DirectoryConfig {
             lookups_per_sec: default_lookups_per_sec(),
             reconcile_interval_secs: default_reconcile_interval_secs(),
             profile_cache_secs: default_profile_cache_secs(),
+            max_remote_users: default_max_remote_users(),
         }
     }
 }
@@ -64,4 +72,7 @@ lookups_per_sec = 20
 reconcile_interval_secs = 60
 # How long (seconds) a profile looked up on the homeserver, or its absence, is trusted.
 profile_cache_secs = 600
+# Most users of other homeservers the directory holds (about 500 bytes each); past it, those seen
+# longest ago are evicted, from memory and from the database.
+max_remote_users = 1000000
 ";

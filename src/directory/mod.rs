@@ -31,9 +31,11 @@ pub fn restore(rows: &[DirectoryRow], now_ms: i64, stale_after_ms: i64) -> Direc
 pub fn restore_row(directory: &mut Directory, row: &DirectoryRow, now_ms: i64, stale_after_ms: i64) {
     let (displayname, avatar_url) = (row.displayname.as_deref(), row.avatar_url.as_deref());
     match row.verified {
-        Some(verified) => directory.restore_profile(&row.user_id, displayname, avatar_url, verified),
+        Some(verified) => {
+            directory.restore_profile(&row.user_id, displayname, avatar_url, verified, row.profile_at);
+        }
         None => {
-            directory.apply_profile(&row.user_id, displayname, avatar_url, 0);
+            directory.apply_profile(&row.user_id, displayname, avatar_url, row.profile_at);
         }
     }
     let fresh = now_ms.saturating_sub(row.presence_at) <= stale_after_ms;
@@ -51,5 +53,6 @@ pub fn to_row(user: &User) -> DirectoryRow {
         presence: user.homeserver_presence.as_matrix().to_owned(),
         presence_at: user.presence_at_ms,
         last_active_ms: user.last_active_ms,
+        profile_at: user.profile_at_ms,
     }
 }

@@ -8,6 +8,12 @@
 //!   address; other users of the address are kept as unverified and are never the one returned for it.
 //! - An address may have several users (one per homeserver it roamed to); the best is the verified
 //!   one with the best presence (online, then unavailable), then the most recent activity.
+//! - Profiles and presence carry the time they were observed; one observed earlier than what the
+//!   directory holds is ignored, so that a stale push replayed from the inbox cannot overwrite a
+//!   fresher answer of the homeserver.
+//! - Signatures are recovered only for a displayname that is new or changed; callers holding the
+//!   directory behind a lock recover them before taking it ([`Directory::verification`],
+//!   [`Directory::apply_verified_profile`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -69,12 +75,12 @@ pub struct User {
     pub connections: u32,
     pub displayname: Option<Box<str>>,
     pub avatar: Option<Arc<Avatar>>,
-    /// Unix milliseconds when the presence was learnt.
+    /// Unix milliseconds when the presence was observed (a push received, a request sent).
     pub presence_at_ms: i64,
     /// Unix milliseconds of the user's last activity, when known.
     pub last_active_ms: Option<i64>,
-    /// Unix milliseconds when the profile was last learnt from the homeserver (0: restored from the
-    /// store and not confirmed since).
+    /// Unix milliseconds when the profile was last observed (0: never, or restored from a row
+    /// written before this was stored).
     pub profile_at_ms: i64,
 }
 
@@ -102,8 +108,17 @@ impl User {
 
     /// The server part of the user id.
     pub fn server_name(&self) -> &str {
-        self.user_id.split_once(':').map_or("", |(_, server)| server)
+        server_name(&self.user_id)
     }
+
+    /// When the directory last observed anything of this user (profile or presence).
+    pub fn seen_at_ms(&self) -> i64 {
+        self.profile_at_ms.max(self.presence_at_ms)
+    }
+}
+
+fn server_name(user_id: &str) -> &str {
+    user_id.split_once(':').map_or("", |(_, server)| server)
 }
 
 /// What changed, for the change feed.
@@ -134,40 +149,79 @@ pub struct Directory {
     /// Interned avatars after the last sweep.
     avatars_swept: usize,
     len: usize,
+    /// This homeserver's server name: users of other servers are remote ones ([`Self::remote_len`]).
+    local_server: Box<str>,
+    /// Users of other servers.
+    remote: usize,
 }
 
 impl Directory {
+    /// A directory in which every user is a remote one (see [`Self::for_server`]).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Records a user's profile (from an `m.room.member` event or a profile look-up) learnt at
-    /// `now_ms`. Users whose id is not a Raiden user id are ignored.
+    /// A directory for the homeserver `server_name`: users of other servers are counted apart
+    /// ([`Self::remote_len`]), so that they can be bounded.
+    pub fn for_server(server_name: &str) -> Self {
+        Self { local_server: server_name.into(), ..Self::default() }
+    }
+
+    /// Records a user's profile (from an `m.room.member` event or a profile look-up) observed at
+    /// `observed_ms`; ignored when older than the profile held. Users whose id is not a Raiden user
+    /// id are ignored. The signature is recovered only when the displayname is new or changed.
     pub fn apply_profile(
         &mut self,
         user_id: &str,
         displayname: Option<&str>,
         avatar_url: Option<&str>,
-        now_ms: i64,
+        observed_ms: i64,
     ) -> Option<Change> {
-        let verified = displayname.is_some_and(|name| verify_displayname(user_id, name).is_ok());
+        let verified =
+            self.verification(user_id, displayname).unwrap_or_else(|| verify(user_id, displayname));
+        self.apply_verified_profile(user_id, displayname, avatar_url, verified, observed_ms)
+    }
+
+    /// The verification of `displayname` for `user_id` when the directory already knows it (the
+    /// user has that displayname); `None` when the signature must be recovered ([`verify`]).
+    pub fn verification(&self, user_id: &str, displayname: Option<&str>) -> Option<bool> {
+        if displayname.is_none() {
+            return Some(false);
+        }
+        self.user(user_id).filter(|user| user.displayname.as_deref() == displayname).map(|user| user.verified)
+    }
+
+    /// As [`Self::apply_profile`], with the verification already computed ([`verify`] of the same
+    /// user id and displayname, so that no signature is recovered here).
+    pub fn apply_verified_profile(
+        &mut self,
+        user_id: &str,
+        displayname: Option<&str>,
+        avatar_url: Option<&str>,
+        verified: bool,
+        observed_ms: i64,
+    ) -> Option<Change> {
+        if self.user(user_id).is_some_and(|user| observed_ms < user.profile_at_ms) {
+            return None;
+        }
         let change = self.set_profile(user_id, displayname, avatar_url, verified);
         if let Some(user) = self.user_mut(user_id) {
-            user.profile_at_ms = now_ms;
+            user.profile_at_ms = observed_ms;
         }
         change
     }
 
     /// Records a profile whose verification was already computed (by [`Self::apply_profile`],
-    /// before it was stored).
+    /// before it was stored), observed at `profile_at_ms`.
     pub(crate) fn restore_profile(
         &mut self,
         user_id: &str,
         displayname: Option<&str>,
         avatar_url: Option<&str>,
         verified: bool,
+        profile_at_ms: i64,
     ) {
-        self.set_profile(user_id, displayname, avatar_url, verified);
+        self.apply_verified_profile(user_id, displayname, avatar_url, verified, profile_at_ms);
     }
 
     /// Sets the profile (of a Raiden user id); `None` when nothing changed.
@@ -193,18 +247,23 @@ impl Directory {
         Some(Change { address: user.address, what })
     }
 
-    /// Records a user's presence, learnt at `now_ms`; `last_active_ms` when the source says when the
-    /// user was last active.
+    /// Records a user's presence, observed at `observed_ms`; `last_active_ms` when the source says
+    /// when the user was last active. A presence observed before the one held is ignored (its
+    /// activity still counts).
     pub fn apply_presence(
         &mut self,
         user_id: &str,
         presence: Presence,
         last_active_ms: Option<i64>,
-        now_ms: i64,
+        observed_ms: i64,
     ) -> Option<Change> {
         let user = self.entry(user_id)?;
+        if observed_ms < user.presence_at_ms {
+            user.last_active_ms = last_active_ms.max(user.last_active_ms);
+            return None;
+        }
         let before = user.presence();
-        user.presence_at_ms = now_ms;
+        user.presence_at_ms = observed_ms;
         user.homeserver_presence = presence;
         user.last_active_ms = last_active_ms.max(user.last_active_ms);
         (user.presence() != before).then_some(Change { address: user.address, what: Changed::Presence })
@@ -286,6 +345,57 @@ impl Directory {
         self.len
     }
 
+    /// Users of other servers than the one given to [`Self::for_server`].
+    pub fn remote_len(&self) -> usize {
+        self.remote
+    }
+
+    /// Whether `user_id` is of another server than the one given to [`Self::for_server`].
+    pub fn is_remote(&self, user_id: &str) -> bool {
+        server_name(user_id) != &*self.local_server
+    }
+
+    /// Up to `count` remote users seen longest ago ([`User::seen_at_ms`]), without a live
+    /// connection, with that time: what [`Self::evict`] is given when remote users are bounded.
+    /// Reads every user: call it under a read lock, not a write lock.
+    pub fn oldest_remote(&self, count: usize) -> Vec<(i64, Box<str>)> {
+        let mut remote: Vec<(i64, &str)> = self
+            .users()
+            .filter(|user| user.connections == 0 && self.is_remote(&user.user_id))
+            .map(|user| (user.seen_at_ms(), &*user.user_id))
+            .collect();
+        if count < remote.len() {
+            remote.select_nth_unstable(count);
+            remote.truncate(count);
+        }
+        remote.into_iter().map(|(seen, user_id)| (seen, user_id.into())).collect()
+    }
+
+    /// Removes the users given (as [`Self::oldest_remote`] returns them) that were not seen since
+    /// nor connected; returns those removed.
+    pub fn evict(&mut self, victims: Vec<(i64, Box<str>)>) -> Vec<String> {
+        let mut evicted = Vec::with_capacity(victims.len());
+        for (seen_at_ms, user_id) in victims {
+            let Some(address) = claimed_address(&user_id) else { continue };
+            let Some(users) = self.by_address.get_mut(&address) else { continue };
+            let Some(index) = users.iter().position(|user| user.user_id == user_id) else { continue };
+            let user = &users[index];
+            if user.seen_at_ms() != seen_at_ms || user.connections > 0 {
+                continue;
+            }
+            users.swap_remove(index);
+            if users.is_empty() {
+                self.by_address.remove(&address);
+            }
+            self.len -= 1;
+            if self.is_remote(&user_id) {
+                self.remote -= 1;
+            }
+            evicted.push(user_id.into_string());
+        }
+        evicted
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -311,6 +421,9 @@ impl Directory {
                 profile_at_ms: 0,
             });
             self.len += 1;
+            if server_name(user_id) != &*self.local_server {
+                self.remote += 1;
+            }
             users.len() - 1
         };
         users.get_mut(index)
@@ -329,6 +442,12 @@ impl Directory {
         self.avatars.insert(url.into(), avatar.clone());
         avatar
     }
+}
+
+/// Whether `displayname` is a signature of `user_id` by the address it claims (a secp256k1
+/// recovery, ~150 µs: see [`Directory::verification`] for when it can be skipped).
+pub fn verify(user_id: &str, displayname: Option<&str>) -> bool {
+    displayname.is_some_and(|name| verify_displayname(user_id, name).is_ok())
 }
 
 /// How good a user is to contact: verified first, then presence, then recent activity.
@@ -480,6 +599,38 @@ mod tests {
         assert!(dir.avatars.len() <= 2 * AVATAR_SWEEP_MIN, "{}", dir.avatars.len());
         assert!(dir.avatars.contains_key(CAPS), "still held by USER");
         assert_eq!(dir.len(), 2);
+    }
+
+    #[test]
+    fn an_update_observed_before_the_one_held_is_ignored() {
+        let mut dir = Directory::new();
+        dir.apply_profile(USER, Some(SIGNATURE), Some(CAPS), 2_000);
+        assert_eq!(dir.apply_profile(USER, Some("0xolder"), None, 1_000), None, "older profile ignored");
+        assert!(dir.user(USER).unwrap().verified);
+        assert!(dir.apply_presence(USER, Presence::Online, Some(5), 2_000).is_some());
+        assert_eq!(dir.apply_presence(USER, Presence::Offline, Some(1_500), 1_000), None, "older presence");
+        let user = dir.user(USER).unwrap();
+        assert_eq!((user.presence(), user.presence_at_ms), (Presence::Online, 2_000));
+        assert_eq!(user.last_active_ms, Some(1_500), "its activity still counts");
+        assert!(dir.apply_presence(USER, Presence::Offline, None, 2_000).is_some(), "same time: applied");
+    }
+
+    #[test]
+    fn remote_users_are_counted_and_the_oldest_evicted() {
+        const REMOTE: &str = "@0x0000000000000000000000000000000000000001:remote.example";
+        const LATER: &str = "@0x0000000000000000000000000000000000000002:remote.example";
+        let mut dir = Directory::for_server("example.org");
+        dir.apply_profile(USER, Some(SIGNATURE), None, 1);
+        dir.apply_profile(REMOTE, None, None, 1);
+        dir.apply_presence(LATER, Presence::Online, None, 5);
+        assert_eq!((dir.len(), dir.remote_len()), (3, 2));
+        let oldest = dir.oldest_remote(1);
+        assert_eq!(oldest, vec![(1, Box::from(REMOTE))]);
+        dir.apply_presence(REMOTE, Presence::Online, None, 6);
+        assert!(dir.evict(oldest).is_empty(), "seen since: kept");
+        assert_eq!(dir.evict(dir.oldest_remote(1)), vec![LATER.to_owned()]);
+        assert_eq!((dir.len(), dir.remote_len()), (2, 1));
+        assert!(dir.user(LATER).is_none() && !dir.knows(&claimed_address(LATER).unwrap()));
     }
 
     #[test]

@@ -20,22 +20,42 @@
 //!
 //! Changes are published to every [`DirectoryService::subscribe`]r, and per address through
 //! [`DirectoryService::feed`].
+//!
+//! Writes do not race and do not stall readers:
+//! - inbox items are parsed, and the signatures of new or changed displaynames recovered, before the
+//!   model's write lock is taken; under it, updates are only applied;
+//! - each update carries the time it was observed (when its transaction was received; when a
+//!   request to the homeserver was sent), and the model ignores one older than what it holds, so a
+//!   stale push replayed from the inbox cannot overwrite a fresher reconciliation;
+//! - saves are monotonic in the store (see [`Store::save_directory_users`]): one that lands after a
+//!   newer one changes nothing;
+//! - concurrent discovery of one unknown address waits for the one look-up in flight;
+//! - the tables of watched addresses and recent look-ups, and the users of other homeservers, are
+//!   bounded, evicting the oldest entries.
+//!
+//! Time comes from the [`Clock`] given to [`DirectoryService::load`]: the loops sleep on it, so tests
+//! step it.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
+use hashlink::LinkedHashMap;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use serde::Deserialize;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::identity::{Address, claimed_address};
-use super::model::{Change, Directory, Presence};
+use super::model::{Change, Directory, Presence, verify};
 use super::{restore_row, to_row};
 use crate::appservice::inbox::{Input, ItemKind, Subscription};
+use crate::clock::Clock;
 use crate::homeserver::HomeserverClient;
 use crate::store::{Store, StoreError};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, TableLabel};
 
 /// Name of the directory's inbox subscription.
 pub const CONSUMER: &str = "directory";
@@ -45,10 +65,13 @@ const FEED_CAPACITY: usize = 4096;
 const QUEUE_CAPACITY: usize = 1024;
 /// How long a client's request waits for the look-up of an unknown address.
 const DISCOVER_WAIT: Duration = Duration::from_secs(2);
-/// Entries kept in the look-up and watch tables before expired ones are swept.
-const TABLE_MAX: usize = 100_000;
+/// Entries kept in each of the look-up and watch tables by default; a full table evicts its oldest.
+pub const TABLE_MAX: usize = 100_000;
 /// An address asked for is watched (its presence reconciled) this long.
 const WATCH_MS: i64 = 10 * 60 * 1000;
+/// Past `max_remote_users`, this fraction of it is evicted beyond the excess, so that the scan for
+/// the oldest (under a read lock) runs once per that many new remote users, not for each.
+const EVICT_SLACK_DIVISOR: usize = 64;
 
 /// How the directory behaves; from `[directory]` and `[homeserver]`.
 #[derive(Debug, Clone)]
@@ -63,6 +86,10 @@ pub struct Settings {
     pub reconcile_interval_ms: i64,
     /// A looked-up profile (or its absence) is trusted this long.
     pub profile_cache_ms: i64,
+    /// Most users of other servers held; past it, those seen longest ago are evicted.
+    pub max_remote_users: usize,
+    /// Entries of the look-up and watch tables, each ([`TABLE_MAX`]).
+    pub table_max: usize,
 }
 
 impl Settings {
@@ -75,21 +102,74 @@ impl Settings {
             lookups_per_sec: directory.lookups_per_sec,
             reconcile_interval_ms: ms(directory.reconcile_interval_secs),
             profile_cache_ms: ms(directory.profile_cache_secs),
+            max_remote_users: directory.max_remote_users,
+            table_max: TABLE_MAX,
         }
+    }
+}
+
+/// Keys and the time (unix ms) each was last inserted, in that order, at most `max` of them: a full
+/// table evicts its oldest entry (counted), and expired entries are dropped from the front.
+struct Table<K> {
+    entries: LinkedHashMap<K, i64>,
+    max: usize,
+    /// `switchboard_directory_table_entries` and `_table_evicted_total` of this table.
+    gauge: Gauge,
+    evicted: Counter,
+}
+
+impl<K: Hash + Eq> Table<K> {
+    fn new(name: &'static str, max: usize, metrics: &Metrics) -> Self {
+        let label = TableLabel { table: name };
+        let gauge = metrics.directory.table_entries.get_or_create(&label).clone();
+        let evicted = metrics.directory.table_evicted.get_or_create(&label).clone();
+        Self { entries: LinkedHashMap::new(), max, gauge, evicted }
+    }
+
+    /// When `key` was last inserted, if it is there.
+    fn get<Q: Hash + Eq + ?Sized>(&self, key: &Q) -> Option<i64>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.entries.get(key).copied()
+    }
+
+    /// Drops the entries inserted `ttl_ms` or longer before `now_ms` (the oldest are at the front).
+    fn expire(&mut self, now_ms: i64, ttl_ms: i64) {
+        while self.entries.front().is_some_and(|(_, at)| now_ms.saturating_sub(*at) >= ttl_ms) {
+            self.entries.pop_front();
+        }
+        self.count();
+    }
+
+    /// Inserts `key` (or moves it to the back) at `now_ms`, evicting the oldest entries past `max`.
+    fn insert(&mut self, key: K, now_ms: i64) {
+        self.entries.insert(key, now_ms);
+        while self.entries.len() > self.max {
+            self.entries.pop_front();
+            self.evicted.inc();
+        }
+        self.count();
+    }
+
+    fn count(&self) {
+        self.gauge.set(i64::try_from(self.entries.len()).unwrap_or(i64::MAX));
     }
 }
 
 /// Work for the homeserver.
 #[derive(Debug)]
 enum Job {
-    /// Look up a user's profile, then (for a local user) its presence; `done` is told when finished.
-    Profile { user_id: String, done: Option<oneshot::Sender<()>> },
+    /// Look up a user's profile, then (for a local user) its presence; those waiting for it in
+    /// `inflight` are told when finished.
+    Profile { user_id: String },
     /// Ask a local user's presence again.
     Presence { user_id: String },
 }
 
 pub struct DirectoryService {
     model: RwLock<Directory>,
+    clock: Clock,
     changes: broadcast::Sender<Change>,
     store: Arc<Store>,
     homeserver: Arc<HomeserverClient>,
@@ -99,9 +179,14 @@ pub struct DirectoryService {
     /// Taken by [`Self::refresh`].
     queued: Mutex<Option<mpsc::Receiver<Job>>>,
     /// When each user's profile was last queued for look-up (unix ms), found or not.
-    looked_up: Mutex<HashMap<Box<str>, i64>>,
+    looked_up: Mutex<Table<Box<str>>>,
+    /// Profile look-ups queued or running, and the flag those waiting for one watch (set when it
+    /// is done). At most the queue's capacity and the one running.
+    inflight: Mutex<HashMap<Box<str>, watch::Sender<bool>>>,
     /// Addresses clients asked for, and when (unix ms).
-    watched: Mutex<HashMap<Address, i64>>,
+    watched: Mutex<Table<Address>>,
+    /// Held while remote users are evicted (one eviction at a time).
+    evicting: tokio::sync::Mutex<()>,
     /// Addresses with live [`AddressFeed`]s, and how many.
     feeds: Mutex<HashMap<Address, usize>>,
 }
@@ -196,7 +281,8 @@ pub struct Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        let change = self.service.write().apply_connection(&self.user_id, false, crate::unix_millis());
+        let now_ms = self.service.clock.unix_millis();
+        let change = self.service.write().apply_connection(&self.user_id, false, now_ms);
         self.service.publish(change);
         // What the homeserver says counts again: ask it.
         self.service.queue(Job::Presence { user_id: std::mem::take(&mut self.user_id) });
@@ -204,23 +290,38 @@ impl Drop for Connection {
 }
 
 impl DirectoryService {
-    /// Loads the stored directory; presence learnt more than `settings.stale_after_ms` before
-    /// `now_ms` counts as offline.
+    /// Loads the stored directory; presence learnt more than `settings.stale_after_ms` before now
+    /// (on `clock`) counts as offline. Remote users past `settings.max_remote_users` (a lowered
+    /// bound) are evicted, those seen longest ago first.
     pub async fn load(
         store: Arc<Store>,
         homeserver: Arc<HomeserverClient>,
         metrics: Arc<Metrics>,
         settings: Settings,
-        now_ms: i64,
+        clock: Clock,
     ) -> Result<Arc<Self>, StoreError> {
-        let mut model = Directory::new();
+        let now_ms = clock.unix_millis();
+        let mut model = Directory::for_server(&settings.server_name);
         store
             .each_directory_user(|row| restore_row(&mut model, &row, now_ms, settings.stale_after_ms))
             .await?;
+        let excess = model.remote_len().saturating_sub(settings.max_remote_users);
+        if excess > 0 {
+            let evicted = model.evict(model.oldest_remote(excess));
+            metrics.directory.remote_evicted.inc_by(evicted.len() as u64);
+            tracing::info!(
+                evicted = evicted.len(),
+                "directory.load: remote users past max_remote_users evicted"
+            );
+            store.delete_directory_users(&evicted).await?;
+        }
         count_users(&metrics, &model);
         let (jobs, queued) = mpsc::channel(QUEUE_CAPACITY);
+        let looked_up = Table::new("looked_up", settings.table_max, &metrics);
+        let watched = Table::new("watched", settings.table_max, &metrics);
         Ok(Arc::new(Self {
             model: RwLock::new(model),
+            clock,
             changes: broadcast::Sender::new(FEED_CAPACITY),
             store,
             homeserver,
@@ -228,8 +329,10 @@ impl DirectoryService {
             settings,
             jobs,
             queued: Mutex::new(Some(queued)),
-            looked_up: Mutex::new(HashMap::new()),
-            watched: Mutex::new(HashMap::new()),
+            looked_up: Mutex::new(looked_up),
+            inflight: Mutex::new(HashMap::new()),
+            watched: Mutex::new(watched),
+            evicting: tokio::sync::Mutex::new(()),
             feeds: Mutex::new(HashMap::new()),
         }))
     }
@@ -241,6 +344,11 @@ impl DirectoryService {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Directory> {
         self.model.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The clock the directory reads and sleeps on.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// Changes as they happen, of every address.
@@ -265,7 +373,7 @@ impl DirectoryService {
     /// returned guard is dropped (then the homeserver's presence counts again). `None` for a user id
     /// that is not a Raiden one.
     pub fn connected(self: &Arc<Self>, user_id: &str) -> Option<Connection> {
-        let now_ms = crate::unix_millis();
+        let now_ms = self.clock.unix_millis();
         let (change, unknown_profile) = {
             let mut model = self.write();
             let change = model.apply_connection(user_id, true, now_ms);
@@ -274,20 +382,21 @@ impl DirectoryService {
         };
         self.publish(change);
         if unknown_profile {
-            self.look_up_profile(user_id, now_ms, None);
+            self.look_up_profile(user_id, now_ms);
         }
         Some(Connection { service: self.clone(), user_id: user_id.to_owned() })
     }
 
     /// Called when a client asks for `address`: the address is watched (its local users' presence is
     /// reconciled for a while), and when no user of it is known, the profile of the user it would
-    /// have on this homeserver is looked up, waiting up to 2 s. Known users whose profile was not
-    /// confirmed within `profile_cache_secs` are looked up again in the background.
+    /// have on this homeserver is looked up, waiting up to 2 s (of the clock); concurrent calls for
+    /// one address wait for the same look-up. Known users whose profile was not confirmed within
+    /// `profile_cache_secs` are looked up again in the background.
     pub async fn discover(&self, address: &Address) {
         if self.settings.lookups_per_sec == 0 {
             return;
         }
-        let now_ms = crate::unix_millis();
+        let now_ms = self.clock.unix_millis();
         self.watch(address, now_ms);
         // This runs on every lookup: nothing is allocated unless a look-up can be queued.
         let room = self.jobs.capacity() > 0;
@@ -305,57 +414,64 @@ impl DirectoryService {
         };
         if known {
             for user_id in stale {
-                self.look_up_profile(&user_id, now_ms, None);
+                self.look_up_profile(&user_id, now_ms);
             }
             return;
         }
         let user_id = format!("@{}:{}", address.to_lower_hex(), self.settings.server_name);
-        let (done, finished) = oneshot::channel();
-        if self.look_up_profile(&user_id, now_ms, Some(done)) {
-            let _ = tokio::time::timeout(DISCOVER_WAIT, finished).await;
+        if let Some(mut done) = self.look_up_profile(&user_id, now_ms) {
+            let finished = async move {
+                while !*done.borrow_and_update() {
+                    if done.changed().await.is_err() {
+                        return; // the look-up was dropped (shutdown)
+                    }
+                }
+            };
+            tokio::select! {
+                () = finished => {}
+                () = self.clock.sleep(DISCOVER_WAIT) => {}
+            }
         }
     }
 
     /// Marks `address` as watched: its local users' presence is reconciled for the next 10 minutes.
+    /// The table holds `table_max` addresses; a full one forgets the one asked for longest ago.
     pub fn watch(&self, address: &Address, now_ms: i64) {
         let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
-        if watched.len() >= TABLE_MAX {
-            watched.retain(|_, at| now_ms.saturating_sub(*at) < WATCH_MS);
-            if watched.len() >= TABLE_MAX {
-                watched.clear();
-            }
-        }
         watched.insert(*address, now_ms);
     }
 
-    /// Queues a profile look-up unless one was queued within `profile_cache_ms`; true when queued.
-    fn look_up_profile(&self, user_id: &str, now_ms: i64, done: Option<oneshot::Sender<()>>) -> bool {
+    /// Queues a profile look-up unless one is in flight (then waits for that one) or one was queued
+    /// within `profile_cache_ms`. `Some` with what tells when the look-up is done, when one is queued
+    /// or in flight.
+    fn look_up_profile(&self, user_id: &str, now_ms: i64) -> Option<watch::Receiver<bool>> {
         if self.settings.lookups_per_sec == 0 {
-            return false;
+            return None;
         }
-        if self.jobs.capacity() == 0 {
-            // Full: remember nothing, so that the user is looked up when there is room again.
-            self.metrics.directory_lookups_dropped.inc();
-            return false;
+        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(done) = inflight.get(user_id) {
+            return Some(done.subscribe());
         }
         {
+            let ttl = self.settings.profile_cache_ms;
             let mut looked_up = self.looked_up.lock().unwrap_or_else(PoisonError::into_inner);
-            if looked_up
-                .get(user_id)
-                .is_some_and(|at| now_ms.saturating_sub(*at) < self.settings.profile_cache_ms)
-            {
-                return false;
+            looked_up.expire(now_ms, ttl);
+            if looked_up.get(user_id).is_some_and(|at| now_ms.saturating_sub(at) < ttl) {
+                return None;
             }
-            if looked_up.len() >= TABLE_MAX {
-                let ttl = self.settings.profile_cache_ms;
-                looked_up.retain(|_, at| now_ms.saturating_sub(*at) < ttl);
-                if looked_up.len() >= TABLE_MAX {
-                    looked_up.clear();
-                }
+            if self.jobs.capacity() == 0 {
+                // Full: remember nothing, so that the user is looked up when there is room again.
+                self.metrics.directory_lookups_dropped.inc();
+                return None;
             }
             looked_up.insert(user_id.into(), now_ms);
         }
-        self.queue(Job::Profile { user_id: user_id.to_owned(), done })
+        if !self.queue(Job::Profile { user_id: user_id.to_owned() }) {
+            return None;
+        }
+        let (done, waiting) = watch::channel(false);
+        inflight.insert(user_id.into(), done);
+        Some(waiting)
     }
 
     fn queue(&self, job: Job) -> bool {
@@ -369,39 +485,121 @@ impl DirectoryService {
         queued
     }
 
+    /// When each item was observed: when its transaction was received (as stored), else `now_ms`;
+    /// never later than `now_ms`.
+    async fn observed_at(&self, items: &[Input], now_ms: i64) -> Result<Vec<i64>, StoreError> {
+        let mut txn_ids: Vec<&str> = items
+            .iter()
+            .filter(|item| matches!(item.event_type.as_str(), "m.room.member" | "m.presence"))
+            .map(|item| item.txn_id.as_str())
+            .collect();
+        txn_ids.sort_unstable();
+        txn_ids.dedup();
+        let received: HashMap<String, i64> = if txn_ids.is_empty() {
+            HashMap::new()
+        } else {
+            self.store.received_at(&txn_ids).await?.into_iter().collect()
+        };
+        Ok(items
+            .iter()
+            .map(|item| received.get(&item.txn_id).map_or(now_ms, |at| (*at).min(now_ms)))
+            .collect())
+    }
+
     /// Applies a batch of inbox items at `now_ms`, saves the users it touched, and queues profile
-    /// look-ups for Raiden users seen without a profile.
+    /// look-ups for Raiden users seen without a profile. Items are parsed and new signatures
+    /// recovered before the write lock is taken; each update counts as observed when its
+    /// transaction was received, and one older than what the directory holds is ignored.
     pub async fn apply(&self, items: &[Input], now_ms: i64) -> Result<(), StoreError> {
-        let (changes, rows, unknown) = {
+        let observed = self.observed_at(items, now_ms).await?;
+        let updates: Vec<Update> =
+            items.iter().zip(observed).filter_map(|(item, at)| parse_item(item, at, now_ms)).collect();
+        let mut verified: Vec<Option<bool>> = {
+            let model = self.read();
+            updates
+                .iter()
+                .map(|update| match update {
+                    Update::Profile { user_id, displayname, .. } => {
+                        model.verification(user_id, displayname.as_deref())
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        for (update, verified) in updates.iter().zip(&mut verified) {
+            if let Update::Profile { user_id, displayname, .. } = update
+                && verified.is_none()
+            {
+                self.metrics.directory.signature_checks.inc();
+                *verified = Some(verify(user_id, displayname.as_deref()));
+            }
+        }
+        let (changes, rows, unknown, over) = {
             let mut model = self.write();
             let mut changes = Vec::new();
             let mut touched = Vec::new();
-            let mut seen = Vec::new();
-            for item in items {
-                if let Some(user_id) = apply_item(&mut model, item, now_ms, &mut changes) {
+            for (update, verified) in updates.iter().zip(verified) {
+                if let Some(user_id) = apply_update(&mut model, update, verified, &mut changes) {
                     touched.push(user_id);
                 }
-                seen.extend(item.sender.as_deref().filter(|id| claimed_address(id).is_some()));
             }
             touched.sort_unstable();
             touched.dedup();
             let rows: Vec<_> = touched.iter().filter_map(|id| model.user(id)).map(to_row).collect();
-            let unknown: Vec<String> = seen
-                .into_iter()
+            let unknown: Vec<&str> = items
+                .iter()
+                .filter_map(|item| item.sender.as_deref())
+                .filter(|id| claimed_address(id).is_some())
                 .filter(|id| model.user(id).is_none_or(|u| u.displayname.is_none() && u.profile_at_ms == 0))
-                .map(str::to_owned)
                 .collect();
             count_users(&self.metrics, &model);
-            (changes, rows, unknown)
+            (changes, rows, unknown, self.over_remote_bound(&model))
         };
         if !rows.is_empty() {
             self.store.save_directory_users(&rows).await?;
         }
         self.publish(changes);
         for user_id in unknown {
-            self.look_up_profile(&user_id, now_ms, None);
+            self.look_up_profile(user_id, now_ms);
+        }
+        if over {
+            self.evict_remote().await;
         }
         Ok(())
+    }
+
+    fn over_remote_bound(&self, model: &Directory) -> bool {
+        model.remote_len() > self.settings.max_remote_users
+    }
+
+    /// Evicts the remote users seen longest ago past `max_remote_users` (and a slack, so that the
+    /// scan runs once per many new users), from the model and the store. The scan runs under the
+    /// read lock; the write lock is held only to remove the users found (unless seen since).
+    async fn evict_remote(&self) {
+        let Ok(_evicting) = self.evicting.try_lock() else { return };
+        let victims = {
+            let model = self.read();
+            let excess = model.remote_len().saturating_sub(self.settings.max_remote_users);
+            if excess == 0 {
+                return;
+            }
+            model.oldest_remote(excess + self.settings.max_remote_users / EVICT_SLACK_DIVISOR)
+        };
+        let evicted = {
+            let mut model = self.write();
+            let evicted = model.evict(victims);
+            count_users(&self.metrics, &model);
+            evicted
+        };
+        self.metrics.directory.remote_evicted.inc_by(evicted.len() as u64);
+        tracing::info!(
+            evicted = evicted.len(),
+            "directory.evict: remote users past max_remote_users evicted"
+        );
+        if let Err(error) = self.store.delete_directory_users(&evicted).await {
+            // They are gone from the model; the next start evicts them again.
+            tracing::warn!(%error, "directory.evict: deleting evicted users failed");
+        }
     }
 
     /// Reads the inbox until `shutdown`, acknowledging each batch once it is saved.
@@ -413,7 +611,7 @@ impl DirectoryService {
             };
             let result = match batch {
                 Ok(items) if items.is_empty() => return,
-                Ok(items) => match self.apply(&items, crate::unix_millis()).await {
+                Ok(items) => match self.apply(&items, self.clock.unix_millis()).await {
                     Ok(()) => inbox.ack(items.last().map_or(0, |i| i.id)).await,
                     Err(error) => Err(error),
                 },
@@ -424,15 +622,15 @@ impl DirectoryService {
                 tracing::warn!(%error, "directory.consume failed; retrying");
                 tokio::select! {
                     () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = self.clock.sleep(Duration::from_secs(1)) => {}
                 }
             }
         }
     }
 
-    /// Asks the homeserver, one request at a time and at most `lookups_per_sec`, until `shutdown`:
-    /// queued look-ups first, then presence reconciliation of local users that are online or
-    /// watched, in rounds at most one `reconcile_interval` apart.
+    /// Asks the homeserver, one request at a time and at most `lookups_per_sec` (of the clock),
+    /// until `shutdown`: queued look-ups first, then presence reconciliation of local users that are
+    /// online or watched, in rounds at most one `reconcile_interval` apart.
     pub async fn refresh(self: Arc<Self>, shutdown: CancellationToken) {
         let Some(mut queued) = self.queued.lock().unwrap_or_else(PoisonError::into_inner).take() else {
             return;
@@ -440,16 +638,16 @@ impl DirectoryService {
         if self.settings.lookups_per_sec == 0 {
             return;
         }
-        let mut tick = tokio::time::interval(Duration::from_secs(1) / self.settings.lookups_per_sec);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let period = Duration::from_secs(1) / self.settings.lookups_per_sec;
+        let mut next = self.clock.now();
         // The first round confirms every online user, however recently its presence was learnt:
         // pushes sent while Switchboard was down are lost.
-        let mut round_started_ms = crate::unix_millis();
+        let mut round_started_ms = self.clock.unix_millis();
         let mut round = self.reconcile_candidates(round_started_ms, true);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
+                () = self.clock.sleep_until(next) => {}
             }
             let job = if let Ok(job) = queued.try_recv() {
                 job
@@ -457,7 +655,7 @@ impl DirectoryService {
                 Job::Presence { user_id }
             } else {
                 // Nothing to do until a look-up is queued or the next round is due.
-                let since = crate::unix_millis().saturating_sub(round_started_ms);
+                let since = self.clock.unix_millis().saturating_sub(round_started_ms);
                 let wait = self.settings.reconcile_interval_ms.saturating_sub(since);
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -465,9 +663,10 @@ impl DirectoryService {
                         Some(job) => job,
                         None => return,
                     },
-                    () = tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(0))) => continue,
+                    () = self.clock.sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(0))) => continue,
                 }
             };
+            next = self.clock.now() + period;
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.run(job) => {}
@@ -478,7 +677,7 @@ impl DirectoryService {
     /// The next user of the reconciliation round; a new round starts when the last one is done and
     /// began at least one interval ago.
     fn next_candidate(&self, round: &mut VecDeque<String>, round_started_ms: &mut i64) -> Option<String> {
-        let now_ms = crate::unix_millis();
+        let now_ms = self.clock.unix_millis();
         if round.is_empty() && now_ms.saturating_sub(*round_started_ms) >= self.settings.reconcile_interval_ms
         {
             *round = self.reconcile_candidates(now_ms, false);
@@ -492,8 +691,8 @@ impl DirectoryService {
     fn reconcile_candidates(&self, now_ms: i64, all: bool) -> VecDeque<String> {
         let mut watched: Vec<Address> = {
             let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
-            watched.retain(|_, at| now_ms.saturating_sub(*at) < WATCH_MS);
-            watched.keys().copied().collect()
+            watched.expire(now_ms, WATCH_MS);
+            watched.entries.keys().copied().collect()
         };
         watched.extend(self.feeds.lock().unwrap_or_else(PoisonError::into_inner).keys());
         let model = self.read();
@@ -516,20 +715,23 @@ impl DirectoryService {
     /// Runs one job against the homeserver and records what it learnt.
     async fn run(&self, job: Job) {
         match job {
-            Job::Profile { user_id, done } => {
+            Job::Profile { user_id } => {
                 if self.fetch_profile(&user_id).await {
                     self.fetch_presence(&user_id).await;
                 }
+                let done = self.inflight.lock().unwrap_or_else(PoisonError::into_inner).remove(&*user_id);
                 if let Some(done) = done {
-                    let _ = done.send(());
+                    done.send_replace(true);
                 }
             }
             Job::Presence { user_id } => self.fetch_presence(&user_id).await,
         }
     }
 
-    /// Looks up a profile; true when the homeserver has the user.
+    /// Looks up a profile; true when the homeserver has the user. The profile counts as observed
+    /// when the request was sent; its signature is recovered (when new) before the write lock.
     async fn fetch_profile(&self, user_id: &str) -> bool {
+        let observed_ms = self.clock.unix_millis();
         let profile = match self.homeserver.profile(user_id).await {
             Ok(Some(profile)) => profile,
             Ok(None) => {
@@ -543,28 +745,29 @@ impl DirectoryService {
             }
         };
         self.metrics.lookup("profile", "found");
-        let now_ms = crate::unix_millis();
+        let displayname = profile.displayname.as_deref();
+        let known = self.read().verification(user_id, displayname);
+        let verified = known.unwrap_or_else(|| {
+            self.metrics.directory.signature_checks.inc();
+            verify(user_id, displayname)
+        });
+        let avatar_url = profile.avatar_url.as_deref();
         self.save_after(
-            |model| {
-                model.apply_profile(
-                    user_id,
-                    profile.displayname.as_deref(),
-                    profile.avatar_url.as_deref(),
-                    now_ms,
-                )
-            },
+            |model| model.apply_verified_profile(user_id, displayname, avatar_url, verified, observed_ms),
             user_id,
         )
         .await;
         true
     }
 
-    /// Asks a local user's presence (remote users' presence can only arrive by push).
+    /// Asks a local user's presence (remote users' presence can only arrive by push). It counts as
+    /// observed when the request was sent: a push received while it was under way wins.
     async fn fetch_presence(&self, user_id: &str) {
         let Ok(parsed) = ruma::UserId::parse(user_id) else { return };
         if parsed.server_name().as_str() != self.settings.server_name {
             return;
         }
+        let observed_ms = self.clock.unix_millis();
         let status = match self.homeserver.presence(&parsed).await {
             Ok(status) => status,
             Err(error) => {
@@ -574,19 +777,19 @@ impl DirectoryService {
             }
         };
         self.metrics.lookup("presence", "found");
-        let now_ms = crate::unix_millis();
-        let last_active = status.last_active_ago.map(|ago| now_ms.saturating_sub(ago));
+        let last_active = status.last_active_ago.map(|ago| observed_ms.saturating_sub(ago));
         let presence = Presence::from_matrix(&status.presence);
-        self.save_after(|model| model.apply_presence(user_id, presence, last_active, now_ms), user_id).await;
+        self.save_after(|model| model.apply_presence(user_id, presence, last_active, observed_ms), user_id)
+            .await;
     }
 
     /// Applies `update` to the model, saves the user and publishes the change.
     async fn save_after(&self, update: impl FnOnce(&mut Directory) -> Option<Change>, user_id: &str) {
-        let (change, row) = {
+        let (change, row, over) = {
             let mut model = self.write();
             let change = update(&mut model);
             count_users(&self.metrics, &model);
-            (change, model.user(user_id).map(to_row))
+            (change, model.user(user_id).map(to_row), self.over_remote_bound(&model))
         };
         if let Some(row) = row
             && let Err(error) = self.store.save_directory_users(&[row]).await
@@ -595,49 +798,84 @@ impl DirectoryService {
             tracing::warn!(%error, "directory.save failed");
         }
         self.publish(change);
+        if over {
+            self.evict_remote().await;
+        }
     }
 }
 
 fn count_users(metrics: &Metrics, model: &Directory) {
     metrics.directory_users.set(i64::try_from(model.len()).unwrap_or(i64::MAX));
+    metrics.directory.remote_users.set(i64::try_from(model.remote_len()).unwrap_or(i64::MAX));
 }
 
-/// Applies one inbox item; returns the user it concerned, if the model knows that user.
-fn apply_item(model: &mut Directory, item: &Input, now_ms: i64, changes: &mut Vec<Change>) -> Option<String> {
+/// What one inbox item tells the directory, parsed before the write lock is taken.
+enum Update {
+    /// A member event: the user's profile, observed at `observed_ms`.
+    Profile { user_id: String, displayname: Option<String>, avatar_url: Option<String>, observed_ms: i64 },
+    /// A presence push, observed at `observed_ms`.
+    Presence { user_id: String, presence: Presence, last_active_ms: Option<i64>, observed_ms: i64 },
+    /// An event or to-device message of the sender, at `at_ms`.
+    Activity { user_id: String, at_ms: i64 },
+}
+
+/// What `item`, observed (received) at `observed_ms` and handled at `now_ms`, tells the directory.
+fn parse_item(item: &Input, observed_ms: i64, now_ms: i64) -> Option<Update> {
     match (item.kind, item.event_type.as_str()) {
         (ItemKind::Event, "m.room.member") => {
             let member: Member<'_> = item.parse().ok()?;
             let user_id = member.state_key?;
-            if member.content.membership.as_deref() != Some("join") {
+            if member.content.membership.as_deref() != Some("join") || claimed_address(user_id).is_none() {
                 return None;
             }
-            let content = &member.content;
-            changes.extend(model.apply_profile(
-                user_id,
-                content.displayname.as_deref(),
-                content.avatar_url.as_deref(),
-                now_ms,
-            ));
-            model.user(user_id).map(|user| user.user_id.to_string())
+            let MemberContent { displayname, avatar_url, .. } = member.content;
+            Some(Update::Profile { user_id: user_id.to_owned(), displayname, avatar_url, observed_ms })
         }
         (ItemKind::Ephemeral, "m.presence") => {
             let edu: PresenceEdu = item.parse().ok()?;
             let user_id = edu.sender.or(edu.content.user_id)?;
-            let last_active = edu.content.last_active_ago.map(|ago| now_ms.saturating_sub(ago));
+            let last_active_ms = edu.content.last_active_ago.map(|ago| observed_ms.saturating_sub(ago));
             let presence = Presence::from_matrix(&edu.content.presence);
-            changes.extend(model.apply_presence(&user_id, presence, last_active, now_ms));
-            model.user(&user_id).map(|_| user_id)
+            Some(Update::Presence { user_id, presence, last_active_ms, observed_ms })
         }
         (ItemKind::Event, _) => {
             let sender = item.sender.as_deref()?;
-            let at = item.parse::<Timeline>().ok()?.origin_server_ts?;
-            model.apply_activity(sender, at).then(|| sender.to_owned())
+            let at_ms = item.parse::<Timeline>().ok()?.origin_server_ts?;
+            Some(Update::Activity { user_id: sender.to_owned(), at_ms })
         }
         // To-device messages carry no timestamp: they are pushed as they are sent.
         (ItemKind::ToDevice, _) => {
-            let sender = item.sender.as_deref()?;
-            model.apply_activity(sender, now_ms).then(|| sender.to_owned())
+            Some(Update::Activity { user_id: item.sender.as_deref()?.to_owned(), at_ms: now_ms })
         }
         (ItemKind::Ephemeral, _) => None,
+    }
+}
+
+/// Applies one update (a profile with its verification, computed before); returns the user it
+/// concerned, if the model knows that user.
+fn apply_update(
+    model: &mut Directory,
+    update: &Update,
+    verified: Option<bool>,
+    changes: &mut Vec<Change>,
+) -> Option<String> {
+    match update {
+        Update::Profile { user_id, displayname, avatar_url, observed_ms } => {
+            let verified = verified.unwrap_or(false);
+            let (displayname, avatar_url) = (displayname.as_deref(), avatar_url.as_deref());
+            changes.extend(model.apply_verified_profile(
+                user_id,
+                displayname,
+                avatar_url,
+                verified,
+                *observed_ms,
+            ));
+            model.user(user_id).map(|user| user.user_id.to_string())
+        }
+        Update::Presence { user_id, presence, last_active_ms, observed_ms } => {
+            changes.extend(model.apply_presence(user_id, *presence, *last_active_ms, *observed_ms));
+            model.user(user_id).map(|_| user_id.clone())
+        }
+        Update::Activity { user_id, at_ms } => model.apply_activity(user_id, *at_ms).then(|| user_id.clone()),
     }
 }

@@ -472,28 +472,49 @@ pub struct DirectoryRow {
     pub presence_at: i64,
     /// Unix milliseconds of the user's last activity, when known.
     pub last_active_ms: Option<i64>,
+    /// Unix milliseconds when the profile (displayname, avatar_url, verified) was observed; 0 when
+    /// not known (see migrations/*/0005_directory_profile_at.sql).
+    pub profile_at: i64,
 }
 
 /// Directory rows read per query when loading.
 const DIRECTORY_PAGE: i64 = 10_000;
+/// Transaction ids per query of [`Store::received_at`].
+const RECEIVED_AT_CHUNK: usize = 500;
 
 impl Store {
-    /// Inserts or replaces directory users, all in one database transaction.
+    /// Inserts or updates directory users, all in one database transaction. Monotonic, so that saves
+    /// reaching the database out of order cannot put an older state back: the stored profile is
+    /// replaced only by one observed at the same time or later (`profile_at`), the presence only by
+    /// one with a `presence_at` not older, and the last activity only by a later one.
     pub async fn save_directory_users(&self, rows: &[DirectoryRow]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for row in rows {
             sqlx::query(
-                "INSERT INTO directory_users \
-                 (user_id, displayname, avatar_url, verified, presence, presence_at, last_active_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                 ON CONFLICT (user_id) DO UPDATE SET displayname = excluded.displayname, \
-                 avatar_url = excluded.avatar_url, verified = excluded.verified, presence = excluded.presence, \
-                 presence_at = excluded.presence_at, last_active_ms = excluded.last_active_ms",
+                "INSERT INTO directory_users (user_id, displayname, avatar_url, verified, profile_at, \
+                 presence, presence_at, last_active_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (user_id) DO UPDATE SET \
+                 displayname = CASE WHEN excluded.profile_at >= directory_users.profile_at \
+                   THEN excluded.displayname ELSE directory_users.displayname END, \
+                 avatar_url = CASE WHEN excluded.profile_at >= directory_users.profile_at \
+                   THEN excluded.avatar_url ELSE directory_users.avatar_url END, \
+                 verified = CASE WHEN excluded.profile_at >= directory_users.profile_at \
+                   THEN excluded.verified ELSE directory_users.verified END, \
+                 profile_at = CASE WHEN excluded.profile_at >= directory_users.profile_at \
+                   THEN excluded.profile_at ELSE directory_users.profile_at END, \
+                 presence = CASE WHEN excluded.presence_at >= directory_users.presence_at \
+                   THEN excluded.presence ELSE directory_users.presence END, \
+                 presence_at = CASE WHEN excluded.presence_at >= directory_users.presence_at \
+                   THEN excluded.presence_at ELSE directory_users.presence_at END, \
+                 last_active_ms = CASE WHEN directory_users.last_active_ms IS NULL \
+                   OR excluded.last_active_ms > directory_users.last_active_ms \
+                   THEN excluded.last_active_ms ELSE directory_users.last_active_ms END",
             )
             .bind(&row.user_id)
             .bind(row.displayname.as_deref())
             .bind(row.avatar_url.as_deref())
             .bind(row.verified.map(i64::from))
+            .bind(row.profile_at)
             .bind(&row.presence)
             .bind(row.presence_at)
             .bind(row.last_active_ms)
@@ -504,14 +525,49 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes directory users (evicted from the directory), all in one database transaction.
+    pub async fn delete_directory_users(&self, user_ids: &[String]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for user_id in user_ids {
+            sqlx::query("DELETE FROM directory_users WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// When the transactions with these ids (as stored with their items, [`StoredItem::txn_id`])
+    /// were received, in unix milliseconds; ids not stored are left out.
+    pub async fn received_at(&self, txn_ids: &[&str]) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut times = Vec::with_capacity(txn_ids.len());
+        for chunk in txn_ids.chunks(RECEIVED_AT_CHUNK) {
+            let mut sql =
+                "SELECT txn_id, received_at FROM appservice_transactions WHERE txn_id IN (".to_owned();
+            for i in 1..=chunk.len() {
+                let _ = write!(sql, "{}${i}", if i == 1 { "" } else { ", " });
+            }
+            sql.push(')');
+            let mut query = sqlx::query(&sql);
+            for txn_id in chunk {
+                query = query.bind(*txn_id);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                times.push((row.try_get("txn_id")?, row.try_get("received_at")?));
+            }
+        }
+        Ok(times)
+    }
+
     /// Hands every stored directory user to `each`, in user id order, a page at a time (so that
     /// loading millions does not hold them all in memory twice).
     pub async fn each_directory_user(&self, mut each: impl FnMut(DirectoryRow)) -> Result<(), StoreError> {
         let mut after = String::new();
         loop {
             let rows = sqlx::query(
-                "SELECT user_id, displayname, avatar_url, verified, presence, presence_at, last_active_ms \
-                 FROM directory_users WHERE user_id > $1 ORDER BY user_id LIMIT $2",
+                "SELECT user_id, displayname, avatar_url, verified, profile_at, presence, presence_at, \
+                 last_active_ms FROM directory_users WHERE user_id > $1 ORDER BY user_id LIMIT $2",
             )
             .bind(&after)
             .bind(DIRECTORY_PAGE)
@@ -527,6 +583,7 @@ impl Store {
                     presence: row.try_get("presence")?,
                     presence_at: row.try_get("presence_at")?,
                     last_active_ms: row.try_get("last_active_ms")?,
+                    profile_at: row.try_get("profile_at")?,
                 };
                 after.clone_from(&row.user_id);
                 each(row);
