@@ -1,9 +1,9 @@
 //! TURN/STUN for peers that cannot reach each other directly.
 //!
 //! - [`credentials`]: the TURN REST scheme shared with Synapse and coturn; [`api`] hands them out.
-//! - [`server`]: the relay's state machine without IO, with [`policy`] (which peers may be reached),
-//!   [`nonce`] (stateless nonces) and [`limits`] (the quotas and unauthenticated budget its shards
-//!   share).
+//! - [`server`]: the relay's state machine without IO (its codec, authentication, allocations and
+//!   dispatch, one file each), with [`policy`] (which peers may be reached), [`nonce`] (stateless
+//!   nonces) and [`limits`] (the quotas and unauthenticated budget its shards share).
 //! - [`io`]: the relay over UDP, TCP and TLS, one shard per core.
 
 pub mod api;
