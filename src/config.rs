@@ -232,6 +232,13 @@ pub struct TurnConfig {
     /// Open TCP and TLS connections per source (an IPv4 address or IPv6 /64; 0: no limit).
     #[serde(default = "default_turn_connections_per_source")]
     pub connections_per_source: usize,
+    /// Permissions (peer IP addresses) one allocation may hold; a CreatePermission or ChannelBind
+    /// that would install more is refused with 508 (Insufficient Capacity).
+    #[serde(default = "default_turn_permissions_per_allocation")]
+    pub permissions_per_allocation: usize,
+    /// Channel bindings one allocation may hold; a ChannelBind for one more gets 508.
+    #[serde(default = "default_turn_channels_per_allocation")]
+    pub channels_per_allocation: usize,
     /// Relay threads (shards, each with its own sockets on the listen addresses); 0: one per core.
     #[serde(default)]
     pub threads: usize,
@@ -353,6 +360,12 @@ fn default_turn_allocate_timeout_secs() -> u64 {
 fn default_turn_connections_per_source() -> usize {
     256
 }
+fn default_turn_permissions_per_allocation() -> usize {
+    128
+}
+fn default_turn_channels_per_allocation() -> usize {
+    128
+}
 fn default_turn_user_lifetime_secs() -> u64 {
     86_400
 }
@@ -417,6 +430,8 @@ impl Default for TurnConfig {
             nonce_lifetime_secs: default_turn_nonce_lifetime_secs(),
             allocate_timeout_secs: default_turn_allocate_timeout_secs(),
             connections_per_source: default_turn_connections_per_source(),
+            permissions_per_allocation: default_turn_permissions_per_allocation(),
+            channels_per_allocation: default_turn_channels_per_allocation(),
             threads: 0,
             uris: Vec::new(),
             user_lifetime_secs: default_turn_user_lifetime_secs(),
@@ -538,6 +553,12 @@ impl Config {
         }
         if self.turn.allocate_timeout_secs == 0 {
             return Err(invalid("turn.allocate_timeout_secs", "must be at least 1"));
+        }
+        if self.turn.permissions_per_allocation == 0 {
+            return Err(invalid("turn.permissions_per_allocation", "must be at least 1"));
+        }
+        if self.turn.channels_per_allocation == 0 {
+            return Err(invalid("turn.channels_per_allocation", "must be at least 1"));
         }
         if self.turn.threads > 256 {
             return Err(invalid("turn.threads", "must be at most 256 (0: one per core)"));
@@ -739,6 +760,10 @@ allocate_timeout_secs = {allocate_timeout}
 # Open TCP and TLS connections per source (0: no limit); more are closed at once. For this and
 # unauthenticated_per_sec a source is an IPv4 address or an IPv6 /64.
 connections_per_source = {connections_per_source}
+# Permissions (peer IP addresses) and channel bindings one allocation may hold; a CreatePermission
+# or ChannelBind past them is refused with 508 (Insufficient Capacity).
+permissions_per_allocation = {permissions_per_allocation}
+channels_per_allocation = {channels_per_allocation}
 # Relay threads, each with its own sockets on the listen addresses (SO_REUSEPORT); 0: one per core.
 threads = 0
 # TURN URIs handed to clients, e.g. ["turn:turn.example.org:3478?transport=udp"]. Empty: the embedded
@@ -785,6 +810,8 @@ format = "text"
         nonce_lifetime = default_turn_nonce_lifetime_secs(),
         allocate_timeout = default_turn_allocate_timeout_secs(),
         connections_per_source = default_turn_connections_per_source(),
+        permissions_per_allocation = default_turn_permissions_per_allocation(),
+        channels_per_allocation = default_turn_channels_per_allocation(),
         turn_lifetime = default_turn_user_lifetime_secs(),
         log_level = toml_str(&default_log_level()),
     )

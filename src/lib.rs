@@ -178,7 +178,13 @@ pub async fn run_with_clock(
     tasks.spawn(discovery.clone().consume(discovery_inbox, shutdown.clone()));
     tasks.spawn(discovery.refresh(shutdown.clone()));
     if let Some(listeners) = turn_listener {
-        tasks.spawn(turn::io::serve(turn::embedded(&config), listeners, metrics.clone(), shutdown.clone()));
+        tasks.spawn(turn::io::serve(
+            turn::embedded(&config),
+            listeners,
+            metrics.clone(),
+            clock.clone(),
+            shutdown.clone(),
+        ));
     }
     tasks.close();
 
@@ -226,11 +232,6 @@ fn client_router() -> Router {
         "/_switchboard/client/versions",
         get(|| async { axum::Json(serde_json::json!({ "versions": ["v1"] })) }),
     )
-}
-
-/// [`unix_millis`] as the TURN relay's clock.
-pub(crate) fn unix_millis_u64() -> u64 {
-    u64::try_from(unix_millis()).unwrap_or(0)
 }
 
 /// Wall-clock time in unix milliseconds (what the store and Matrix timestamps use).

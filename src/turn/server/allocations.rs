@@ -1,6 +1,6 @@
 //! Allocations, their permissions and channels: created, refreshed, expired and closed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use stun::attributes::{
@@ -18,7 +18,7 @@ use turn::proto::relayaddr::RelayedAddress;
 
 use super::auth::Authenticated;
 use super::codec::{XorAddress, decode_xor_address, error, response};
-use super::{CHANNEL_LIFETIME_MS, FiveTuple, PERMISSION_LIFETIME_MS, PROTO_UDP, Relay, RelayPorts};
+use super::{CHANNEL_LIFETIME_MS, FiveTuple, PERMISSION_LIFETIME_MS, PROTO_UDP, Relay, RelayPorts, Timer};
 use crate::turn::credentials;
 use crate::turn::limits::Refusal;
 
@@ -66,24 +66,58 @@ impl Relay {
         self.allocations.contains_key(&tuple)
     }
 
-    /// Drops expired allocations (closing their relay sockets), permissions and channels.
-    pub fn expire(&mut self, now_ms: u64, ports: &mut dyn RelayPorts) {
-        let expired: Vec<FiveTuple> = self
-            .allocations
-            .iter()
-            .filter(|(_, a)| a.expires_ms <= now_ms)
-            .map(|(tuple, _)| *tuple)
-            .collect();
-        for tuple in expired {
-            self.close(tuple, ports);
-        }
-        for allocation in self.allocations.values_mut() {
-            allocation.permissions.retain(|_, expires| *expires > now_ms);
-            allocation.channels.retain(|_, (_, expires)| *expires > now_ms);
-            let channels = &allocation.channels;
-            allocation.channel_of_peer.retain(|_, number| channels.contains_key(number));
+    /// A stream (TCP, TLS) client connected: it is hung up on (see [`Relay::expire`]) unless it
+    /// allocates within `allocate_timeout_ms`.
+    pub fn stream_opened(&mut self, now_ms: u64, tuple: FiveTuple) {
+        self.await_allocation(now_ms, tuple);
+    }
+
+    /// Arms the allocate timeout of a stream client that has no allocation.
+    fn await_allocation(&mut self, now_ms: u64, tuple: FiveTuple) {
+        let deadline = now_ms.saturating_add(self.settings.allocate_timeout_ms);
+        let old = self.unallocated.insert(tuple, deadline);
+        reschedule(&mut self.deadlines, old, Some(deadline), Timer::Unallocated(tuple));
+    }
+
+    /// Ends what is due by `now_ms`: allocations (closing their relay sockets), permissions and
+    /// channels; the stream clients that went `allocate_timeout_ms` without an allocation are
+    /// added to `hang_up` for the IO layer to disconnect. Work is proportional to what is due.
+    pub fn expire(&mut self, now_ms: u64, ports: &mut dyn RelayPorts, hang_up: &mut Vec<FiveTuple>) {
+        while let Some(&(deadline, timer)) = self.deadlines.first() {
+            if deadline > now_ms {
+                break;
+            }
+            self.deadlines.pop_first();
+            match timer {
+                Timer::Allocation(tuple) => self.end_allocation(now_ms, tuple, ports),
+                Timer::Permission(tuple, peer) => {
+                    if let Some(allocation) = self.allocations.get_mut(&tuple)
+                        && allocation.permissions.remove(&peer).is_some()
+                    {
+                        self.gauges[tuple.transport as usize].permissions -= 1;
+                    }
+                }
+                Timer::Channel(tuple, number) => {
+                    if let Some(allocation) = self.allocations.get_mut(&tuple)
+                        && let Some((peer, _)) = allocation.channels.remove(&number)
+                    {
+                        allocation.channel_of_peer.remove(&peer);
+                        self.gauges[tuple.transport as usize].channels -= 1;
+                    }
+                }
+                Timer::Unallocated(tuple) => {
+                    self.unallocated.remove(&tuple);
+                    self.stats_mut(tuple.transport).unallocated_hang_ups += 1;
+                    hang_up.push(tuple);
+                }
+            }
         }
         self.limits.forget_idle_sources(now_ms);
+    }
+
+    /// The earliest deadline [`Relay::expire`] has to act on, if any.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.deadlines.first().map(|(deadline, _)| *deadline)
     }
 
     /// Closes every allocation (at shutdown).
@@ -94,13 +128,55 @@ impl Relay {
         }
     }
 
-    /// Deletes the allocation of `tuple`, if any (its TCP connection closed, or it expired).
+    /// Forgets `tuple`: its allocation, if any, is deleted (its TCP or TLS connection closed, or
+    /// at shutdown), and so is its allocate timeout.
     pub fn close(&mut self, tuple: FiveTuple, ports: &mut dyn RelayPorts) {
-        if let Some(allocation) = self.allocations.remove(&tuple) {
-            self.allocation_of_socket.remove(&allocation.relay);
-            ports.close(allocation.relay);
-            self.limits.release(credentials::user(&allocation.username));
+        self.remove_allocation(tuple, ports);
+        if let Some(deadline) = self.unallocated.remove(&tuple) {
+            self.deadlines.remove(&(deadline, Timer::Unallocated(tuple)));
         }
+    }
+
+    /// Deletes the allocation of `tuple` while its client stays (it expired, or was refreshed to
+    /// 0): a stream client then has `allocate_timeout_ms` to allocate again.
+    pub(super) fn end_allocation(&mut self, now_ms: u64, tuple: FiveTuple, ports: &mut dyn RelayPorts) {
+        if self.remove_allocation(tuple, ports) && tuple.transport.is_stream() {
+            self.await_allocation(now_ms, tuple);
+        }
+    }
+
+    /// Deletes the allocation of `tuple` and its timers; whether there was one.
+    fn remove_allocation(&mut self, tuple: FiveTuple, ports: &mut dyn RelayPorts) -> bool {
+        let Some(allocation) = self.allocations.remove(&tuple) else { return false };
+        self.allocation_of_socket.remove(&allocation.relay);
+        ports.close(allocation.relay);
+        self.limits.release(credentials::user(&allocation.username));
+        let deadlines = &mut self.deadlines;
+        deadlines.remove(&(allocation.expires_ms, Timer::Allocation(tuple)));
+        for (peer, expires) in &allocation.permissions {
+            deadlines.remove(&(*expires, Timer::Permission(tuple, *peer)));
+        }
+        for (number, (_, expires)) in &allocation.channels {
+            deadlines.remove(&(*expires, Timer::Channel(tuple, *number)));
+        }
+        let gauge = &mut self.gauges[tuple.transport as usize];
+        gauge.allocations -= 1;
+        gauge.permissions -= allocation.permissions.len();
+        gauge.channels -= allocation.channels.len();
+        true
+    }
+
+    /// Counts allocations, permissions and channels the slow way, to check the kept gauges.
+    #[cfg(test)]
+    pub(super) fn recount(&self) -> [super::Gauges; 3] {
+        let mut gauges = [super::Gauges::default(); 3];
+        for (tuple, allocation) in &self.allocations {
+            let gauge = &mut gauges[tuple.transport as usize];
+            gauge.allocations += 1;
+            gauge.permissions += allocation.permissions.len();
+            gauge.channels += allocation.channels.len();
+        }
+        gauges
     }
 
     pub(super) fn lifetime_ms(&self, request: &Message) -> u64 {
@@ -168,13 +244,19 @@ impl Relay {
             Some(&key),
         );
         let username: Box<str> = caller.username.into();
+        let expires_ms = now_ms + lifetime_ms;
+        if let Some(deadline) = self.unallocated.remove(&tuple) {
+            self.deadlines.remove(&(deadline, Timer::Unallocated(tuple)));
+        }
+        self.deadlines.insert((expires_ms, Timer::Allocation(tuple)));
+        self.gauge_mut(tuple.transport).allocations += 1;
         self.allocation_of_socket.insert(relay, tuple);
         self.allocations.insert(
             tuple,
             Box::new(Allocation {
                 relay,
                 username,
-                expires_ms: now_ms + lifetime_ms,
+                expires_ms,
                 allocate_txn: request.transaction_id.0,
                 allocate_response: reply.clone().into_boxed_slice(),
                 permissions: HashMap::new(),
@@ -203,10 +285,12 @@ impl Relay {
             return error(request, CODE_ALLOC_MISMATCH, vec![], Some(key));
         };
         let lifetime_ms = if requested_zero {
-            self.close(tuple, ports);
+            self.end_allocation(now_ms, tuple, ports);
             0
         } else {
-            allocation.expires_ms = now_ms + lifetime_ms;
+            let expires_ms = now_ms + lifetime_ms;
+            let old = std::mem::replace(&mut allocation.expires_ms, expires_ms);
+            reschedule(&mut self.deadlines, Some(old), Some(expires_ms), Timer::Allocation(tuple));
             lifetime_ms
         };
         response(request, &[Box::new(Lifetime(std::time::Duration::from_millis(lifetime_ms)))], Some(key))
@@ -240,8 +324,16 @@ impl Relay {
             self.stats[tuple.transport as usize].denied_peers += 1;
             return error(request, CODE_FORBIDDEN, vec![], Some(key));
         }
+        // All or nothing too: past `max_permissions`, none of them is installed.
+        if new_permissions(&allocation.permissions, &peers) > self.settings.max_permissions {
+            self.stats[tuple.transport as usize].permission_refusals += 1;
+            return error(request, CODE_INSUFFICIENT_CAPACITY, vec![], Some(key));
+        }
+        let expires_ms = now_ms + PERMISSION_LIFETIME_MS;
         for peer in peers {
-            allocation.permissions.insert(peer.ip(), now_ms + PERMISSION_LIFETIME_MS);
+            let old = allocation.permissions.insert(peer.ip(), expires_ms);
+            reschedule(&mut self.deadlines, old, Some(expires_ms), Timer::Permission(tuple, peer.ip()));
+            self.gauges[tuple.transport as usize].permissions += usize::from(old.is_none());
         }
         response(request, &[], Some(key))
     }
@@ -280,9 +372,43 @@ impl Relay {
         if bound_elsewhere {
             return error(request, CODE_BAD_REQUEST, vec![], Some(key));
         }
-        allocation.channels.insert(number, (peer, now_ms + CHANNEL_LIFETIME_MS));
+        let new_channel = !allocation.channels.contains_key(&number);
+        if new_channel && allocation.channels.len() >= self.settings.max_channels {
+            self.stats[tuple.transport as usize].channel_refusals += 1;
+            return error(request, CODE_INSUFFICIENT_CAPACITY, vec![], Some(key));
+        }
+        let new_permission = !allocation.permissions.contains_key(&peer.ip());
+        if new_permission && allocation.permissions.len() >= self.settings.max_permissions {
+            self.stats[tuple.transport as usize].permission_refusals += 1;
+            return error(request, CODE_INSUFFICIENT_CAPACITY, vec![], Some(key));
+        }
+        let channel_expires = now_ms + CHANNEL_LIFETIME_MS;
+        let old = allocation.channels.insert(number, (peer, channel_expires)).map(|(_, expires)| expires);
+        reschedule(&mut self.deadlines, old, Some(channel_expires), Timer::Channel(tuple, number));
         allocation.channel_of_peer.insert(peer, number);
-        allocation.permissions.insert(peer.ip(), now_ms + PERMISSION_LIFETIME_MS);
+        let permission_expires = now_ms + PERMISSION_LIFETIME_MS;
+        let old = allocation.permissions.insert(peer.ip(), permission_expires);
+        reschedule(&mut self.deadlines, old, Some(permission_expires), Timer::Permission(tuple, peer.ip()));
+        let gauge = &mut self.gauges[tuple.transport as usize];
+        gauge.channels += usize::from(new_channel);
+        gauge.permissions += usize::from(new_permission);
         response(request, &[], Some(key))
     }
+}
+
+/// Moves `timer` from its `old` deadline to its `new` one in `deadlines`.
+fn reschedule(deadlines: &mut BTreeSet<(u64, Timer)>, old: Option<u64>, new: Option<u64>, timer: Timer) {
+    if let Some(old) = old {
+        deadlines.remove(&(old, timer));
+    }
+    if let Some(new) = new {
+        deadlines.insert((new, timer));
+    }
+}
+
+/// How many permissions an allocation holding `installed` would hold with `peers` added.
+fn new_permissions(installed: &HashMap<IpAddr, u64>, peers: &[SocketAddr]) -> usize {
+    let added: HashSet<IpAddr> =
+        peers.iter().map(SocketAddr::ip).filter(|peer| !installed.contains_key(peer)).collect();
+    installed.len() + added.len()
 }

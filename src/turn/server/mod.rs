@@ -21,7 +21,7 @@ mod dispatch;
 mod tests;
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use super::limits::Limits;
@@ -38,7 +38,7 @@ const PROTO_UDP: u8 = 17;
 const MAGIC_COOKIE: u32 = 0x2112_A442;
 
 /// How a client reached the relay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Transport {
     Udp,
     Tcp,
@@ -60,8 +60,10 @@ impl Transport {
     }
 }
 
-/// A client's connection: its address, the address it reached, and how.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A client's connection: its address, the address it reached, and how. Stream (TCP, TLS) clients
+/// are told apart by all of it: one client port may reach the TCP and the TLS listener, or two
+/// local addresses of a wildcard listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FiveTuple {
     pub client: SocketAddr,
     pub server: SocketAddr,
@@ -86,6 +88,13 @@ pub struct Settings {
     pub bandwidth_bytes_per_sec: u64,
     /// The address to advertise in XOR-RELAYED-ADDRESS instead of the relay socket's (NAT).
     pub external_ip: Option<IpAddr>,
+    /// Permissions (peer IP addresses) one allocation may hold; more are refused with 508.
+    pub max_permissions: usize,
+    /// Channel bindings one allocation may hold; more are refused with 508.
+    pub max_channels: usize,
+    /// How long a stream (TCP, TLS) client may stay connected without an allocation, from its
+    /// connection or from the end of its allocation (coturn's max-allocate-timeout).
+    pub allocate_timeout_ms: u64,
 }
 
 /// Opens and closes relay sockets for the state machine (the IO layer binds them).
@@ -127,6 +136,12 @@ pub struct Stats {
     /// Responses not sent because they would be more than 3× the unauthenticated request.
     pub amplification_dropped: u64,
     pub over_bandwidth_dropped: u64,
+    /// CreatePermission and ChannelBind requests refused (508) because the allocation holds
+    /// `max_permissions` permissions or `max_channels` channels.
+    pub permission_refusals: u64,
+    pub channel_refusals: u64,
+    /// Stream clients hung up on after `allocate_timeout_ms` without an allocation.
+    pub unallocated_hang_ups: u64,
     /// Packets and bytes relayed, client → peer and peer → client.
     pub to_peer_packets: u64,
     pub to_peer_bytes: u64,
@@ -143,8 +158,27 @@ pub struct Relay {
     /// Boxed: the map's spare capacity then costs a pointer per slot, not a whole allocation.
     allocations: HashMap<FiveTuple, Box<Allocation>>,
     allocation_of_socket: HashMap<SocketAddr, FiveTuple>,
+    /// When each allocation, permission and channel expires, and when each stream client without
+    /// an allocation is hung up on, in deadline order: [`Relay::expire`] takes what is due from the
+    /// front, so its work is proportional to what expires, not to what is installed. Each timer is
+    /// in the set once, at the deadline stored with what it times.
+    deadlines: BTreeSet<(u64, Timer)>,
+    /// Stream clients connected without an allocation, and when they are hung up on.
+    unallocated: HashMap<FiveTuple, u64>,
+    /// Live allocations, permissions and channels, by client transport, kept as they change.
+    gauges: [Gauges; 3],
     /// Counters, by the transport of the client concerned.
     stats: [Stats; 3],
+}
+
+/// What a deadline in [`Relay::deadlines`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Allocation(FiveTuple),
+    Permission(FiveTuple, IpAddr),
+    Channel(FiveTuple, u16),
+    /// A stream client without an allocation.
+    Unallocated(FiveTuple),
 }
 
 impl Relay {
@@ -156,6 +190,9 @@ impl Relay {
             nonces,
             allocations: HashMap::new(),
             allocation_of_socket: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            unallocated: HashMap::new(),
+            gauges: Default::default(),
             stats: Default::default(),
         }
     }
@@ -169,17 +206,13 @@ impl Relay {
         &mut self.stats[transport as usize]
     }
 
-    /// Live allocations, permissions and channels, by client transport (index: `Transport as usize`),
-    /// counted in one pass.
+    /// Live allocations, permissions and channels, by client transport (index: `Transport as usize`).
     pub fn gauges(&self) -> [Gauges; 3] {
-        let mut gauges = [Gauges::default(); 3];
-        for (tuple, allocation) in &self.allocations {
-            let gauge = &mut gauges[tuple.transport as usize];
-            gauge.allocations += 1;
-            gauge.permissions += allocation.permissions.len();
-            gauge.channels += allocation.channels.len();
-        }
-        gauges
+        self.gauges
+    }
+
+    fn gauge_mut(&mut self, transport: Transport) -> &mut Gauges {
+        &mut self.gauges[transport as usize]
     }
 
     /// The limits this relay shares with the other shards.

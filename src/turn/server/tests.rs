@@ -40,8 +40,18 @@ fn tuple0() -> FiveTuple {
     }
 }
 
+/// The UDP gauges, after checking the relay's bookkeeping: the kept gauges match a recount, and
+/// there is one timer per allocation, permission, channel and stream waiting for an allocation.
 fn udp(relay: &Relay) -> Gauges {
+    check_bookkeeping(relay);
     relay.gauges()[Transport::Udp as usize]
+}
+
+fn check_bookkeeping(relay: &Relay) {
+    assert_eq!(relay.gauges(), relay.recount());
+    let installed: usize =
+        relay.gauges().iter().map(|gauge| gauge.allocations + gauge.permissions + gauge.channels).sum();
+    assert_eq!(relay.deadlines.len(), installed + relay.unallocated.len(), "one timer each");
 }
 
 fn peer() -> SocketAddr {
@@ -82,6 +92,9 @@ fn settings() -> Settings {
         max_lifetime_secs: 3600,
         bandwidth_bytes_per_sec: 0,
         external_ip: None,
+        max_permissions: 128,
+        max_channels: 128,
+        allocate_timeout_ms: 60_000,
     }
 }
 
@@ -295,9 +308,9 @@ fn lifetimes_are_clamped_refreshed_and_expire() {
     lifetime.get_from(&answer).unwrap();
     assert_eq!(lifetime.0.as_secs(), 3600, "clamped to the maximum");
 
-    relay.expire(T0 + 3_599_000, &mut ports);
+    relay.expire(T0 + 3_599_000, &mut ports, &mut Vec::new());
     assert_eq!(udp(&relay).allocations, 1);
-    relay.expire(T0 + 3_600_000, &mut ports);
+    relay.expire(T0 + 3_600_000, &mut ports, &mut Vec::new());
     assert_eq!(udp(&relay).allocations, 0);
     assert!(ports.open.is_empty(), "the relay socket is closed");
     let mut client = client;
@@ -352,7 +365,7 @@ fn permissions_are_all_or_nothing_and_expire() {
     let mut out = Vec::new();
     assert!(relay.handle_peer(T0 + 1, relay_addr, public_b, b"hi", &mut out).is_some());
     assert!(relay.handle_peer(T0 + 1, relay_addr, "9.9.9.9:1".parse().unwrap(), b"hi", &mut out).is_none());
-    relay.expire(T0 + PERMISSION_LIFETIME_MS, &mut ports);
+    relay.expire(T0 + PERMISSION_LIFETIME_MS, &mut ports, &mut Vec::new());
     assert_eq!(udp(&relay).permissions, 0);
     assert!(relay.handle_peer(T0 + PERMISSION_LIFETIME_MS, relay_addr, public_b, b"hi", &mut out).is_none());
     assert_eq!(relay.stats(Transport::Udp).denied_peers, 5);
@@ -391,7 +404,7 @@ fn channels_relay_both_ways_and_follow_the_rules() {
     let mut out = Vec::new();
     assert_eq!(relay.handle_peer(T0, relay_addr, peer(), b"xyz", &mut out), Some(tuple0()));
     assert_eq!(out, [0x40, 0x00, 0x00, 0x03, b'x', b'y', b'z']);
-    relay.expire(T0 + CHANNEL_LIFETIME_MS, &mut ports);
+    relay.expire(T0 + CHANNEL_LIFETIME_MS, &mut ports, &mut Vec::new());
     assert_eq!(udp(&relay).channels, 0);
     assert_eq!(relay.handle_client(T0 + CHANNEL_LIFETIME_MS, tuple0(), &frame, &mut ports), Action::None);
 }
@@ -575,4 +588,315 @@ fn unknown_required_attributes_get_420_and_garbage_gets_nothing() {
     {
         assert_eq!(relay.handle_client(T0, tuple0(), garbage, &mut ports), Action::None);
     }
+}
+
+/// `count` peers on loopback (the test policy allows 127.0.0.0/8), from `from` on.
+fn loopback_peers(from: u32, count: u32) -> Vec<Box<dyn Setter>> {
+    (from..from + count)
+        .map(|n| peer_attr(SocketAddr::new(std::net::Ipv4Addr::from_bits(0x7F00_0000 + n).into(), 9)))
+        .collect()
+}
+
+fn bind_request(client: &Client, number: u16, peer: SocketAddr) -> Vec<u8> {
+    client.request(
+        METHOD_CHANNEL_BIND,
+        vec![Box::new(turn::proto::channum::ChannelNumber(number)), peer_attr(peer)],
+    )
+}
+
+#[test]
+fn permissions_past_the_cap_get_508_and_none_of_the_request_is_installed() {
+    let mut ports = Ports::default();
+    let mut relay = relay(Settings { max_permissions: 4, ..settings() });
+    let client = allocate(&mut relay, &mut ports, T0);
+    let ask = |relay: &mut Relay, ports: &mut Ports, peers| {
+        let request = client.request(METHOD_CREATE_PERMISSION, peers);
+        let answer = reply(relay.handle_client(T0, tuple0(), &request, ports));
+        code(&answer).unwrap_or(200)
+    };
+    assert_eq!(ask(&mut relay, &mut ports, loopback_peers(1, 3)), 200);
+    // Refreshing what is installed, with one duplicate: still 4 distinct addresses.
+    let mut again = loopback_peers(1, 3);
+    again.extend(loopback_peers(4, 1));
+    again.extend(loopback_peers(4, 1));
+    assert_eq!(ask(&mut relay, &mut ports, again), 200);
+    assert_eq!(udp(&relay).permissions, 4);
+    // One more address, alone or among installed ones: refused, nothing added.
+    assert_eq!(ask(&mut relay, &mut ports, loopback_peers(3, 3)), 508);
+    assert_eq!(ask(&mut relay, &mut ports, loopback_peers(100, 1)), 508);
+    assert_eq!(udp(&relay).permissions, 4);
+    // A ChannelBind to a new address would install a permission too.
+    let fifth: SocketAddr = "127.0.0.5:9".parse().unwrap();
+    assert_eq!(
+        code(&reply(relay.handle_client(T0, tuple0(), &bind_request(&client, 0x4000, fifth), &mut ports))),
+        Some(508)
+    );
+    assert_eq!(udp(&relay).channels, 0);
+    assert_eq!(relay.stats(Transport::Udp).permission_refusals, 3);
+    // Once they expire there is room again.
+    relay.expire(T0 + PERMISSION_LIFETIME_MS, &mut ports, &mut Vec::new());
+    assert_eq!(udp(&relay).permissions, 0);
+    let request = client.request(METHOD_CREATE_PERMISSION, loopback_peers(100, 4));
+    let answer = reply(relay.handle_client(T0 + PERMISSION_LIFETIME_MS, tuple0(), &request, &mut ports));
+    assert_eq!(answer.typ.class, CLASS_SUCCESS_RESPONSE);
+}
+
+#[test]
+fn channels_past_the_cap_get_508_and_bound_ones_still_refresh() {
+    let mut ports = Ports::default();
+    let mut relay = relay(Settings { max_channels: 2, ..settings() });
+    let client = allocate(&mut relay, &mut ports, T0);
+    let bind = |relay: &mut Relay, ports: &mut Ports, number: u16, peer: &str| {
+        let request = bind_request(&client, number, peer.parse().unwrap());
+        code(&reply(relay.handle_client(T0, tuple0(), &request, ports))).unwrap_or(200)
+    };
+    assert_eq!(bind(&mut relay, &mut ports, 0x4000, "127.0.0.1:1"), 200);
+    assert_eq!(bind(&mut relay, &mut ports, 0x4001, "127.0.0.1:2"), 200);
+    assert_eq!(bind(&mut relay, &mut ports, 0x4002, "127.0.0.1:3"), 508);
+    assert_eq!(bind(&mut relay, &mut ports, 0x4001, "127.0.0.1:2"), 200, "a refresh");
+    assert_eq!(udp(&relay).channels, 2);
+    assert_eq!(relay.stats(Transport::Udp).channel_refusals, 1);
+}
+
+#[test]
+fn a_refreshed_permission_or_channel_expires_at_its_new_deadline_not_its_first() {
+    let mut ports = Ports::default();
+    let mut relay = relay(settings());
+    let client = allocate(&mut relay, &mut ports, T0);
+    let relay_addr = *ports.open.iter().next().unwrap();
+    let later = T0 + 100_000;
+    for now in [T0, later] {
+        let request = bind_request(&client, 0x4000, peer());
+        assert_eq!(
+            reply(relay.handle_client(now, tuple0(), &request, &mut ports)).typ.class,
+            CLASS_SUCCESS_RESPONSE
+        );
+    }
+    let mut out = Vec::new();
+    relay.expire(T0 + PERMISSION_LIFETIME_MS, &mut ports, &mut Vec::new());
+    assert_eq!(udp(&relay).permissions, 1);
+    assert!(relay.handle_peer(T0 + PERMISSION_LIFETIME_MS, relay_addr, peer(), b"x", &mut out).is_some());
+    relay.expire(later + PERMISSION_LIFETIME_MS, &mut ports, &mut Vec::new());
+    assert_eq!((udp(&relay).permissions, udp(&relay).channels), (0, 1));
+    // The allocation (600 s from T0) is due before the channel (600 s from `later`), and its end
+    // takes the channel's timer with it.
+    assert_eq!(relay.next_deadline(), Some(T0 + 600_000));
+    relay.expire(T0 + 600_000, &mut ports, &mut Vec::new());
+    assert_eq!(relay.next_deadline(), None);
+    assert_eq!(udp(&relay), Gauges::default());
+}
+
+#[test]
+fn an_allocation_with_many_permissions_ends_with_all_its_timers() {
+    let mut ports = Ports::default();
+    let mut relay = relay(Settings { max_permissions: 1000, ..settings() });
+    let client = allocate(&mut relay, &mut ports, T0);
+    let request = client.request(METHOD_CREATE_PERMISSION, loopback_peers(1, 1000));
+    assert_eq!(
+        reply(relay.handle_client(T0, tuple0(), &request, &mut ports)).typ.class,
+        CLASS_SUCCESS_RESPONSE
+    );
+    assert_eq!(udp(&relay).permissions, 1000);
+    let refresh = client.request(METHOD_REFRESH, vec![Box::new(Lifetime(std::time::Duration::ZERO))]);
+    reply(relay.handle_client(T0 + 1, tuple0(), &refresh, &mut ports));
+    assert_eq!(udp(&relay), Gauges::default());
+    assert_eq!(relay.next_deadline(), None, "no timer left behind");
+}
+
+fn tcp_tuple() -> FiveTuple {
+    FiveTuple { transport: Transport::Tcp, ..tuple0() }
+}
+
+#[test]
+fn a_stream_client_without_an_allocation_is_hung_up_on_after_the_allocate_timeout() {
+    let mut ports = Ports::default();
+    let mut relay = relay(settings());
+    let mut hang_up = Vec::new();
+    relay.stream_opened(T0, tcp_tuple());
+    relay.expire(T0 + 59_999, &mut ports, &mut hang_up);
+    assert!(hang_up.is_empty());
+    relay.expire(T0 + 60_000, &mut ports, &mut hang_up);
+    assert_eq!(hang_up, [tcp_tuple()]);
+    assert_eq!(relay.stats(Transport::Tcp).unallocated_hang_ups, 1);
+    check_bookkeeping(&relay);
+
+    // A client that closes first leaves no timer behind.
+    relay.stream_opened(T0, tcp_tuple());
+    relay.close(tcp_tuple(), &mut ports);
+    assert_eq!(relay.next_deadline(), None);
+}
+
+#[test]
+fn a_stream_client_has_the_allocate_timeout_again_once_its_allocation_ends() {
+    let mut ports = Ports::default();
+    let mut relay = relay(settings());
+    let mut hang_up = Vec::new();
+    relay.stream_opened(T0, tcp_tuple());
+    let mut client = Client::new(SECRET, "@alice:example.org", T0, 3600);
+    client.nonce = Some(relay.nonces.issue(tcp_tuple().client.ip(), T0 / 1000));
+    let at = T0 + 10_000;
+    let allocate = client.request(METHOD_ALLOCATE, vec![transport()]);
+    assert_eq!(
+        reply(relay.handle_client(at, tcp_tuple(), &allocate, &mut ports)).typ.class,
+        CLASS_SUCCESS_RESPONSE
+    );
+    relay.expire(T0 + 60_000, &mut ports, &mut hang_up);
+    assert!(hang_up.is_empty(), "it allocated in time");
+    // The allocation ends (refreshed to 0): the clock starts again from there.
+    let end = T0 + 100_000;
+    let refresh = client.request(METHOD_REFRESH, vec![Box::new(Lifetime(std::time::Duration::ZERO))]);
+    reply(relay.handle_client(end, tcp_tuple(), &refresh, &mut ports));
+    relay.expire(end + 59_999, &mut ports, &mut hang_up);
+    assert!(hang_up.is_empty());
+    relay.expire(end + 60_000, &mut ports, &mut hang_up);
+    assert_eq!(hang_up, [tcp_tuple()]);
+    // And the same when it expires rather than being refreshed away.
+    let mut relay = relay_with_stream_allocation(&mut ports, &client);
+    hang_up.clear();
+    relay.expire(T0 + 600_000, &mut ports, &mut hang_up);
+    assert!(hang_up.is_empty());
+    relay.expire(T0 + 660_000, &mut ports, &mut hang_up);
+    assert_eq!(hang_up, [tcp_tuple()]);
+}
+
+fn relay_with_stream_allocation(ports: &mut Ports, client: &Client) -> Relay {
+    let mut relay = relay(settings());
+    relay.stream_opened(T0, tcp_tuple());
+    let allocate = client.request(METHOD_ALLOCATE, vec![transport()]);
+    assert_eq!(
+        reply(relay.handle_client(T0, tcp_tuple(), &allocate, ports)).typ.class,
+        CLASS_SUCCESS_RESPONSE
+    );
+    relay
+}
+
+/// The attribute types the relay understands in requests.
+const FUZZED_TYPES: [AttrType; 9] = [
+    ATTR_XOR_PEER_ADDRESS,
+    stun::attributes::ATTR_CHANNEL_NUMBER,
+    stun::attributes::ATTR_LIFETIME,
+    stun::attributes::ATTR_REQUESTED_TRANSPORT,
+    stun::attributes::ATTR_EVEN_PORT,
+    stun::attributes::ATTR_REQUESTED_ADDRESS_FAMILY,
+    stun::attributes::ATTR_RESERVATION_TOKEN,
+    stun::attributes::ATTR_DONT_FRAGMENT,
+    ATTR_DATA,
+];
+
+/// A request of `method` with `attributes` as they are, then the client's credentials and a valid
+/// MESSAGE-INTEGRITY over all of it.
+fn signed(client: &Client, method: Method, attributes: &[(AttrType, Vec<u8>)]) -> Vec<u8> {
+    let mut message = Message::new();
+    message
+        .build(&[
+            Box::new(TransactionIdFrom(random_transaction_id())),
+            Box::new(MessageType::new(method, CLASS_REQUEST)),
+        ])
+        .unwrap();
+    for (typ, value) in attributes {
+        message.add(*typ, value);
+    }
+    let credentials: [Box<dyn Setter>; 4] = [
+        Box::new(TextAttribute::new(ATTR_USERNAME, client.username.clone())),
+        Box::new(TextAttribute::new(ATTR_REALM, REALM.to_owned())),
+        Box::new(TextAttribute::new(ATTR_NONCE, client.nonce.clone().unwrap())),
+        Box::new(MessageIntegrity::new_long_term_integrity(
+            client.username.clone(),
+            REALM.to_owned(),
+            client.password.clone(),
+        )),
+    ];
+    for setter in credentials {
+        setter.add_to(&mut message).unwrap();
+    }
+    message.raw
+}
+
+#[test]
+fn fuzzed_attributes_of_authenticated_requests_reach_the_handlers_and_never_panic() {
+    const ROUNDS: u64 = 20_000;
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6175_7468);
+    let mut ports = Ports::default();
+    let mut relay = relay(Settings { max_permissions: 8, max_channels: 4, ..settings() });
+    let client = allocate(&mut relay, &mut ports, T0);
+    let attributes = |setters: Vec<Box<dyn Setter>>| -> Vec<(AttrType, Vec<u8>)> {
+        let mut message = Message::new();
+        for setter in setters {
+            setter.add_to(&mut message).unwrap();
+        }
+        message.attributes.0.iter().map(|attribute| (attribute.typ, attribute.value.clone())).collect()
+    };
+    let samples = [
+        (METHOD_CREATE_PERMISSION, attributes(loopback_peers(1, 3))),
+        (
+            METHOD_CHANNEL_BIND,
+            attributes(vec![Box::new(turn::proto::channum::ChannelNumber(0x4000)), peer_attr(peer())]),
+        ),
+        (METHOD_REFRESH, attributes(vec![Box::new(Lifetime(std::time::Duration::from_secs(900)))])),
+        (METHOD_ALLOCATE, attributes(vec![transport()])),
+    ];
+    let (mut answered_after_auth, mut successes, mut codes) = (0, 0, HashSet::new());
+    for round in 0..ROUNDS {
+        let (mut method, mut attributes) = samples[usize::try_from(round).unwrap() % samples.len()].clone();
+        for _ in 0..rng.random_range(1..4) {
+            let at = rng.random_range(0..attributes.len().max(1));
+            match rng.random_range(0..7) {
+                0 if !attributes.is_empty() => {
+                    let value = &mut attributes[at].1;
+                    if !value.is_empty() {
+                        let byte = rng.random_range(0..value.len());
+                        value[byte] ^= rng.random_range(1..=u8::MAX);
+                    }
+                }
+                1 if !attributes.is_empty() => {
+                    let length = rng.random_range(0..=attributes[at].1.len());
+                    attributes[at].1.truncate(length);
+                }
+                2 if !attributes.is_empty() => {
+                    attributes[at].1.extend((0..rng.random_range(1..24)).map(|_| rng.random::<u8>()));
+                }
+                3 if !attributes.is_empty() => attributes[at].0 = FUZZED_TYPES[rng.random_range(0..9)],
+                4 if !attributes.is_empty() => attributes.push(attributes[at].clone()),
+                5 if !attributes.is_empty() => {
+                    attributes.remove(at);
+                }
+                _ => {
+                    method = [METHOD_CREATE_PERMISSION, METHOD_CHANNEL_BIND, METHOD_REFRESH, METHOD_ALLOCATE]
+                        [rng.random_range(0..4)];
+                }
+            }
+        }
+        let now = T0 + round;
+        let Action::Reply(bytes) =
+            relay.handle_client(now, tuple0(), &signed(&client, method, &attributes), &mut ports)
+        else {
+            continue;
+        };
+        let answer = decode(&bytes);
+        if answer.contains(stun::attributes::ATTR_MESSAGE_INTEGRITY) {
+            answered_after_auth += 1;
+        }
+        match code(&answer) {
+            None => successes += 1,
+            Some(code) => {
+                codes.insert(code);
+            }
+        }
+        relay.expire(now, &mut ports, &mut Vec::new());
+        check_bookkeeping(&relay);
+    }
+    // Past authentication (answers are signed), into every handler's parsing.
+    assert!(
+        answered_after_auth > ROUNDS * 3 / 4,
+        "{answered_after_auth} of {ROUNDS} got past authentication"
+    );
+    assert!(successes > ROUNDS / 10, "{successes} successes");
+    for expected in [400, 403, 437, 508] {
+        assert!(codes.contains(&expected), "no {expected} among {codes:?}");
+    }
+    assert!(udp(&relay).permissions <= 8 && udp(&relay).channels <= 4);
+    let binding = Client::new(SECRET, "x", T0, 60).request(METHOD_BINDING, vec![]);
+    let answer = reply(relay.handle_client(T0 + ROUNDS, tuple0(), &binding, &mut ports));
+    assert_eq!(answer.typ.class, CLASS_SUCCESS_RESPONSE);
 }
