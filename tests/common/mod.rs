@@ -169,6 +169,21 @@ pub async fn start(config: Config) -> Running {
     running
 }
 
+/// [`start`] on `clock` (tests step a `Clock::manual` instead of sleeping).
+pub async fn start_with_clock(config: Config, clock: switchboard::clock::Clock) -> Running {
+    let listeners = bind(&config).await;
+    let appservice = listeners.appservice.local_addr().unwrap();
+    let client = listeners.client.local_addr().unwrap();
+    let ops = listeners.ops.local_addr().unwrap();
+    let turn = listeners.turn.as_ref().map(|turn| turn.local_addr().unwrap());
+    let turn_tls = listeners.turn.as_ref().and_then(switchboard::turn::io::Listeners::tls_local_addr);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(switchboard::run_with_clock(config, listeners, clock, shutdown.clone()));
+    let running = Running { appservice, client, ops, turn, turn_tls, shutdown, task };
+    running.wait_listening().await;
+    running
+}
+
 impl Running {
     pub fn appservice_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.appservice)
