@@ -61,11 +61,6 @@ impl Allocation {
 }
 
 impl Relay {
-    /// Whether `tuple` holds an allocation.
-    pub fn has_allocation(&self, tuple: FiveTuple) -> bool {
-        self.allocations.contains_key(&tuple)
-    }
-
     /// A stream (TCP, TLS) client connected: it is hung up on (see [`Relay::expire`]) unless it
     /// allocates within `allocate_timeout_ms`.
     pub fn stream_opened(&mut self, now_ms: u64, tuple: FiveTuple) {
@@ -116,7 +111,8 @@ impl Relay {
     }
 
     /// The earliest deadline [`Relay::expire`] has to act on, if any.
-    pub fn next_deadline(&self) -> Option<u64> {
+    #[cfg(test)]
+    pub(super) fn next_deadline(&self) -> Option<u64> {
         self.deadlines.first().map(|(deadline, _)| *deadline)
     }
 
