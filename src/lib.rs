@@ -182,7 +182,13 @@ pub async fn run_with_clock(
         shutdown.clone(),
     ));
     if let Some(listeners) = turn_listener {
-        tasks.spawn(turn::io::serve(turn::embedded(&config), listeners, metrics.clone(), shutdown.clone()));
+        tasks.spawn(turn::io::serve(
+            turn::embedded(&config),
+            listeners,
+            metrics.clone(),
+            clock.clone(),
+            shutdown.clone(),
+        ));
     }
     tasks.close();
 
@@ -262,16 +268,4 @@ fn client_router(
             .merge(directory::api::router(Arc::new(discovery_api)))
             .merge(turn::api::router(Arc::new(turn_api))),
     )
-}
-
-/// [`unix_millis`] as the TURN relay's clock.
-pub(crate) fn unix_millis_u64() -> u64 {
-    u64::try_from(unix_millis()).unwrap_or(0)
-}
-
-/// Wall-clock time in unix milliseconds (what the store and Matrix timestamps use).
-pub(crate) fn unix_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -161,6 +161,9 @@ pub struct TurnMetrics {
     pub amplification_dropped: Family<TransportLabel, Counter>,
     pub over_bandwidth_dropped: Family<TransportLabel, Counter>,
     pub connections_refused: Family<TransportLabel, Counter>,
+    pub permission_refusals: Family<TransportLabel, Counter>,
+    pub channel_refusals: Family<TransportLabel, Counter>,
+    pub allocate_timeouts: Family<TransportLabel, Counter>,
 }
 
 impl TurnMetrics {
@@ -205,6 +208,21 @@ impl TurnMetrics {
             "connections_refused",
             "TCP and TLS connections closed at once: their source had connections_per_source open",
             self.connections_refused.clone(),
+        );
+        turn.register(
+            "permission_refusals",
+            "CreatePermission/ChannelBind refused (508): the allocation holds permissions_per_allocation",
+            self.permission_refusals.clone(),
+        );
+        turn.register(
+            "channel_refusals",
+            "ChannelBind refused (508): the allocation holds channels_per_allocation",
+            self.channel_refusals.clone(),
+        );
+        turn.register(
+            "allocate_timeouts",
+            "TCP and TLS clients hung up on after allocate_timeout_secs without an allocation",
+            self.allocate_timeouts.clone(),
         );
     }
 }

@@ -570,13 +570,23 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
 #[tokio::test]
 async fn tcp_clients_are_hung_up_after_the_allocate_timeout_without_an_allocation() {
     let dir = tempfile::tempdir().unwrap();
-    let turn = "allowed_peers = [\"127.0.0.0/8\"]\nallocate_timeout_secs = 1\n";
-    let (running, server) = relay(dir.path(), turn).await;
-    let connected = std::time::Instant::now();
-    let mut silent = TcpStream::connect(server).await.unwrap();
+    let toml = common::config_toml(&common::sqlite_url(dir.path()), "http://127.0.0.1:9", [0, 0, 0]).replace(
+        "allowed_peers = [\"127.0.0.0/8\"]\n",
+        "allowed_peers = [\"127.0.0.0/8\"]\nallocate_timeout_secs = 300\n",
+    );
+    let config = switchboard::config::Config::from_toml_str(&toml).expect("valid config");
+    // Stepped time: the relay's expiry tick and allocate timeout run on this clock.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let clock = switchboard::clock::Clock::manual(i64::try_from(now).unwrap());
+    let running = common::start_with_clock(config, clock.clone()).await;
+    let server = running.turn.expect("the embedded relay listens");
+    let mut unallocated = TcpStream::connect(server).await.unwrap();
     let mut allocating = TcpStream::connect(server).await.unwrap();
     // The client's messages and credentials; its UDP socket stays unused.
     let mut client = Client::new(server, "@alice:localhost").await;
+    // Both connections are served (so both are registered) before the clock moves.
+    let binding = stream_exchange(&mut unallocated, &client.build(METHOD_BINDING, vec![], false)).await;
+    assert!(success(&binding), "{binding}");
     let challenge =
         stream_exchange(&mut allocating, &client.build(METHOD_ALLOCATE, vec![udp()], false)).await;
     assert_eq!(code(&challenge), Some(401));
@@ -584,19 +594,27 @@ async fn tcp_clients_are_hung_up_after_the_allocate_timeout_without_an_allocatio
     let allocated = stream_exchange(&mut allocating, &client.build(METHOD_ALLOCATE, vec![udp()], true)).await;
     assert!(success(&allocated), "{allocated}");
 
-    assert!(closed_within(&mut silent, Duration::from_secs(5)).await, "a silent connection is hung up");
-    assert!(connected.elapsed() >= Duration::from_secs(1), "not before the timeout");
+    // A wall clock would take 300 s; this one is stepped. Just before the timeout: still served.
+    // (The relay looks once per second of its clock, hence the second steps of 1 s.)
+    clock.advance(Duration::from_millis(299_999));
+    let binding = stream_exchange(&mut unallocated, &client.build(METHOD_BINDING, vec![], false)).await;
+    assert!(success(&binding), "still served before the timeout: {binding}");
+    clock.advance(Duration::from_secs(1));
+    assert!(closed_within(&mut unallocated, WAIT).await, "hung up once the timeout passed");
     // The allocated connection outlives the timeout and is still served.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     let binding = stream_exchange(&mut allocating, &client.build(METHOD_BINDING, vec![], false)).await;
     assert!(success(&binding), "{binding}");
-    // Deleting the allocation starts the clock again.
+    // Deleting the allocation starts the timeout again.
     let zero: Box<dyn Setter> = Box::new(Lifetime(Duration::ZERO));
     let deleted = stream_exchange(&mut allocating, &client.build(METHOD_REFRESH, vec![zero], true)).await;
     assert!(success(&deleted), "{deleted}");
-    let deleted_at = std::time::Instant::now();
-    assert!(closed_within(&mut allocating, Duration::from_secs(5)).await, "hung up once unallocated");
-    assert!(deleted_at.elapsed() >= Duration::from_millis(900), "not before the timeout");
+    clock.advance(Duration::from_millis(299_999));
+    let binding = stream_exchange(&mut allocating, &client.build(METHOD_BINDING, vec![], false)).await;
+    assert!(success(&binding), "still served before the timeout: {binding}");
+    clock.advance(Duration::from_secs(1));
+    assert!(closed_within(&mut allocating, WAIT).await, "hung up once unallocated for the timeout");
+    let metrics = running.metrics().await;
+    assert_eq!(common::metric(&metrics, "switchboard_turn_allocate_timeouts_total{transport=\"tcp\"}"), 2);
     running.stop().await.unwrap();
 }
 

@@ -71,6 +71,13 @@ pub struct TurnConfig {
     /// Open TCP and TLS connections per source (an IPv4 address or IPv6 /64; 0: no limit).
     #[serde(default = "default_turn_connections_per_source")]
     pub connections_per_source: usize,
+    /// Permissions (peer IP addresses) one allocation may hold; a CreatePermission or ChannelBind
+    /// that would install more is refused with 508 (Insufficient Capacity).
+    #[serde(default = "default_turn_permissions_per_allocation")]
+    pub permissions_per_allocation: usize,
+    /// Channel bindings one allocation may hold; a ChannelBind for one more gets 508.
+    #[serde(default = "default_turn_channels_per_allocation")]
+    pub channels_per_allocation: usize,
     /// Relay threads (shards, each with its own sockets on the listen addresses); 0: one per core.
     #[serde(default)]
     pub threads: usize,
@@ -124,6 +131,12 @@ fn default_turn_allocate_timeout_secs() -> u64 {
 fn default_turn_connections_per_source() -> usize {
     256
 }
+fn default_turn_permissions_per_allocation() -> usize {
+    128
+}
+fn default_turn_channels_per_allocation() -> usize {
+    128
+}
 fn default_turn_user_lifetime_secs() -> u64 {
     86_400
 }
@@ -155,6 +168,8 @@ impl Default for TurnConfig {
             nonce_lifetime_secs: default_turn_nonce_lifetime_secs(),
             allocate_timeout_secs: default_turn_allocate_timeout_secs(),
             connections_per_source: default_turn_connections_per_source(),
+            permissions_per_allocation: default_turn_permissions_per_allocation(),
+            channels_per_allocation: default_turn_channels_per_allocation(),
             threads: 0,
             uris: Vec::new(),
             user_lifetime_secs: default_turn_user_lifetime_secs(),
@@ -194,6 +209,12 @@ impl TurnConfig {
         }
         if self.allocate_timeout_secs == 0 {
             return Err(invalid("turn.allocate_timeout_secs", "must be at least 1"));
+        }
+        if self.permissions_per_allocation == 0 {
+            return Err(invalid("turn.permissions_per_allocation", "must be at least 1"));
+        }
+        if self.channels_per_allocation == 0 {
+            return Err(invalid("turn.channels_per_allocation", "must be at least 1"));
         }
         if self.threads > 256 {
             return Err(invalid("turn.threads", "must be at most 256 (0: one per core)"));
@@ -252,6 +273,10 @@ allocate_timeout_secs = 60
 # Open TCP and TLS connections per source (0: no limit); more are closed at once. For this and
 # unauthenticated_per_sec a source is an IPv4 address or an IPv6 /64.
 connections_per_source = 256
+# Permissions (peer IP addresses) and channel bindings one allocation may hold; a CreatePermission
+# or ChannelBind past them is refused with 508 (Insufficient Capacity).
+permissions_per_allocation = 128
+channels_per_allocation = 128
 # Relay threads, each with its own sockets on the listen addresses (SO_REUSEPORT); 0: one per core.
 threads = 0
 # TURN URIs handed to clients, e.g. ["turn:turn.example.org:3478?transport=udp"]. Empty: the embedded

@@ -12,7 +12,11 @@
 //!
 //! Sends never wait: a full socket buffer (or a stream client's full backlog) drops the packet, as
 //! the network would. Closing a TCP or TLS connection deletes its allocation (RFC 8656 §3.1); a
-//! connection that goes `allocate_timeout` without one is closed.
+//! connection that goes `allocate_timeout` without one is closed (the state machine keeps that
+//! timer and says when). Stream clients are told apart by their whole 5-tuple.
+//!
+//! Time comes from the [`Clock`] handed to [`serve`]: the shards read it once per batch of
+//! datagrams, and their expiry tick sleeps on it.
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
@@ -31,6 +35,7 @@ use tokio_util::task::TaskTracker;
 
 use super::Embedded;
 use super::server::{Action, FiveTuple, Relay, RelayPorts, Transport};
+use crate::clock::Clock;
 use crate::telemetry::TransportLabel;
 
 /// Largest datagram read (a TURN message carrying a full-size UDP payload fits).
@@ -160,16 +165,18 @@ pub async fn serve(
     embedded: Embedded,
     listeners: Listeners,
     metrics: Arc<crate::telemetry::Metrics>,
+    clock: Clock,
     shutdown: CancellationToken,
 ) {
-    let Embedded { settings, limits, sockets, allocate_timeout } = embedded;
+    let Embedded { settings, limits, sockets } = embedded;
     let waiting = TaskTracker::new();
     for (index, shard) in listeners.shards.into_iter().enumerate() {
         let (finished, outcome) = oneshot::channel();
         let relay = Relay::new(settings.clone(), limits.clone());
-        let (tls, metrics, stop) = (listeners.tls.clone(), metrics.clone(), shutdown.clone());
+        let (tls, metrics, stop, clock) =
+            (listeners.tls.clone(), metrics.clone(), shutdown.clone(), clock.clone());
         let spawned = std::thread::Builder::new().name(format!("turn-shard-{index}")).spawn(move || {
-            let _ = finished.send(run_shard(relay, shard, tls, sockets, allocate_timeout, &metrics, &stop));
+            let _ = finished.send(run_shard(relay, shard, tls, sockets, &clock, &metrics, &stop));
         });
         if let Err(error) = spawned {
             tracing::error!(%error, "turn.shard could not start; shutting down");
@@ -197,7 +204,7 @@ fn run_shard(
     listeners: ShardListeners,
     tls: Option<tokio_rustls::TlsAcceptor>,
     sockets: RelaySockets,
-    allocate_timeout: Duration,
+    clock: &Clock,
     metrics: &crate::telemetry::Metrics,
     shutdown: &CancellationToken,
 ) -> std::io::Result<()> {
@@ -209,30 +216,23 @@ fn run_shard(
             (Some(listener), Some(acceptor)) => Some((TcpListener::from_std(listener)?, acceptor)),
             _ => None,
         };
-        let shard = Arc::new_cyclic(|weak| {
-            Mutex::new(Shard {
-                relay,
-                ports: Ports {
-                    config: sockets,
-                    sockets: HashMap::new(),
-                    shard: weak.clone(),
-                    udp: udp.clone(),
-                },
-                streams: HashMap::new(),
-                buffer: vec![0; MAX_DATAGRAM].into_boxed_slice(),
-                framed: Vec::with_capacity(MAX_DATAGRAM),
-            })
-        });
+        let shard = Shard::new(relay, sockets, udp.clone(), clock.clone());
         // Tasks end with the runtime, when this block returns.
         tokio::spawn(serve_udp(udp, shard.clone()));
         let refused = |transport: &'static str| {
             metrics.turn.connections_refused.get_or_create(&TransportLabel { transport }).clone()
         };
-        tokio::spawn(accept_streams(tcp, None, shard.clone(), refused("tcp")));
+        tokio::spawn(accept_streams(tcp, None, shard.clone(), clock.clone(), refused("tcp")));
         if let Some((listener, acceptor)) = tls {
-            tokio::spawn(accept_streams(listener, Some(acceptor), shard.clone(), refused("tls")));
+            tokio::spawn(accept_streams(
+                listener,
+                Some(acceptor),
+                shard.clone(),
+                clock.clone(),
+                refused("tls"),
+            ));
         }
-        expire_until(&shard, allocate_timeout, metrics, shutdown).await;
+        expire_until(&shard, clock, metrics, shutdown).await;
         Ok(())
     })
 }
@@ -241,22 +241,20 @@ fn run_shard(
 struct Shard {
     relay: Relay,
     ports: Ports,
-    /// Bytes waiting to be written to each stream (TCP, TLS) client, by its address.
-    streams: HashMap<SocketAddr, Backlog>,
+    /// Bytes waiting to be written to each stream (TCP, TLS) client, by its 5-tuple.
+    streams: HashMap<FiveTuple, Backlog>,
+    /// Where the shard reads the time.
+    clock: Clock,
     /// What datagrams are read into, for every socket of the shard.
     buffer: Box<[u8]>,
     /// A peer's datagram framed for its client.
     framed: Vec<u8>,
 }
 
-/// Bytes for a stream client, the writer task to wake, and since when it has had no allocation.
+/// Bytes for a stream client, and the writer task to wake.
 struct Backlog {
     bytes: Vec<u8>,
     wake: Arc<Notify>,
-    tuple: FiveTuple,
-    /// Since when it has been without an allocation (Unix ms): its connection, or the first
-    /// expiry tick that found its allocation gone. `None` while it has one.
-    unallocated_since: Option<u64>,
 }
 
 impl Backlog {
@@ -317,15 +315,29 @@ impl RelayPorts for Ports {
 }
 
 impl Shard {
+    fn new(relay: Relay, sockets: RelaySockets, udp: Arc<UdpSocket>, clock: Clock) -> Arc<Mutex<Shard>> {
+        Arc::new_cyclic(|weak| {
+            Mutex::new(Shard {
+                relay,
+                ports: Ports { config: sockets, sockets: HashMap::new(), shard: weak.clone(), udp },
+                streams: HashMap::new(),
+                clock,
+                buffer: vec![0; MAX_DATAGRAM].into_boxed_slice(),
+                framed: Vec::with_capacity(MAX_DATAGRAM),
+            })
+        })
+    }
+
     /// Hands a client's packet to the state machine and carries out the answer: relayed data is
     /// sent here, a reply is returned for the caller to send on the client's transport.
     fn client_packet(
         relay: &mut Relay,
         ports: &mut Ports,
+        now_ms: u64,
         tuple: FiveTuple,
         packet: &[u8],
     ) -> Option<Vec<u8>> {
-        match relay.handle_client(crate::unix_millis_u64(), tuple, packet, ports) {
+        match relay.handle_client(now_ms, tuple, packet, ports) {
             Action::None => None,
             Action::Reply(bytes) => Some(bytes),
             Action::Relay { relay, peer, data } => {
@@ -346,7 +358,8 @@ async fn serve_udp(udp: Arc<UdpSocket>, shard: Arc<Mutex<Shard>>) {
             return;
         }
         let mut guard = lock(&shard);
-        let Shard { relay, ports, buffer, .. } = &mut *guard;
+        let Shard { relay, ports, buffer, clock, .. } = &mut *guard;
+        let now = clock.unix_millis_u64();
         for _ in 0..READ_BATCH {
             let (length, client) = match udp.try_recv_from(buffer) {
                 Ok(received) => received,
@@ -355,7 +368,7 @@ async fn serve_udp(udp: Arc<UdpSocket>, shard: Arc<Mutex<Shard>>) {
                 Err(_) => continue,
             };
             let tuple = FiveTuple { client, server, transport: Transport::Udp };
-            if let Some(reply) = Shard::client_packet(relay, ports, tuple, &buffer[..length]) {
+            if let Some(reply) = Shard::client_packet(relay, ports, now, tuple, &buffer[..length]) {
                 send_to(&udp, &reply, client);
             }
         }
@@ -371,14 +384,14 @@ async fn read_peers(socket: Arc<UdpSocket>, shard: Weak<Mutex<Shard>>, udp: Arc<
         }
         let Some(shard) = shard.upgrade() else { return };
         let mut guard = lock(&shard);
-        let Shard { relay, streams, buffer, framed, .. } = &mut *guard;
+        let Shard { relay, streams, buffer, framed, clock, .. } = &mut *guard;
+        let now = clock.unix_millis_u64();
         for _ in 0..READ_BATCH {
             let (length, peer) = match socket.try_recv_from(buffer) {
                 Ok(received) => received,
                 Err(error) if error.kind() == ErrorKind::WouldBlock => break,
                 Err(_) => continue,
             };
-            let now = crate::unix_millis_u64();
             let Some(tuple) = relay.handle_peer(now, relay_addr, peer, &buffer[..length], framed) else {
                 continue;
             };
@@ -387,7 +400,7 @@ async fn read_peers(socket: Arc<UdpSocket>, shard: Weak<Mutex<Shard>>, udp: Arc<
                     send_to(&udp, framed, tuple.client);
                 }
                 Transport::Tcp | Transport::Tls => {
-                    if let Some(backlog) = streams.get_mut(&tuple.client) {
+                    if let Some(backlog) = streams.get_mut(&tuple) {
                         backlog.push(framed);
                     }
                 }
@@ -401,9 +414,10 @@ async fn accept_streams(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shard: Arc<Mutex<Shard>>,
+    clock: Clock,
     refused: Counter,
 ) {
-    let Ok(server) = listener.local_addr() else { return };
+    let Ok(listening) = listener.local_addr() else { return };
     let limits = lock(&shard).relay.limits().clone();
     loop {
         let (stream, client) = match listener.accept().await {
@@ -411,7 +425,7 @@ async fn accept_streams(
             Err(error) => {
                 // Out of descriptors and the like: pause rather than spin.
                 tracing::warn!(%error, "turn.accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                clock.sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
@@ -422,22 +436,28 @@ async fn accept_streams(
         }
         let counted = Counted { limits: limits.clone(), source: client.ip() };
         let _ = stream.set_nodelay(true);
-        let shard = shard.clone();
+        // The address the client reached (a wildcard listener has several).
+        let server = stream.local_addr().unwrap_or(listening);
+        let (shard, clock) = (shard.clone(), clock.clone());
         match &tls {
             None => {
                 let tuple = FiveTuple { client, server, transport: Transport::Tcp };
                 tokio::spawn(async move {
                     let _counted = counted;
-                    serve_stream(stream, tuple, shard).await;
+                    serve_stream(stream, tuple, shard, clock).await;
                 });
             }
             Some(acceptor) => {
                 let handshake = acceptor.accept(stream);
                 tokio::spawn(async move {
                     let _counted = counted;
-                    if let Ok(Ok(stream)) = tokio::time::timeout(TLS_HANDSHAKE, handshake).await {
+                    let stream = tokio::select! {
+                        handshake = handshake => handshake,
+                        () = clock.sleep(TLS_HANDSHAKE) => return,
+                    };
+                    if let Ok(stream) = stream {
                         let tuple = FiveTuple { client, server, transport: Transport::Tls };
-                        serve_stream(stream, tuple, shard).await;
+                        serve_stream(stream, tuple, shard, clock).await;
                     }
                 });
             }
@@ -459,24 +479,23 @@ impl Drop for Counted {
 
 /// Serves one stream client: frames STUN messages and ChannelData out of the byte stream, and
 /// writes what the shard queues for it (replies and relayed data, in order).
-async fn serve_stream<S>(stream: S, tuple: FiveTuple, shard: Arc<Mutex<Shard>>)
+async fn serve_stream<S>(stream: S, tuple: FiveTuple, shard: Arc<Mutex<Shard>>, clock: Clock)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let wake = Arc::new(Notify::new());
-    let backlog = Backlog {
-        bytes: Vec::new(),
-        wake: wake.clone(),
-        tuple,
-        unallocated_since: Some(crate::unix_millis_u64()),
-    };
-    lock(&shard).streams.insert(tuple.client, backlog);
+    {
+        let mut guard = lock(&shard);
+        let Shard { relay, streams, clock, .. } = &mut *guard;
+        relay.stream_opened(clock.unix_millis_u64(), tuple);
+        streams.insert(tuple, Backlog { bytes: Vec::new(), wake: wake.clone() });
+    }
     let writing = async {
         let mut pending = Vec::new();
         loop {
             wake.notified().await;
-            match lock(&shard).streams.get_mut(&tuple.client) {
+            match lock(&shard).streams.get_mut(&tuple) {
                 Some(backlog) => std::mem::swap(&mut backlog.bytes, &mut pending),
                 None => return,
             }
@@ -494,9 +513,12 @@ where
         let mut inbound: Vec<u8> = Vec::with_capacity(4096);
         loop {
             inbound.reserve(4096);
-            match tokio::time::timeout(STREAM_IDLE, reader.read_buf(&mut inbound)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return,
+            let read = tokio::select! {
+                read = reader.read_buf(&mut inbound) => read,
+                () = clock.sleep(STREAM_IDLE) => return,
+            };
+            if !matches!(read, Ok(n) if n > 0) {
+                return;
             }
             let Some(consumed) = stream_frames(&shard, tuple, &inbound) else { return };
             inbound.drain(..consumed);
@@ -508,7 +530,7 @@ where
     }
     let mut guard = lock(&shard);
     let Shard { relay, ports, streams, .. } = &mut *guard;
-    streams.remove(&tuple.client);
+    streams.remove(&tuple);
     relay.close(tuple, ports);
 }
 
@@ -532,7 +554,8 @@ where
 /// stream is not TURN (hang up).
 fn stream_frames(shard: &Mutex<Shard>, tuple: FiveTuple, inbound: &[u8]) -> Option<usize> {
     let mut guard = lock(shard);
-    let Shard { relay, ports, streams, .. } = &mut *guard;
+    let Shard { relay, ports, streams, clock, .. } = &mut *guard;
+    let now = clock.unix_millis_u64();
     let mut start = 0;
     while let Some(length) = frame_length(&inbound[start..]) {
         if length > MAX_DATAGRAM {
@@ -542,8 +565,8 @@ fn stream_frames(shard: &Mutex<Shard>, tuple: FiveTuple, inbound: &[u8]) -> Opti
             break;
         }
         let frame = &inbound[start..start + length];
-        if let Some(reply) = Shard::client_packet(relay, ports, tuple, frame)
-            && let Some(backlog) = streams.get_mut(&tuple.client)
+        if let Some(reply) = Shard::client_packet(relay, ports, now, tuple, frame)
+            && let Some(backlog) = streams.get_mut(&tuple)
         {
             backlog.push(&reply);
         }
@@ -565,27 +588,32 @@ fn frame_length(bytes: &[u8]) -> Option<usize> {
     }
 }
 
-/// Drops expired allocations, permissions and channels, and publishes the shard's metrics, every
-/// second until `shutdown`.
+/// Drops expired allocations, permissions and channels, hangs up on the stream clients the relay
+/// says went `allocate_timeout` without an allocation, and publishes the shard's metrics, every
+/// second of `clock` until `shutdown`.
 async fn expire_until(
     shard: &Mutex<Shard>,
-    allocate_timeout: Duration,
+    clock: &Clock,
     metrics: &crate::telemetry::Metrics,
     shutdown: &CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut published = super::Published::default();
-    let allocate_timeout_ms = u64::try_from(allocate_timeout.as_millis()).unwrap_or(u64::MAX);
+    let mut hang_up = Vec::new();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
+            () = clock.sleep(Duration::from_secs(1)) => {}
         }
-        let now = crate::unix_millis_u64();
         let mut guard = lock(shard);
         let Shard { relay, ports, streams, .. } = &mut *guard;
-        relay.expire(now, ports);
-        hang_up_unallocated(relay, streams, now, allocate_timeout_ms);
+        relay.expire(clock.unix_millis_u64(), ports, &mut hang_up);
+        for tuple in hang_up.drain(..) {
+            if let Some(backlog) = streams.remove(&tuple) {
+                tracing::debug!("turn.stream: no allocation within allocate_timeout_secs; hanging up");
+                // The writer finds its entry gone and ends the connection.
+                backlog.wake.notify_one();
+            }
+        }
         super::publish(&metrics.turn, relay, &mut published);
     }
     // What this shard counted leaves the gauges with it.
@@ -593,26 +621,6 @@ async fn expire_until(
     let Shard { relay, ports, .. } = &mut *guard;
     relay.close_all(ports);
     super::publish(&metrics.turn, relay, &mut published);
-}
-
-/// Hangs up on the stream clients that have gone `timeout_ms` without an allocation, since they
-/// connected or since their allocation ended: a connection that allocates nothing only holds a
-/// descriptor and buffers (coturn's max-allocate-timeout).
-fn hang_up_unallocated(relay: &Relay, streams: &mut HashMap<SocketAddr, Backlog>, now: u64, timeout_ms: u64) {
-    streams.retain(|client, backlog| {
-        if relay.has_allocation(backlog.tuple) {
-            backlog.unallocated_since = None;
-            return true;
-        }
-        let since = *backlog.unallocated_since.get_or_insert(now);
-        if now.saturating_sub(since) < timeout_ms {
-            return true;
-        }
-        tracing::debug!(%client, "turn.stream: no allocation within allocate_timeout_secs; hanging up");
-        // The writer finds its entry gone and ends the connection.
-        backlog.wake.notify_one();
-        false
-    });
 }
 
 /// Sends a datagram without waiting: a full socket buffer drops it, as the network would. This goes
@@ -633,7 +641,73 @@ mod tests {
 
     use tokio::io::AsyncWrite;
 
+    use super::*;
     use super::{frame_length, write_frame_by_frame};
+    use crate::turn::limits::Limits;
+    use crate::turn::policy::PeerPolicy;
+    use crate::turn::server::Settings;
+
+    /// A Binding request (no attributes) with transaction id `id`.
+    fn binding(id: u8) -> Vec<u8> {
+        [&[0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42][..], &[id; 12]].concat()
+    }
+
+    /// Reads one STUN message from `stream`, within 5 s.
+    async fn read_message(stream: &mut tokio::io::DuplexStream) -> Option<Vec<u8>> {
+        let mut header = [0u8; 20];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut header)).await.ok()?.ok()?;
+        let mut body = vec![0; usize::from(u16::from_be_bytes([header[2], header[3]]))];
+        stream.read_exact(&mut body).await.ok()?;
+        Some([&header[..], &body].concat())
+    }
+
+    #[tokio::test]
+    async fn stream_clients_from_one_address_are_told_apart_by_their_whole_five_tuple() {
+        let settings = Settings {
+            realm: "example.org".to_owned(),
+            secrets: vec![b"secret".to_vec()],
+            policy: PeerPolicy::default(),
+            nonce_key: [0; 32],
+            nonce_lifetime_secs: 600,
+            default_lifetime_secs: 600,
+            max_lifetime_secs: 3600,
+            bandwidth_bytes_per_sec: 0,
+            external_ip: None,
+            max_permissions: 1,
+            max_channels: 1,
+            allocate_timeout_ms: 60_000,
+        };
+        let relay = Relay::new(settings, Arc::new(Limits::new(1, 1, 0)));
+        let udp = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        let sockets = RelaySockets { ipv4: loopback, ipv6: None, ports: (0, 0) };
+        let clock = Clock::manual(1_700_000_000_000);
+        let shard = Shard::new(relay, sockets, udp, clock.clone());
+        // One client port on the TCP and on the TLS listener: two 5-tuples that share the client.
+        let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let tcp = FiveTuple { client, server: "127.0.0.1:3478".parse().unwrap(), transport: Transport::Tcp };
+        let tls = FiveTuple { server: "127.0.0.1:5349".parse().unwrap(), transport: Transport::Tls, ..tcp };
+        let (mut over_tcp, tcp_end) = tokio::io::duplex(4096);
+        let (mut over_tls, tls_end) = tokio::io::duplex(4096);
+        tokio::spawn(serve_stream(tcp_end, tcp, shard.clone(), clock.clone()));
+        let tls_served = tokio::spawn(serve_stream(tls_end, tls, shard.clone(), clock.clone()));
+        tokio::task::yield_now().await;
+
+        over_tcp.write_all(&binding(1)).await.unwrap();
+        let answer =
+            read_message(&mut over_tcp).await.expect("the TCP client's answer, on its own connection");
+        assert_eq!((&answer[..2], &answer[8..20]), (&[0x01, 0x01][..], &[1; 12][..]));
+        over_tls.write_all(&binding(2)).await.unwrap();
+        let answer = read_message(&mut over_tls).await.expect("the TLS client's answer");
+        assert_eq!(&answer[8..20], &[2; 12]);
+
+        // One of them leaving does not take the other's connection state with it.
+        drop(over_tls);
+        tls_served.await.unwrap();
+        over_tcp.write_all(&binding(3)).await.unwrap();
+        let answer = read_message(&mut over_tcp).await.expect("the TCP client still answered");
+        assert_eq!(&answer[8..20], &[3; 12]);
+    }
 
     /// Keeps what each `poll_write` was given.
     #[derive(Default)]

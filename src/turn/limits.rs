@@ -6,7 +6,8 @@
 //! A source is an IPv4 address or an IPv6 /64: one host or site is usually given a whole /64, so
 //! counting single IPv6 addresses would give it 2^64 budgets.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -40,6 +41,10 @@ struct State {
     total: usize,
     /// Token buckets of unauthenticated requests per source: (tokens, last refill in unix ms).
     sources: HashMap<IpAddr, (f64, u64)>,
+    /// One entry per tracked source: when its bucket was last computed to be full again. A source
+    /// used since is due early, and is then rescheduled rather than forgotten; forgetting idle
+    /// sources therefore looks at the ones that are due, not at the whole table.
+    refills: BinaryHeap<Reverse<(u64, IpAddr)>>,
     /// Open stream connections per source (only sources with at least one).
     connections: HashMap<IpAddr, usize>,
 }
@@ -130,33 +135,39 @@ impl Limits {
         let burst = 2.0 * rate;
         let source = source_key(source);
         let mut state = self.state();
-        if !state.sources.contains_key(&source) && state.sources.len() >= SOURCES_MAX {
+        let new = !state.sources.contains_key(&source);
+        if new && state.sources.len() >= SOURCES_MAX {
             // Forget sources whose bucket has refilled: they are no different from new ones.
-            state.sources.retain(|_, bucket| refilled(*bucket, now_ms, rate) < burst);
+            forget_refilled(&mut state, now_ms, rate);
             if state.sources.len() >= SOURCES_MAX {
                 return false;
             }
         }
         let bucket = state.sources.entry(source).or_insert((burst, now_ms));
         let tokens = refilled(*bucket, now_ms, rate).min(burst);
-        if tokens < 1.0 {
-            *bucket = (tokens, now_ms);
-            return false;
+        let allowed = tokens >= 1.0;
+        *bucket = (if allowed { tokens - 1.0 } else { tokens }, now_ms);
+        if new {
+            let due = full_at(*bucket, now_ms, rate);
+            state.refills.push(Reverse((due, source)));
         }
-        *bucket = (tokens - 1.0, now_ms);
-        true
+        allowed
     }
 
     /// Forgets the sources whose budget has refilled (called about once a second).
     pub fn forget_idle_sources(&self, now_ms: u64) {
         let rate = f64::from(self.unauthenticated_per_sec);
-        self.state().sources.retain(|_, bucket| refilled(*bucket, now_ms, rate) < 2.0 * rate);
+        if rate > 0.0 {
+            forget_refilled(&mut self.state(), now_ms, rate);
+        }
     }
 
-    /// Sources the limiter remembers.
+    /// Sources the limiter remembers (and checks it has one refill entry for each).
     #[cfg(test)]
     fn tracked_sources(&self) -> usize {
-        self.state().sources.len()
+        let state = self.state();
+        assert_eq!(state.refills.len(), state.sources.len(), "one refill entry per source");
+        state.sources.len()
     }
 }
 
@@ -166,6 +177,33 @@ fn source_key(address: IpAddr) -> IpAddr {
         IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(v6.to_bits() & !u128::from(u64::MAX))),
         v4 @ IpAddr::V4(_) => v4,
     }
+}
+
+/// Forgets the sources due in `state.refills` whose bucket is full at `now_ms`, and reschedules the
+/// due ones that were used since.
+fn forget_refilled(state: &mut State, now_ms: u64, rate: f64) {
+    while let Some(&Reverse((due, source))) = state.refills.peek() {
+        if due > now_ms {
+            break;
+        }
+        state.refills.pop();
+        let Some(bucket) = state.sources.get(&source).copied() else { continue };
+        if refilled(bucket, now_ms, rate) >= 2.0 * rate {
+            state.sources.remove(&source);
+        } else {
+            state.refills.push(Reverse((full_at(bucket, now_ms, rate), source)));
+        }
+    }
+}
+
+/// When `bucket` holds a full burst (twice the rate) again; after `now_ms`, so that a rescheduled
+/// source is never due twice at one time.
+fn full_at((tokens, at): (f64, u64), now_ms: u64, rate: f64) -> u64 {
+    let missing_secs = (2.0 * rate - tokens).max(0.0) / rate;
+    // At most two seconds' worth of milliseconds: no truncation, no sign to lose.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let missing_ms = (missing_secs * 1000.0).ceil() as u64;
+    at.saturating_add(missing_ms).max(now_ms + 1)
 }
 
 /// The tokens of `bucket` at `now_ms`, before the cap.
@@ -254,5 +292,22 @@ mod tests {
             "idle ones forgotten"
         );
         assert_eq!(limits.tracked_sources(), 1);
+    }
+
+    #[test]
+    fn a_source_in_use_is_kept_and_forgotten_once_its_budget_has_refilled() {
+        let limits = Limits::new(1, 1, 5);
+        let source: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(limits.allow_unauthenticated(source, T0));
+        // Due at T0 + 200 ms (one token back); used again just before: rescheduled, not forgotten.
+        assert!(limits.allow_unauthenticated(source, T0 + 150));
+        limits.forget_idle_sources(T0 + 200);
+        assert_eq!(limits.tracked_sources(), 1);
+        assert!(!limits.state().refills.is_empty());
+        // 8.75 tokens after its last use at T0 + 150: full (10) 250 ms later, forgotten then.
+        limits.forget_idle_sources(T0 + 399);
+        assert_eq!(limits.tracked_sources(), 1);
+        limits.forget_idle_sources(T0 + 400);
+        assert_eq!(limits.tracked_sources(), 0);
     }
 }

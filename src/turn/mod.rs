@@ -1,9 +1,9 @@
 //! TURN/STUN for peers that cannot reach each other directly.
 //!
 //! - [`credentials`]: the TURN REST scheme shared with Synapse and coturn; [`api`] hands them out.
-//! - [`server`]: the relay's state machine without IO, with [`policy`] (which peers may be reached),
-//!   [`nonce`] (stateless nonces) and [`limits`] (the quotas and unauthenticated budget its shards
-//!   share).
+//! - [`server`]: the relay's state machine without IO (its codec, authentication, allocations and
+//!   dispatch, one file each), with [`policy`] (which peers may be reached), [`nonce`] (stateless
+//!   nonces) and [`limits`] (the quotas and unauthenticated budget its shards share).
 //! - [`io`]: the relay over UDP, TCP and TLS, one shard per core.
 
 pub mod api;
@@ -42,8 +42,6 @@ pub struct Embedded {
     pub settings: server::Settings,
     pub limits: Arc<limits::Limits>,
     pub sockets: io::RelaySockets,
-    /// How long a stream client may stay connected without an allocation.
-    pub allocate_timeout: std::time::Duration,
 }
 
 /// The embedded relay's settings, from `[turn]`; a fresh nonce key.
@@ -62,6 +60,9 @@ pub fn embedded(config: &Config) -> Embedded {
         max_lifetime_secs: turn.max_lifetime_secs,
         bandwidth_bytes_per_sec: turn.bandwidth_bytes_per_sec,
         external_ip: turn.external_address,
+        max_permissions: turn.permissions_per_allocation,
+        max_channels: turn.channels_per_allocation,
+        allocate_timeout_ms: turn.allocate_timeout_secs.saturating_mul(1000),
     };
     let limits = limits::Limits::new(turn.user_quota, turn.total_quota, turn.unauthenticated_per_sec)
         .with_connections_per_source(turn.connections_per_source);
@@ -70,8 +71,7 @@ pub fn embedded(config: &Config) -> Embedded {
         ipv6: turn.relay_address_v6,
         ports: (turn.relay_port_min, turn.relay_port_max),
     };
-    let allocate_timeout = std::time::Duration::from_secs(turn.allocate_timeout_secs);
-    Embedded { settings, limits: Arc::new(limits), sockets, allocate_timeout }
+    Embedded { settings, limits: Arc::new(limits), sockets }
 }
 
 /// The TURN URIs handed to clients: `[turn] uris`, or, for the embedded relay when there are none,
@@ -147,6 +147,9 @@ pub fn publish(metrics: &crate::telemetry::TurnMetrics, relay: &server::Relay, p
             (&metrics.rate_limited, now.rate_limited, before.rate_limited),
             (&metrics.amplification_dropped, now.amplification_dropped, before.amplification_dropped),
             (&metrics.over_bandwidth_dropped, now.over_bandwidth_dropped, before.over_bandwidth_dropped),
+            (&metrics.permission_refusals, now.permission_refusals, before.permission_refusals),
+            (&metrics.channel_refusals, now.channel_refusals, before.channel_refusals),
+            (&metrics.allocate_timeouts, now.unallocated_hang_ups, before.unallocated_hang_ups),
         ] {
             family.get_or_create(&label).inc_by(now - before);
         }

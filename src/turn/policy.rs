@@ -2,8 +2,14 @@
 //! private networks or a cloud metadata service (169.254.169.254) hands the network behind it to
 //! anyone with credentials. The operator's `allowed_peers` win over every deny rule (tests allow
 //! loopback); `denied_peers` add to the built-in list.
+//!
+//! IPv6 addresses that carry an IPv4 address a tunnel delivers to are judged by it too: a 6to4
+//! peer (2002::/16) whose embedded IPv4 address is denied, or a Teredo peer (2001::/32) whose
+//! server or (de-obfuscated) client IPv4 address is denied, is denied; other 6to4 and Teredo
+//! peers are not (the prefixes are not denied outright: 6to4 and Teredo hosts can be real peers).
+//! `allowed_peers` lift this only when they contain the IPv6 address itself.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 
@@ -55,8 +61,25 @@ impl PeerPolicy {
 
     /// Whether the relay may exchange data with `peer`.
     pub fn permits(&self, peer: IpAddr) -> bool {
+        let denied = |address: &IpAddr| self.denied.iter().any(|net| net.contains(address));
         self.allowed.iter().any(|net| net.contains(&peer))
-            || !self.denied.iter().any(|net| net.contains(&peer))
+            || !(denied(&peer) || tunnelled_ipv4(peer).iter().flatten().any(|v4| denied(&IpAddr::V4(*v4))))
+    }
+}
+
+/// The IPv4 addresses a 6to4 (RFC 3056: 2002:AABB:CCDD::/48 carries A.B.C.D) or Teredo (RFC 4380:
+/// 2001:0:SSSS:SSSS:flags:port:CCCC:CCCC, server S, client C bit-inverted) address leads to.
+fn tunnelled_ipv4(peer: IpAddr) -> [Option<Ipv4Addr>; 2] {
+    let IpAddr::V6(v6) = peer else { return [None, None] };
+    let bits = v6.to_bits();
+    // The u32 at bit offset `from_top` (counting from the most significant bit).
+    let word = |from_top: u32| {
+        Ipv4Addr::from_bits(u32::try_from((bits >> (96 - from_top)) & 0xFFFF_FFFF).unwrap_or(0))
+    };
+    match v6.segments() {
+        [0x2002, ..] => [Some(word(16)), None],
+        [0x2001, 0x0000, ..] => [Some(word(32)), Some(Ipv4Addr::from_bits(!word(96).to_bits()))],
+        _ => [None, None],
     }
 }
 
@@ -123,5 +146,29 @@ mod tests {
         assert!(!policy.permits(ip("::1")));
         assert!(!policy.permits(ip("8.8.8.8")));
         assert!(policy.permits(ip("8.8.4.4")));
+    }
+
+    #[test]
+    fn six_to_four_and_teredo_peers_are_judged_by_the_ipv4_address_they_lead_to() {
+        let policy = PeerPolicy::default();
+        // 6to4 of 127.0.0.1, 10.0.0.1, 169.254.169.254; Teredo with server 127.0.0.1 or with client
+        // 10.0.0.1 (stored inverted: f5ff:fffe) or 169.254.169.254 (5601:5601).
+        for denied in [
+            "2002:7f00:1::1",
+            "2002:a00:1::",
+            "2002:a9fe:a9fe::1",
+            "2001:0:7f00:1::1",
+            "2001:0:808:808:0:0:f5ff:fffe",
+            "2001:0:808:808:8000:ffff:5601:5601",
+        ] {
+            assert!(!policy.permits(ip(denied)), "{denied} must be denied");
+        }
+        // 6to4 of 8.8.8.8; Teredo with server 8.8.8.8 and client 1.1.1.1 (fefe:fefe).
+        for public in ["2002:808:808::1", "2001:0:808:808:0:0:fefe:fefe"] {
+            assert!(policy.permits(ip(public)), "{public} must be allowed");
+        }
+        // An operator can still allow them, by their IPv6 addresses.
+        let allowed = PeerPolicy::new(vec!["2002::/16".parse().unwrap()], vec![]);
+        assert!(allowed.permits(ip("2002:7f00:1::1")));
     }
 }
