@@ -6,6 +6,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 fn installed(tool: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
@@ -84,7 +85,11 @@ async fn coturn_clients_relay_through_the_embedded_relay_without_loss() {
     let relay = running.turn.expect("the embedded relay listens");
     let relay_tls = running.turn_tls.expect("the TLS listener listens");
     let peer = Peer::start();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await; // the peer binds its port
+    // The peer has bound its port once we no longer can.
+    common::eventually(Duration::from_secs(10), "turnutils_peer to bind its port", || async {
+        std::net::UdpSocket::bind(("127.0.0.1", peer.1)).is_err().then_some(())
+    })
+    .await;
 
     for (name, address, flags) in [
         ("UDP, channels", relay, &[][..]),
@@ -107,20 +112,39 @@ async fn coturn_clients_relay_through_the_embedded_relay_without_loss() {
         String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
     assert!(text.contains("127.0.0.1"), "the mapped address: {text}");
 
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await; // metrics are published every second
-    let metrics = running.metrics().await;
-    let relayed = |transport: &str, direction: &str| {
-        let name = "switchboard_turn_relayed_packets_total";
-        common::metric(&metrics, &format!("{name}{{transport=\"{transport}\",direction=\"{direction}\"}}"))
+    // The relay's counters, once its shards have published them (every second) as we expect; a
+    // failure shows the last figures.
+    let expected = [(("udp", 400), 8), (("tcp", 400), 0), (("tls", 200), 0)];
+    let figures = |metrics: &str| {
+        expected.map(|((transport, _), _)| {
+            let relayed = |direction: &str| {
+                let name = "switchboard_turn_relayed_packets_total";
+                common::metric(
+                    metrics,
+                    &format!("{name}{{transport=\"{transport}\",direction=\"{direction}\"}}"),
+                )
+            };
+            // uclient leaves its UDP allocations to expire; a TCP allocation ends with its connection.
+            let allocations = common::metric(
+                metrics,
+                &format!("switchboard_turn_allocations{{transport=\"{transport}\"}}"),
+            );
+            ((relayed("to_peer"), relayed("to_client")), allocations)
+        })
     };
-    for (transport, messages) in [("udp", 400), ("tcp", 400), ("tls", 200)] {
-        let both = (relayed(transport, "to_peer"), relayed(transport, "to_client"));
-        assert_eq!(both, (messages, messages), "{transport}: {metrics}");
+    let wanted = expected.map(|((_, messages), allocations)| ((messages, messages), allocations));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = running.metrics().await;
+        let seen = figures(&metrics);
+        if seen == wanted {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "relayed (to_peer, to_client), allocations: {seen:?}, want {wanted:?}\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let allocations = |transport: &str| {
-        common::metric(&metrics, &format!("switchboard_turn_allocations{{transport=\"{transport}\"}}"))
-    };
-    // uclient leaves its UDP allocations to expire; a TCP allocation ends with its connection.
-    assert_eq!((allocations("udp"), allocations("tcp")), (8, 0), "{metrics}");
     running.stop().await.unwrap();
 }

@@ -97,13 +97,16 @@ async fn a_data_channel_with_relay_only_ice_goes_through_the_embedded_relay() {
         tokio::time::timeout(Duration::from_secs(10), echoed.recv()).await.expect("alice gets the echo");
     assert_eq!(back.as_deref(), Some("echo: payment 1"));
 
-    tokio::time::sleep(Duration::from_millis(1500)).await; // metrics are published every second
-    let metrics = running.metrics().await;
-    let relayed = common::metric(
-        &metrics,
-        r#"switchboard_turn_relayed_packets_total{transport="udp",direction="to_peer"}"#,
-    );
-    assert!(relayed > 0, "the traffic went through the relay: {metrics}");
+    // The relay's counters are published every second: wait for the traffic to show.
+    common::eventually(Duration::from_secs(10), "the traffic counted by the relay", || async {
+        let metrics = running.metrics().await;
+        let relayed = common::metric(
+            &metrics,
+            r#"switchboard_turn_relayed_packets_total{transport="udp",direction="to_peer"}"#,
+        );
+        (relayed > 0).then_some(())
+    })
+    .await;
     // Closing can race the other side's teardown inside the webrtc crate ("sending reset packet in
     // non-Established state"); what the test proves was asserted above.
     let _ = alice.close().await;
