@@ -96,12 +96,10 @@ fn code(message: &Message) -> Option<u16> {
 #[tokio::test]
 async fn an_allocation_asking_for_200000_permissions_is_refused_past_the_cap_and_memory_stays_flat() {
     let dir = tempfile::tempdir().unwrap();
-    let turn_port = common::free_port();
-    let ports = [common::free_port(), common::free_port(), common::free_port()];
-    let toml = common::config_toml(&common::sqlite_url(dir.path()), "http://127.0.0.1:9", ports)
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{turn_port}\""));
-    let mut process = common::Process::start(dir.path(), &toml, ports);
+    let toml = common::config_toml(&common::sqlite_url(dir.path()), "http://127.0.0.1:9", common::ANY_PORTS);
+    let mut process = common::Process::start(dir.path(), &toml, common::ANY_PORTS);
     process.wait_for("/health").await;
+    let (ports, turn_port) = (process.ports, process.turn_port.expect("the relay's port in the log"));
     let metrics_url = format!("http://127.0.0.1:{}/metrics", ports[2]);
 
     let expiry = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
