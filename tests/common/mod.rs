@@ -13,6 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod turn_client;
+
 use serde_json::{Value, json};
 use switchboard::config::Config;
 use switchboard::{Listeners, RunError};
