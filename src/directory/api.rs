@@ -86,6 +86,7 @@ struct Metadata<'a> {
     displayname: Option<&'a str>,
 }
 
+#[tracing::instrument(name = "directory.metadata", level = "debug", skip_all)]
 async fn metadata(
     _: Reader,
     State(api): State<Arc<Api>>,
@@ -128,6 +129,7 @@ fn peer_json(directory: &Directory, address: &Address, now_ms: i64) -> Value {
     json!({ "address": address.to_checksum(), "reachable": directory.reachable(address), "users": users })
 }
 
+#[tracing::instrument(name = "directory.peer", level = "debug", skip_all)]
 async fn peer(
     _: Reader,
     State(api): State<Arc<Api>>,
@@ -158,6 +160,7 @@ struct Query {
     addresses: Vec<String>,
 }
 
+#[tracing::instrument(name = "directory.query", level = "debug", skip_all)]
 async fn query(
     _: Reader,
     State(api): State<Arc<Api>>,

@@ -392,6 +392,7 @@ impl DirectoryService {
     /// have on this homeserver is looked up, waiting up to 2 s (of the clock); concurrent calls for
     /// one address wait for the same look-up. Known users whose profile was not confirmed within
     /// `profile_cache_secs` are looked up again in the background.
+    #[tracing::instrument(name = "directory.discover", level = "debug", skip_all, fields(%address))]
     pub async fn discover(&self, address: &Address) {
         if self.settings.lookups_per_sec == 0 {
             return;
@@ -510,6 +511,7 @@ impl DirectoryService {
     /// look-ups for Raiden users seen without a profile. Items are parsed and new signatures
     /// recovered before the write lock is taken; each update counts as observed when its
     /// transaction was received, and one older than what the directory holds is ignored.
+    #[tracing::instrument(name = "directory.apply", level = "debug", skip_all, fields(items = items.len()))]
     pub async fn apply(&self, items: &[Input], now_ms: i64) -> Result<(), StoreError> {
         let observed = self.observed_at(items, now_ms).await?;
         let updates: Vec<Update> =
@@ -575,6 +577,7 @@ impl DirectoryService {
     /// Evicts the remote users seen longest ago past `max_remote_users` (and a slack, so that the
     /// scan runs once per many new users), from the model and the store. The scan runs under the
     /// read lock; the write lock is held only to remove the users found (unless seen since).
+    #[tracing::instrument(name = "directory.evict", level = "debug", skip_all)]
     async fn evict_remote(&self) {
         let Ok(_evicting) = self.evicting.try_lock() else { return };
         let victims = {
@@ -730,6 +733,7 @@ impl DirectoryService {
 
     /// Looks up a profile; true when the homeserver has the user. The profile counts as observed
     /// when the request was sent; its signature is recovered (when new) before the write lock.
+    #[tracing::instrument(name = "directory.lookup_profile", level = "debug", skip_all, fields(user_id = %user_id))]
     async fn fetch_profile(&self, user_id: &str) -> bool {
         let observed_ms = self.clock.unix_millis();
         let profile = match self.homeserver.profile(user_id).await {
@@ -762,6 +766,7 @@ impl DirectoryService {
 
     /// Asks a local user's presence (remote users' presence can only arrive by push). It counts as
     /// observed when the request was sent: a push received while it was under way wins.
+    #[tracing::instrument(name = "directory.lookup_presence", level = "debug", skip_all, fields(user_id = %user_id))]
     async fn fetch_presence(&self, user_id: &str) {
         let Ok(parsed) = ruma::UserId::parse(user_id) else { return };
         if parsed.server_name().as_str() != self.settings.server_name {

@@ -41,6 +41,7 @@ pub fn router(api: Arc<Api>) -> Router {
     Router::new().route("/_switchboard/client/v1/turn", get(turn_server)).with_state(api)
 }
 
+#[tracing::instrument(name = "turn.credentials", level = "debug", skip_all)]
 async fn turn_server(
     Caller(caller): Caller,
     State(api): State<Arc<Api>>,
