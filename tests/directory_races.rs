@@ -161,17 +161,7 @@ fn presence_body(user_id: &str, presence: &str) -> Value {
 /// An inbox item as the consumer gets it, of a transaction that was not stored (so it counts as
 /// observed when applied).
 fn item(kind: ItemKind, body: &Value) -> Input {
-    Input {
-        id: 1,
-        txn_id: "not-stored".to_owned(),
-        kind,
-        event_type: body["type"].as_str().unwrap().to_owned(),
-        sender: body["sender"].as_str().map(str::to_owned),
-        room_id: None,
-        event_id: None,
-        to_user_id: None,
-        body: serde_json::value::to_raw_value(body).unwrap(),
-    }
+    common::inbox_item(1, "not-stored", kind, body)
 }
 
 /// Stores a transaction received at `received_at_ms` carrying `body`, as the appservice does.

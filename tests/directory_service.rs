@@ -24,17 +24,7 @@ const OTHER: &str = "@0x0000000000000000000000000000000000000001:localhost";
 const CAPS: &str = "mxc://raiden.network/cap?webRTC=1";
 
 fn item(id: i64, kind: ItemKind, body: &Value) -> Input {
-    Input {
-        id,
-        txn_id: "1".to_owned(),
-        kind,
-        event_type: body["type"].as_str().unwrap().to_owned(),
-        sender: body["sender"].as_str().map(str::to_owned),
-        room_id: None,
-        event_id: None,
-        to_user_id: None,
-        body: serde_json::value::to_raw_value(body).unwrap(),
-    }
+    common::inbox_item(id, "1", kind, body)
 }
 
 fn join(id: i64, user_id: &str, displayname: &str, avatar_url: &str) -> Input {

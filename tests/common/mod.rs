@@ -676,6 +676,27 @@ impl Process {
     }
 }
 
+/// An inbox item as a consumer gets it: `body` (with its `type` and `sender`) from transaction
+/// `txn_id`, under inbox id `id`.
+pub fn inbox_item(
+    id: i64,
+    txn_id: &str,
+    kind: switchboard::appservice::inbox::ItemKind,
+    body: &Value,
+) -> switchboard::appservice::inbox::Input {
+    switchboard::appservice::inbox::Input {
+        id,
+        txn_id: txn_id.to_owned(),
+        kind,
+        event_type: body["type"].as_str().unwrap().to_owned(),
+        sender: body["sender"].as_str().map(str::to_owned),
+        room_id: None,
+        event_id: None,
+        to_user_id: None,
+        body: serde_json::value::to_raw_value(body).unwrap(),
+    }
+}
+
 /// The appservice, client and ops ports, and the TURN port, from the last `switchboard.start:
 /// listening` line of a log (text or JSON).
 fn logged_ports(log: &str) -> Option<([u16; 3], Option<u16>)> {
