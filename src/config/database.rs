@@ -69,8 +69,8 @@ impl Default for DatabaseConfig {
 }
 
 impl DatabaseConfig {
-    /// `url`, or the default when unset.
-    pub fn url(&self) -> &str {
+    /// `url`, or the default when unset (what [`super::Config::database_url`] answers).
+    pub(super) fn url(&self) -> &str {
         self.url.as_ref().map_or(DEFAULT_DATABASE_URL, Secret::expose)
     }
 
