@@ -486,25 +486,10 @@ impl DirectoryService {
         queued
     }
 
-    /// When each item was observed: when its transaction was received (as stored), else `now_ms`;
+    /// When `item` was observed: when its transaction was received (stored with it), else `now_ms`;
     /// never later than `now_ms`.
-    async fn observed_at(&self, items: &[Input], now_ms: i64) -> Result<Vec<i64>, StoreError> {
-        let mut txn_ids: Vec<&str> = items
-            .iter()
-            .filter(|item| matches!(item.event_type.as_str(), "m.room.member" | "m.presence"))
-            .map(|item| item.txn_id.as_str())
-            .collect();
-        txn_ids.sort_unstable();
-        txn_ids.dedup();
-        let received: HashMap<String, i64> = if txn_ids.is_empty() {
-            HashMap::new()
-        } else {
-            self.store.received_at(&txn_ids).await?.into_iter().collect()
-        };
-        Ok(items
-            .iter()
-            .map(|item| received.get(&item.txn_id).map_or(now_ms, |at| (*at).min(now_ms)))
-            .collect())
+    fn observed_at(item: &Input, now_ms: i64) -> i64 {
+        if item.stored_at > 0 { item.stored_at.min(now_ms) } else { now_ms }
     }
 
     /// Applies a batch of inbox items at `now_ms`, saves the users it touched, and queues profile
@@ -513,9 +498,10 @@ impl DirectoryService {
     /// transaction was received, and one older than what the directory holds is ignored.
     #[tracing::instrument(name = "directory.apply", level = "debug", skip_all, fields(items = items.len()))]
     pub async fn apply(&self, items: &[Input], now_ms: i64) -> Result<(), StoreError> {
-        let observed = self.observed_at(items, now_ms).await?;
-        let updates: Vec<Update> =
-            items.iter().zip(observed).filter_map(|(item, at)| parse_item(item, at, now_ms)).collect();
+        let updates: Vec<Update> = items
+            .iter()
+            .filter_map(|item| parse_item(item, Self::observed_at(item, now_ms), now_ms))
+            .collect();
         let mut verified: Vec<Option<bool>> = {
             let model = self.read();
             updates

@@ -116,6 +116,9 @@ pub struct StoredItem {
     pub event_id: Option<String>,
     pub to_user_id: Option<String>,
     pub body: Box<RawValue>,
+    /// Unix milliseconds when its transaction was received; 0 for items stored before this was
+    /// recorded (migration 0004).
+    pub stored_at: i64,
 }
 
 /// The outcome of storing a transaction.
@@ -293,7 +296,7 @@ impl Store {
     /// Up to `limit` inbox items with an id above `after`, in id order.
     pub async fn items_after(&self, after: i64, limit: i64) -> Result<Vec<StoredItem>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, txn_id, kind, event_type, sender, room_id, event_id, to_user_id, body \
+            "SELECT id, txn_id, kind, event_type, sender, room_id, event_id, to_user_id, body, stored_at \
              FROM inbox WHERE id > $1 ORDER BY id LIMIT $2",
         )
         .bind(after)
@@ -313,6 +316,7 @@ impl Store {
                     event_id: row.try_get("event_id")?,
                     to_user_id: row.try_get("to_user_id")?,
                     body: RawValue::from_string(body).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    stored_at: row.try_get("stored_at")?,
                 })
             })
             .collect()
@@ -479,8 +483,6 @@ pub struct DirectoryRow {
 
 /// Directory rows read per query when loading.
 const DIRECTORY_PAGE: i64 = 10_000;
-/// Transaction ids per query of [`Store::received_at`].
-const RECEIVED_AT_CHUNK: usize = 500;
 
 impl Store {
     /// Inserts or updates directory users, all in one database transaction. Monotonic, so that saves
@@ -536,28 +538,6 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
-    }
-
-    /// When the transactions with these ids (as stored with their items, [`StoredItem::txn_id`])
-    /// were received, in unix milliseconds; ids not stored are left out.
-    pub async fn received_at(&self, txn_ids: &[&str]) -> Result<Vec<(String, i64)>, StoreError> {
-        let mut times = Vec::with_capacity(txn_ids.len());
-        for chunk in txn_ids.chunks(RECEIVED_AT_CHUNK) {
-            let mut sql =
-                "SELECT txn_id, received_at FROM appservice_transactions WHERE txn_id IN (".to_owned();
-            for i in 1..=chunk.len() {
-                let _ = write!(sql, "{}${i}", if i == 1 { "" } else { ", " });
-            }
-            sql.push(')');
-            let mut query = sqlx::query(&sql);
-            for txn_id in chunk {
-                query = query.bind(*txn_id);
-            }
-            for row in query.fetch_all(&self.pool).await? {
-                times.push((row.try_get("txn_id")?, row.try_get("received_at")?));
-            }
-        }
-        Ok(times)
     }
 
     /// Hands every stored directory user to `each`, in user id order, a page at a time (so that

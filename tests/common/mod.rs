@@ -677,7 +677,7 @@ impl Process {
 }
 
 /// An inbox item as a consumer gets it: `body` (with its `type` and `sender`) from transaction
-/// `txn_id`, under inbox id `id`.
+/// `txn_id`, under inbox id `id`, with no receipt time (it counts as observed when applied).
 pub fn inbox_item(
     id: i64,
     txn_id: &str,
@@ -694,6 +694,7 @@ pub fn inbox_item(
         event_id: None,
         to_user_id: None,
         body: serde_json::value::to_raw_value(body).unwrap(),
+        stored_at: 0,
     }
 }
 
