@@ -22,13 +22,16 @@ async fn handled_items_are_deleted_once_the_retention_has_passed() {
     running.wait_listening().await;
 
     let http = reqwest::Client::new();
-    for txn in 0..5 {
-        // Presence of users who are not Raiden nodes: the directory reads and acknowledges them.
-        let body = json!({ "ephemeral": [
+    // Presence of users who are not Raiden nodes: the directory reads and acknowledges them.
+    let transaction = |txn: u32| {
+        json!({ "ephemeral": [
             { "type": "m.presence", "sender": format!("@alice{txn}:localhost"), "content": { "presence": "online" } }
-        ]});
+        ]})
+    };
+    for txn in 0..5 {
         let url = running.appservice_url(&format!("/_matrix/app/v1/transactions/{txn}"));
-        let response = http.put(&url).bearer_auth(common::HS_TOKEN).json(&body).send().await.unwrap();
+        let response =
+            http.put(&url).bearer_auth(common::HS_TOKEN).json(&transaction(txn)).send().await.unwrap();
         assert_eq!(response.status(), 200);
     }
     let store = Store::connect(&db, 1).await.unwrap();
@@ -54,9 +57,10 @@ async fn handled_items_are_deleted_once_the_retention_has_passed() {
     })
     .await;
     assert!(store.items_after(0, 100).await.unwrap().is_empty());
-    // The latest transaction ids are kept: a retry is still answered without storing anything.
+    // The latest transaction ids are kept: a retry of the last one, with its content, is answered
+    // without storing it again.
     let url = running.appservice_url("/_matrix/app/v1/transactions/4");
-    let retry = http.put(&url).bearer_auth(common::HS_TOKEN).json(&json!({})).send().await.unwrap();
+    let retry = http.put(&url).bearer_auth(common::HS_TOKEN).json(&transaction(4)).send().await.unwrap();
     assert_eq!(retry.status(), 200);
     assert!(store.items_after(0, 100).await.unwrap().is_empty());
     store.close().await;

@@ -369,6 +369,26 @@ async fn handled_items_are_pruned_after_the_retention_and_unhandled_ones_kept() 
     }
 }
 
+/// A consumer that has opened its subscription but acknowledged nothing yet (a new instance still on
+/// its first batch) holds items back like any other.
+#[tokio::test]
+async fn a_consumer_holds_items_back_from_its_first_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, url) in common::backends(dir.path()).await {
+        let store = open(&url).await;
+        let clock = Clock::manual(1_000_000_000_000);
+        ingest_events(&store, "1", 3, clock.unix_millis()).await;
+        let mut old = Subscription::open(store.clone(), "directory", "main", clock.clone()).await.unwrap();
+        let items = old.next().await.unwrap();
+        old.ack(items[2].id).await.unwrap();
+        let mut new = Subscription::open(store.clone(), "directory", "second", clock.clone()).await.unwrap();
+        clock.advance(Duration::from_secs(11 * 60));
+        assert_eq!(store.prune(clock.unix_millis(), &RETENTION).await.unwrap().items, 0, "{backend}");
+        assert_eq!(new.next().await.unwrap().len(), 3, "{backend}: the new instance gets every item");
+        store.close().await;
+    }
+}
+
 /// Positions only move forward, and each instance has its own.
 #[tokio::test]
 async fn inbox_positions_are_monotonic_and_per_instance() {

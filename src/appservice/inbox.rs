@@ -61,6 +61,8 @@ impl Subscription {
     ) -> Result<Self, StoreError> {
         let latest = store.watch_latest();
         let handed = store.cursor(consumer, instance).await?;
+        // Registered at once, so that pruning waits for this consumer before its first ack.
+        store.set_cursor(consumer, instance, handed, clock.unix_millis()).await?;
         Ok(Self {
             consumer: consumer.to_owned(),
             instance: instance.to_owned(),

@@ -344,9 +344,9 @@ impl Store {
         })
     }
 
-    /// Records that `consumer` on `instance` has handled every item up to `last_id`, at `now_ms`.
-    /// Positions only move forward: a smaller `last_id` (a late or repeated acknowledgement) leaves
-    /// the stored one as it is.
+    /// Records that `consumer` on `instance` has handled every item up to `last_id`, at `now_ms`
+    /// (which also marks it alive). Positions only move forward: a smaller `last_id` (a late or
+    /// repeated acknowledgement) leaves the stored one as it is.
     pub async fn set_cursor(
         &self,
         consumer: &str,
@@ -356,8 +356,10 @@ impl Store {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO inbox_positions (consumer, instance, last_id, updated_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (consumer, instance) DO UPDATE SET last_id = excluded.last_id, \
-             updated_at = excluded.updated_at WHERE inbox_positions.last_id < excluded.last_id",
+             ON CONFLICT (consumer, instance) DO UPDATE SET \
+             last_id = CASE WHEN excluded.last_id > inbox_positions.last_id \
+               THEN excluded.last_id ELSE inbox_positions.last_id END, \
+             updated_at = excluded.updated_at",
         )
         .bind(consumer)
         .bind(instance)
