@@ -142,7 +142,6 @@ pub async fn run_with_clock(
         hs_token: config.hs_token().clone(),
         store: store.clone(),
         metrics: metrics.clone(),
-        max_transaction_bytes: config.appservice.max_transaction_bytes,
         clock: clock.clone(),
     }));
     let auth = http::Auth::new(

@@ -17,7 +17,7 @@ mod transaction;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -33,14 +33,12 @@ pub struct Appservice {
     pub hs_token: Secret,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
-    pub max_transaction_bytes: usize,
     /// When transactions are received (their items' retention counts from it).
     pub clock: crate::clock::Clock,
 }
 
 /// The router of the appservice listener.
 pub fn router(appservice: Arc<Appservice>) -> Router {
-    let limit = appservice.max_transaction_bytes;
     let routes = Router::new()
         .route("/_matrix/app/v1/transactions/{txn_id}", put(transaction::put))
         .route("/transactions/{txn_id}", put(transaction::put))
@@ -52,7 +50,6 @@ pub fn router(appservice: Arc<Appservice>) -> Router {
         .route("/_matrix/app/v1/thirdparty/{*rest}", get(thirdparty))
         .route("/_matrix/app/unstable/thirdparty/{*rest}", get(thirdparty))
         .route_layer(middleware::from_fn_with_state(appservice.clone(), authenticate))
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(appservice);
     with_fallbacks(routes)
 }
