@@ -234,7 +234,9 @@ async fn tokens_are_checked_against_a_real_synapse_with_few_calls() {
     let alice = synapse.register("alice").await;
     let dir = tempfile::tempdir().unwrap();
     let synapse_addr: SocketAddr = synapse.base_url.trim_start_matches("http://").parse().unwrap();
-    let config = config(dir.path(), synapse_addr);
+    let mut config = config(dir.path(), synapse_addr);
+    // The per-source limit off: the unknown-token cache alone must keep the calls this low.
+    config.client.unknown_token_per_sec = 0;
     let ttl = Duration::from_secs(config.homeserver.whoami_cache_secs);
     let clock = Clock::manual(1_700_000_000_000);
     let running = common::start_with_clock(config, clock.clone()).await;
@@ -247,10 +249,7 @@ async fn tokens_are_checked_against_a_real_synapse_with_few_calls() {
     assert_eq!(alice_status().await, StatusCode::OK);
     let answers =
         requests(&client, running.client, REQUESTS, 32, |i| format!("unknown-{}", i % TOKENS)).await;
-    assert_eq!(
-        count(&answers, StatusCode::UNAUTHORIZED) + count(&answers, StatusCode::TOO_MANY_REQUESTS),
-        REQUESTS
-    );
+    assert_eq!(count(&answers, StatusCode::UNAUTHORIZED), REQUESTS);
     let calls = whoami_calls().await - 1;
     eprintln!("Synapse: {calls} whoami calls for {REQUESTS} requests with {TOKENS} unknown tokens");
     assert!(calls <= TOKENS as u64, "{calls} whoami calls");

@@ -14,8 +14,6 @@ use stun::message::{CLASS_SUCCESS_RESPONSE, METHOD_CREATE_PERMISSION, Message};
 /// Peers per CreatePermission request, and requests in the flood.
 const PER_REQUEST: u32 = 100;
 const REQUESTS: u32 = 2_000;
-/// The default `permissions_per_allocation`.
-const CAP: u64 = 128;
 
 /// CreatePermission for peers `from..from + PER_REQUEST` (on loopback, which the test allows).
 async fn permit(client: &Client, from: u32) -> Message {
@@ -67,7 +65,6 @@ async fn an_allocation_asking_for_200000_permissions_is_refused_past_the_cap_and
     })
     .await;
     assert_eq!(common::metric(&text, &udp("permissions")), u64::from(PER_REQUEST));
-    assert!(u64::from(PER_REQUEST) <= CAP);
     // What was installed is still there to refresh.
     assert_eq!(permit(&client, 1).await.typ.class, CLASS_SUCCESS_RESPONSE);
     assert_eq!(process.terminate().await.code(), Some(0));
