@@ -134,6 +134,8 @@ pub async fn serve(
         let service = TowerToHyperService::new(
             ServiceBuilder::new().layer(Extension(ConnectInfo(remote))).service(router.clone()),
         );
+        // Note for the WebSocket route: an upgraded connection leaves this task, and with it its
+        // `max_connections` slot and the task tracker; the upgrade handler must hold its own bound.
         let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
         let shutdown = shutdown.clone();
         let (open, header_timeouts) = (open.clone(), header_timeouts.clone());
