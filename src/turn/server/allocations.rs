@@ -86,10 +86,8 @@ impl Relay {
             match timer {
                 Timer::Allocation(tuple) => self.end_allocation(now_ms, tuple, ports),
                 Timer::Permission(tuple, peer) => {
-                    if let Some(allocation) = self.allocations.get_mut(&tuple)
-                        && allocation.permissions.remove(&peer).is_some()
-                    {
-                        self.gauges[tuple.transport as usize].permissions -= 1;
+                    if let Some(allocation) = self.allocations.get_mut(&tuple) {
+                        allocation.permissions.remove(&peer);
                     }
                 }
                 Timer::Channel(tuple, number) => {
@@ -97,7 +95,6 @@ impl Relay {
                         && let Some((peer, _)) = allocation.channels.remove(&number)
                     {
                         allocation.channel_of_peer.remove(&peer);
-                        self.gauges[tuple.transport as usize].channels -= 1;
                     }
                 }
                 Timer::Unallocated(tuple) => {
@@ -155,24 +152,7 @@ impl Relay {
         for (number, (_, expires)) in &allocation.channels {
             deadlines.remove(&(*expires, Timer::Channel(tuple, *number)));
         }
-        let gauge = &mut self.gauges[tuple.transport as usize];
-        gauge.allocations -= 1;
-        gauge.permissions -= allocation.permissions.len();
-        gauge.channels -= allocation.channels.len();
         true
-    }
-
-    /// Counts allocations, permissions and channels the slow way, to check the kept gauges.
-    #[cfg(test)]
-    pub(super) fn recount(&self) -> [super::Gauges; 3] {
-        let mut gauges = [super::Gauges::default(); 3];
-        for (tuple, allocation) in &self.allocations {
-            let gauge = &mut gauges[tuple.transport as usize];
-            gauge.allocations += 1;
-            gauge.permissions += allocation.permissions.len();
-            gauge.channels += allocation.channels.len();
-        }
-        gauges
     }
 
     pub(super) fn lifetime_ms(&self, request: &Message) -> u64 {
@@ -245,7 +225,6 @@ impl Relay {
             self.deadlines.remove(&(deadline, Timer::Unallocated(tuple)));
         }
         self.deadlines.insert((expires_ms, Timer::Allocation(tuple)));
-        self.gauge_mut(tuple.transport).allocations += 1;
         self.allocation_of_socket.insert(relay, tuple);
         self.allocations.insert(
             tuple,
@@ -329,7 +308,6 @@ impl Relay {
         for peer in peers {
             let old = allocation.permissions.insert(peer.ip(), expires_ms);
             reschedule(&mut self.deadlines, old, Some(expires_ms), Timer::Permission(tuple, peer.ip()));
-            self.gauges[tuple.transport as usize].permissions += usize::from(old.is_none());
         }
         response(request, &[], Some(key))
     }
@@ -385,9 +363,6 @@ impl Relay {
         let permission_expires = now_ms + PERMISSION_LIFETIME_MS;
         let old = allocation.permissions.insert(peer.ip(), permission_expires);
         reschedule(&mut self.deadlines, old, Some(permission_expires), Timer::Permission(tuple, peer.ip()));
-        let gauge = &mut self.gauges[tuple.transport as usize];
-        gauge.channels += usize::from(new_channel);
-        gauge.permissions += usize::from(new_permission);
         response(request, &[], Some(key))
     }
 }

@@ -165,8 +165,6 @@ pub struct Relay {
     deadlines: BTreeSet<(u64, Timer)>,
     /// Stream clients connected without an allocation, and when they are hung up on.
     unallocated: HashMap<FiveTuple, u64>,
-    /// Live allocations, permissions and channels, by client transport, kept as they change.
-    gauges: [Gauges; 3],
     /// Counters, by the transport of the client concerned.
     stats: [Stats; 3],
 }
@@ -192,7 +190,6 @@ impl Relay {
             allocation_of_socket: HashMap::new(),
             deadlines: BTreeSet::new(),
             unallocated: HashMap::new(),
-            gauges: Default::default(),
             stats: Default::default(),
         }
     }
@@ -206,13 +203,17 @@ impl Relay {
         &mut self.stats[transport as usize]
     }
 
-    /// Live allocations, permissions and channels, by client transport (index: `Transport as usize`).
+    /// Live allocations, permissions and channels, by client transport (index: `Transport as usize`),
+    /// counted (one pass over the allocations; the tables' lengths are O(1)).
     pub fn gauges(&self) -> [Gauges; 3] {
-        self.gauges
-    }
-
-    fn gauge_mut(&mut self, transport: Transport) -> &mut Gauges {
-        &mut self.gauges[transport as usize]
+        let mut gauges = [Gauges::default(); 3];
+        for (tuple, allocation) in &self.allocations {
+            let gauge = &mut gauges[tuple.transport as usize];
+            gauge.allocations += 1;
+            gauge.permissions += allocation.permissions.len();
+            gauge.channels += allocation.channels.len();
+        }
+        gauges
     }
 
     /// The limits this relay shares with the other shards.

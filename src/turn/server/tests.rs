@@ -40,15 +40,14 @@ fn tuple0() -> FiveTuple {
     }
 }
 
-/// The UDP gauges, after checking the relay's bookkeeping: the kept gauges match a recount, and
-/// there is one timer per allocation, permission, channel and stream waiting for an allocation.
+/// The UDP gauges, after checking the relay's bookkeeping: there is one timer per allocation,
+/// permission, channel and stream waiting for an allocation.
 fn udp(relay: &Relay) -> Gauges {
     check_bookkeeping(relay);
     relay.gauges()[Transport::Udp as usize]
 }
 
 fn check_bookkeeping(relay: &Relay) {
-    assert_eq!(relay.gauges(), relay.recount());
     let installed: usize =
         relay.gauges().iter().map(|gauge| gauge.allocations + gauge.permissions + gauge.channels).sum();
     assert_eq!(relay.deadlines.len(), installed + relay.unallocated.len(), "one timer each");
