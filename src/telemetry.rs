@@ -87,6 +87,11 @@ pub struct TransportLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabel {
+    pub shard: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RelayedLabel {
     pub transport: &'static str,
     /// `to_peer` or `to_client`.
@@ -160,7 +165,9 @@ pub struct TurnMetrics {
     pub rate_limited: Family<TransportLabel, Counter>,
     pub amplification_dropped: Family<TransportLabel, Counter>,
     pub over_bandwidth_dropped: Family<TransportLabel, Counter>,
+    pub connections: Family<TransportLabel, Gauge>,
     pub connections_refused: Family<TransportLabel, Counter>,
+    pub shard_ticks: Family<ShardLabel, Counter>,
     pub permission_refusals: Family<TransportLabel, Counter>,
     pub channel_refusals: Family<TransportLabel, Counter>,
     pub allocate_timeouts: Family<TransportLabel, Counter>,
@@ -204,10 +211,18 @@ impl TurnMetrics {
             "Packets dropped by the per-allocation bandwidth cap",
             self.over_bandwidth_dropped.clone(),
         );
+        turn.register("connections", "Open TURN TCP and TLS connections", self.connections.clone());
         turn.register(
             "connections_refused",
-            "TCP and TLS connections closed at once: their source had connections_per_source open",
+            "TCP and TLS connections closed at once: their source had connections_per_source open, or \
+             the relay max_connections",
             self.connections_refused.clone(),
+        );
+        turn.register(
+            "shard_ticks",
+            "Once-a-second passes of each relay shard (expiry, then these metrics); a count that stops \
+             rising is a stuck shard",
+            self.shard_ticks.clone(),
         );
         turn.register(
             "permission_refusals",

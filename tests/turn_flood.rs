@@ -44,29 +44,39 @@ async fn a_flood_of_unauthenticated_allocates_does_not_grow_memory() {
         sockets.push(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     }
 
+    let metrics_url = format!("http://127.0.0.1:{}/metrics", ports[2]);
+    let clock = switchboard::clock::Clock::system();
     // Warm up (allocator arenas, the limiter's entry), then measure around the flood.
     send(&sockets, relay, 0, 2_000).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = common::rss_bytes(process.pid()) / 1024;
+    let before = common::settled_rss(process.pid()).await / 1024;
     send(&sockets, relay, 10_000, FLOOD).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = common::rss_bytes(process.pid()) / 1024;
+    // Handled once a pass of the shards counts no more rate-limited requests than the one before.
+    let limited =
+        |text: &str| common::metric(text, r#"switchboard_turn_rate_limited_total{transport="udp"}"#);
+    let mut seen = limited(&common::published_turn_metrics(&metrics_url, &clock).await);
+    for _ in 0..30 {
+        let now = limited(&common::published_turn_metrics(&metrics_url, &clock).await);
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+    assert!(seen > 0, "the flood was rate limited");
+    let after = common::settled_rss(process.pid()).await / 1024;
     eprintln!("RSS before {before} KiB, after {FLOOD} Allocates {after} KiB");
     assert!(after < before + 2048, "RSS grew by {} KiB", after.saturating_sub(before));
 
-    // Still serving: once the source's budget refills, an Allocate gets its 401.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Still serving: once the source's budget refills, an Allocate gets its 401 (asked every 200 ms).
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    client.send_to(&allocate(1), relay).await.unwrap();
-    let mut buffer = [0u8; 1500];
-    let (length, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buffer))
-        .await
-        .expect("an answer within 5 s")
-        .unwrap();
-    assert_eq!(&buffer[..2], &[0x01, 0x13], "an Allocate error response");
-    assert!(length <= 3 * allocate(1).len(), "no amplification: {length} bytes");
-    let metrics =
-        reqwest::get(format!("http://127.0.0.1:{}/metrics", ports[2])).await.unwrap().text().await.unwrap();
-    drop(metrics);
+    let answer = common::eventually(Duration::from_secs(10), "an answer to an Allocate", || async {
+        let mut buffer = [0u8; 1500];
+        client.send_to(&allocate(1), relay).await.unwrap();
+        let received = tokio::time::timeout(Duration::from_millis(200), client.recv_from(&mut buffer)).await;
+        let (length, _) = received.ok()?.ok()?;
+        Some(buffer[..length].to_vec())
+    })
+    .await;
+    assert_eq!(&answer[..2], &[0x01, 0x13], "an Allocate error response");
+    assert!(answer.len() <= 3 * allocate(1).len(), "no amplification: {} bytes", answer.len());
     assert_eq!(process.terminate().await.code(), Some(0));
 }

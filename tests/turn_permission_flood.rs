@@ -42,8 +42,7 @@ async fn an_allocation_asking_for_200000_permissions_is_refused_past_the_cap_and
     for _ in 0..50 {
         assert_eq!(permit(&client, 1).await.typ.class, CLASS_SUCCESS_RESPONSE);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = common::rss_bytes(process.pid()) / 1024;
+    let before = common::settled_rss(process.pid()).await / 1024;
 
     let mut refused = 0;
     for request in 1..=REQUESTS {

@@ -53,12 +53,27 @@ fn refilled_during(started: std::time::Instant, per_sec: f64) -> usize {
 
 /// Switchboard with the relay configured by `turn` (TOML lines added to the test `[turn]`).
 async fn relay(dir: &std::path::Path, turn: &str) -> (common::Running, SocketAddr) {
+    relay_on(dir, turn, switchboard::clock::Clock::system()).await
+}
+
+/// [`relay`] on `clock`.
+async fn relay_on(
+    dir: &std::path::Path,
+    turn: &str,
+    clock: switchboard::clock::Clock,
+) -> (common::Running, SocketAddr) {
     let toml = common::config_toml(&common::sqlite_url(dir), "http://127.0.0.1:9", [0, 0, 0])
         .replace("allowed_peers = [\"127.0.0.0/8\"]\n", turn);
     let config = switchboard::config::Config::from_toml_str(&toml).expect("valid config");
-    let running = common::start(config).await;
+    let running = common::start_with_clock(config, clock).await;
     let address = running.turn.expect("the embedded relay listens");
     (running, address)
+}
+
+/// A stepped clock at the wall time (TURN credentials carry wall-clock expiries).
+fn stepped_clock() -> switchboard::clock::Clock {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    switchboard::clock::Clock::manual(i64::try_from(now).unwrap())
 }
 
 #[tokio::test]
@@ -214,7 +229,8 @@ async fn quotas_hold_across_shards_and_stale_nonces_are_renewed() {
     let dir = tempfile::tempdir().unwrap();
     // A nonce lifetime of 1 s: a nonce is stale once its second is 2 s old.
     let turn = "user_quota = 2\ntotal_quota = 3\nnonce_lifetime_secs = 1\nunauthenticated_per_sec = 0\nthreads = 2\n";
-    let (running, server) = relay(dir.path(), turn).await;
+    let clock = stepped_clock();
+    let (running, server) = relay_on(dir.path(), turn, clock.clone()).await;
     let mut alice = Client::new(server, "@alice:localhost").await;
     assert!(success(&alice.allocate(vec![]).await));
     // 486 and 508: quotas count allocations on every shard (clients spread over both).
@@ -230,7 +246,7 @@ async fn quotas_hold_across_shards_and_stale_nonces_are_renewed() {
     assert_eq!(answers, [Some(486), Some(508)].repeat(4), "alice has 2, the relay 3");
 
     // 438 once the nonce is older than its lifetime, with a fresh one that works.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    clock.advance(Duration::from_millis(2100));
     let stale = alice.request(METHOD_REFRESH, vec![]).await;
     assert_eq!(code(&stale), Some(438));
     let before = alice.challenge.clone();
@@ -429,8 +445,7 @@ async fn tcp_clients_are_hung_up_after_the_allocate_timeout_without_an_allocatio
     );
     let config = switchboard::config::Config::from_toml_str(&toml).expect("valid config");
     // Stepped time: the relay's expiry tick and allocate timeout run on this clock.
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
-    let clock = switchboard::clock::Clock::manual(i64::try_from(now).unwrap());
+    let clock = stepped_clock();
     let running = common::start_with_clock(config, clock.clone()).await;
     let server = running.turn.expect("the embedded relay listens");
     let mut unallocated = TcpStream::connect(server).await.unwrap();
@@ -472,35 +487,54 @@ async fn tcp_clients_are_hung_up_after_the_allocate_timeout_without_an_allocatio
 }
 
 #[tokio::test]
-async fn tcp_connections_are_limited_per_source_address() {
+async fn tcp_connections_are_limited_per_source_address_and_in_all() {
     let dir = tempfile::tempdir().unwrap();
-    let turn = "allowed_peers = [\"127.0.0.0/8\"]\nconnections_per_source = 3\n";
+    let turn = "allowed_peers = [\"127.0.0.0/8\"]\nconnections_per_source = 3\nmax_connections = 4\n";
     let (running, server) = relay(dir.path(), turn).await;
+    let metrics_url = running.ops_url("/metrics");
+    // The open-connections gauge is kept live: it shows when the relay has counted a connection.
+    let open_connections = |wanted: u64| {
+        let metrics_url = metrics_url.clone();
+        common::eventually(WAIT, "the open TCP connections gauge", move || {
+            let metrics_url = metrics_url.clone();
+            async move {
+                let text = reqwest::get(&metrics_url).await.ok()?.text().await.ok()?;
+                (common::metric(&text, r#"switchboard_turn_connections{transport="tcp"}"#) == wanted)
+                    .then_some(())
+            }
+        })
+    };
+    let from = |source: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((source, 0))).unwrap();
+        socket.connect(server).await.unwrap()
+    };
+    let (first, second) = ([127, 0, 0, 1], [127, 0, 0, 2]);
     let mut open = Vec::new();
     for _ in 0..3 {
-        open.push(TcpStream::connect(server).await.unwrap());
+        open.push(from(first).await);
     }
-    // The connections are counted once accepted: the fourth is closed at once.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut fourth = TcpStream::connect(server).await.unwrap();
+    open_connections(3).await;
+    let mut fourth = from(first).await;
     assert!(closed_within(&mut fourth, WAIT).await, "a fourth connection from one source is closed");
+    // Another source has its own count, up to max_connections in all.
+    open.push(from(second).await);
+    open_connections(4).await;
+    let mut fifth = from(second).await;
+    assert!(closed_within(&mut fifth, WAIT).await, "a fifth connection in all is closed");
     for stream in &mut open {
-        assert!(!closed_within(stream, Duration::from_millis(100)).await, "the first three stay open");
+        assert!(!closed_within(stream, Duration::from_millis(100)).await, "the first four stay open");
     }
-    // Closing one makes room for another (once the relay has seen it close).
-    drop(open.pop());
-    let mut admitted = false;
-    for _ in 0..20 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut again = TcpStream::connect(server).await.unwrap();
-        if !closed_within(&mut again, Duration::from_millis(300)).await {
-            admitted = true;
-            break;
-        }
-    }
-    assert!(admitted, "a connection is admitted again after one closed");
-    let metrics = running.turn_metrics().await;
+    // Closing one makes room for another, once the relay has seen it close.
+    drop(open.remove(0));
+    open_connections(3).await;
+    let mut again = from(second).await;
+    open_connections(4).await;
+    assert!(!closed_within(&mut again, Duration::from_millis(100)).await, "admitted after one closed");
+    let metrics = running.metrics().await;
     let refused = common::metric(&metrics, r#"switchboard_turn_connections_refused_total{transport="tcp"}"#);
-    assert!(refused >= 1, "{metrics}");
+    assert_eq!(refused, 2, "{metrics}");
+    drop((open, again));
+    open_connections(0).await;
     running.stop().await.unwrap();
 }

@@ -71,6 +71,9 @@ pub struct TurnConfig {
     /// Open TCP and TLS connections per source (an IPv4 address or IPv6 /64; 0: no limit).
     #[serde(default = "default_turn_connections_per_source")]
     pub connections_per_source: usize,
+    /// Open TCP and TLS connections in all (0: no limit); more are closed at once.
+    #[serde(default = "default_turn_max_connections")]
+    pub max_connections: usize,
     /// Permissions (peer IP addresses) one allocation may hold; a CreatePermission or ChannelBind
     /// that would install more is refused with 508 (Insufficient Capacity).
     #[serde(default = "default_turn_permissions_per_allocation")]
@@ -131,6 +134,9 @@ fn default_turn_allocate_timeout_secs() -> u64 {
 fn default_turn_connections_per_source() -> usize {
     256
 }
+fn default_turn_max_connections() -> usize {
+    10_000
+}
 fn default_turn_permissions_per_allocation() -> usize {
     128
 }
@@ -168,6 +174,7 @@ impl Default for TurnConfig {
             nonce_lifetime_secs: default_turn_nonce_lifetime_secs(),
             allocate_timeout_secs: default_turn_allocate_timeout_secs(),
             connections_per_source: default_turn_connections_per_source(),
+            max_connections: default_turn_max_connections(),
             permissions_per_allocation: default_turn_permissions_per_allocation(),
             channels_per_allocation: default_turn_channels_per_allocation(),
             threads: 0,
@@ -273,6 +280,9 @@ allocate_timeout_secs = 60
 # Open TCP and TLS connections per source (0: no limit); more are closed at once. For this and
 # unauthenticated_per_sec a source is an IPv4 address or an IPv6 /64.
 connections_per_source = 256
+# Open TCP and TLS connections in all (0: no limit); more are closed at once. Each holds two small
+# buffers and a task; keep it below the process's file descriptor limit.
+max_connections = 10000
 # Permissions (peer IP addresses) and channel bindings one allocation may hold; a CreatePermission
 # or ChannelBind past them is refused with 508 (Insufficient Capacity).
 permissions_per_allocation = 128

@@ -322,15 +322,6 @@ impl Store {
             .collect()
     }
 
-    /// Whether a transaction id has been stored.
-    pub async fn has_transaction(&self, txn_id: &str) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) FROM appservice_transactions WHERE txn_id = $1")
-            .bind(txn_id)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get::<i64, _>(0)? > 0)
-    }
-
     /// The last inbox id `consumer` has handled on `instance` (0 for one never seen).
     pub async fn cursor(&self, consumer: &str, instance: &str) -> Result<i64, StoreError> {
         let row = sqlx::query("SELECT last_id FROM inbox_positions WHERE consumer = $1 AND instance = $2")

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
@@ -36,7 +37,7 @@ use tokio_util::task::TaskTracker;
 use super::Embedded;
 use super::server::{Action, FiveTuple, Relay, RelayPorts, Transport};
 use crate::clock::Clock;
-use crate::telemetry::TransportLabel;
+use crate::telemetry::{ShardLabel, TransportLabel};
 
 /// Largest datagram read (a TURN message carrying a full-size UDP payload fits).
 const MAX_DATAGRAM: usize = 65_536;
@@ -176,7 +177,7 @@ pub async fn serve(
         let (tls, metrics, stop, clock) =
             (listeners.tls.clone(), metrics.clone(), shutdown.clone(), clock.clone());
         let spawned = std::thread::Builder::new().name(format!("turn-shard-{index}")).spawn(move || {
-            let _ = finished.send(run_shard(relay, shard, tls, sockets, &clock, &metrics, &stop));
+            let _ = finished.send(run_shard(index, relay, shard, tls, sockets, &clock, &metrics, &stop));
         });
         if let Err(error) = spawned {
             tracing::error!(%error, "turn.shard could not start; shutting down");
@@ -199,7 +200,9 @@ pub async fn serve(
 }
 
 /// Runs one shard on this thread until `shutdown`.
+#[expect(clippy::too_many_arguments, reason = "one call site, which names each")]
 fn run_shard(
+    index: usize,
     relay: Relay,
     listeners: ShardListeners,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -219,20 +222,26 @@ fn run_shard(
         let shard = Shard::new(relay, sockets, udp.clone(), clock.clone());
         // Tasks end with the runtime, when this block returns.
         tokio::spawn(serve_udp(udp, shard.clone()));
-        let refused = |transport: &'static str| {
-            metrics.turn.connections_refused.get_or_create(&TransportLabel { transport }).clone()
+        let counters = |transport: &'static str| {
+            let label = TransportLabel { transport };
+            StreamCounters {
+                open: metrics.turn.connections.get_or_create(&label).clone(),
+                refused: metrics.turn.connections_refused.get_or_create(&label).clone(),
+            }
         };
-        tokio::spawn(accept_streams(tcp, None, shard.clone(), clock.clone(), refused("tcp")));
+        tokio::spawn(accept_streams(tcp, None, shard.clone(), clock.clone(), counters("tcp")));
         if let Some((listener, acceptor)) = tls {
             tokio::spawn(accept_streams(
                 listener,
                 Some(acceptor),
                 shard.clone(),
                 clock.clone(),
-                refused("tls"),
+                counters("tls"),
             ));
         }
-        expire_until(&shard, clock, metrics, shutdown).await;
+        let shard_label = ShardLabel { shard: u32::try_from(index).unwrap_or(u32::MAX) };
+        let ticks = metrics.turn.shard_ticks.get_or_create(&shard_label).clone();
+        expire_until(&shard, clock, metrics, &ticks, shutdown).await;
         Ok(())
     })
 }
@@ -359,7 +368,6 @@ async fn serve_udp(udp: Arc<UdpSocket>, shard: Arc<Mutex<Shard>>) {
         }
         let mut guard = lock(&shard);
         let Shard { relay, ports, buffer, clock, .. } = &mut *guard;
-        let now = clock.unix_millis_u64();
         for _ in 0..READ_BATCH {
             let (length, client) = match udp.try_recv_from(buffer) {
                 Ok(received) => received,
@@ -367,6 +375,9 @@ async fn serve_udp(udp: Arc<UdpSocket>, shard: Arc<Mutex<Shard>>) {
                 // ICMP errors surface on the next read (e.g. ECONNREFUSED on Linux): keep going.
                 Err(_) => continue,
             };
+            // Read per datagram (a vDSO call): a batch can outlast a step of the clock, and a
+            // request sent after the step must be judged at the new time.
+            let now = clock.unix_millis_u64();
             let tuple = FiveTuple { client, server, transport: Transport::Udp };
             if let Some(reply) = Shard::client_packet(relay, ports, now, tuple, &buffer[..length]) {
                 send_to(&udp, &reply, client);
@@ -409,13 +420,21 @@ async fn read_peers(socket: Arc<UdpSocket>, shard: Weak<Mutex<Shard>>, udp: Arc<
     }
 }
 
+/// The metrics of one shard's stream listener.
+struct StreamCounters {
+    /// Open connections, kept live (not published once a second like the relay's gauges).
+    open: Gauge,
+    /// Connections closed at once by [`Limits::open_connection`](super::limits::Limits::open_connection).
+    refused: Counter,
+}
+
 /// Accepts TCP clients (TLS ones when `tls` is given).
 async fn accept_streams(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shard: Arc<Mutex<Shard>>,
     clock: Clock,
-    refused: Counter,
+    counters: StreamCounters,
 ) {
     let Ok(listening) = listener.local_addr() else { return };
     let limits = lock(&shard).relay.limits().clone();
@@ -431,10 +450,11 @@ async fn accept_streams(
         };
         if !limits.open_connection(client.ip()) {
             // Dropping the stream closes it.
-            refused.inc();
+            counters.refused.inc();
             continue;
         }
-        let counted = Counted { limits: limits.clone(), source: client.ip() };
+        counters.open.inc();
+        let counted = Counted { limits: limits.clone(), source: client.ip(), open: counters.open.clone() };
         let _ = stream.set_nodelay(true);
         // The address the client reached (a wildcard listener has several).
         let server = stream.local_addr().unwrap_or(listening);
@@ -465,15 +485,18 @@ async fn accept_streams(
     }
 }
 
-/// A stream connection counted in [`Limits`](super::limits::Limits) until it is dropped.
+/// A stream connection counted in [`Limits`](super::limits::Limits) and the open-connections gauge
+/// until it is dropped.
 struct Counted {
     limits: Arc<super::limits::Limits>,
     source: IpAddr,
+    open: Gauge,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
         self.limits.close_connection(self.source);
+        self.open.dec();
     }
 }
 
@@ -590,11 +613,12 @@ fn frame_length(bytes: &[u8]) -> Option<usize> {
 
 /// Drops expired allocations, permissions and channels, hangs up on the stream clients the relay
 /// says went `allocate_timeout` without an allocation, and publishes the shard's metrics, every
-/// second of `clock` until `shutdown`.
+/// second of `clock` until `shutdown`, counting each pass in `ticks`.
 async fn expire_until(
     shard: &Mutex<Shard>,
     clock: &Clock,
     metrics: &crate::telemetry::Metrics,
+    ticks: &Counter,
     shutdown: &CancellationToken,
 ) {
     let mut published = super::Published::default();
@@ -615,6 +639,8 @@ async fn expire_until(
             }
         }
         super::publish(&metrics.turn, relay, &mut published);
+        // Under the lock: a reader that sees this pass knows it saw every packet handled before.
+        ticks.inc();
     }
     // What this shard counted leaves the gauges with it.
     let mut guard = lock(shard);

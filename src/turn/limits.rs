@@ -32,6 +32,8 @@ pub struct Limits {
     unauthenticated_per_sec: u32,
     /// Open stream (TCP, TLS) connections per source IP; 0: no limit.
     connections_per_source: usize,
+    /// Open stream connections in all; 0: no limit.
+    max_connections: usize,
     state: Mutex<State>,
 }
 
@@ -47,6 +49,8 @@ struct State {
     refills: BinaryHeap<Reverse<(u64, IpAddr)>>,
     /// Open stream connections per source (only sources with at least one).
     connections: HashMap<IpAddr, usize>,
+    /// Open stream connections in all.
+    open_connections: usize,
 }
 
 impl Limits {
@@ -56,24 +60,31 @@ impl Limits {
             total_quota,
             unauthenticated_per_sec,
             connections_per_source: 0,
+            max_connections: 0,
             state: Mutex::default(),
         }
     }
 
-    /// Limits each source IP to `limit` open TCP and TLS connections (0: no limit).
+    /// Limits open TCP and TLS connections to `per_source` per source IP and `total` in all
+    /// (0: no limit).
     #[must_use]
-    pub fn with_connections_per_source(self, limit: usize) -> Self {
-        Self { connections_per_source: limit, ..self }
+    pub fn with_connections(self, per_source: usize, total: usize) -> Self {
+        Self { connections_per_source: per_source, max_connections: total, ..self }
     }
 
-    /// Counts a new stream connection from `source`, unless it has `connections_per_source` open.
+    /// Counts a new stream connection from `source`, unless it has `connections_per_source` open or
+    /// the relay `max_connections`.
     pub fn open_connection(&self, source: IpAddr) -> bool {
         let mut state = self.state();
+        if self.max_connections != 0 && state.open_connections >= self.max_connections {
+            return false;
+        }
         let open = state.connections.entry(source_key(source)).or_default();
         if self.connections_per_source != 0 && *open >= self.connections_per_source {
             return false;
         }
         *open += 1;
+        state.open_connections += 1;
         true
     }
 
@@ -86,6 +97,7 @@ impl Limits {
             if *open == 0 {
                 state.connections.remove(&source);
             }
+            state.open_connections -= 1;
         }
     }
 
@@ -221,7 +233,7 @@ mod tests {
 
     #[test]
     fn stream_connections_are_limited_per_source_and_released() {
-        let limits = Limits::new(1, 1, 0).with_connections_per_source(2);
+        let limits = Limits::new(1, 1, 0).with_connections(2, 0);
         let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
         assert!(limits.open_connection(a));
         assert!(limits.open_connection(a));
@@ -234,13 +246,29 @@ mod tests {
             limits.close_connection(b);
         }
         assert!(limits.state().connections.is_empty(), "closed sources are forgotten");
+        assert_eq!(limits.state().open_connections, 0);
         let unlimited = Limits::new(1, 1, 0);
         assert!((0..1000).all(|_| unlimited.open_connection(a)));
     }
 
     #[test]
+    fn stream_connections_are_limited_in_all() {
+        let limits = Limits::new(1, 1, 0).with_connections(2, 3);
+        let ip = |last: u8| IpAddr::from([192, 0, 2, last]);
+        assert!(limits.open_connection(ip(1)));
+        assert!(limits.open_connection(ip(2)));
+        assert!(limits.open_connection(ip(3)));
+        assert!(!limits.open_connection(ip(4)), "a fourth in all, from a new source");
+        assert!(!limits.state().connections.contains_key(&ip(4)), "a refused source is not tracked");
+        limits.close_connection(ip(4));
+        assert!(!limits.open_connection(ip(5)), "closing what was refused frees nothing");
+        limits.close_connection(ip(2));
+        assert!(limits.open_connection(ip(4)), "a closed one makes room");
+    }
+
+    #[test]
     fn an_ipv6_slash_64_is_one_source_and_mapped_ipv4_is_ipv4() {
-        let limits = Limits::new(1, 1, 0).with_connections_per_source(1);
+        let limits = Limits::new(1, 1, 0).with_connections(1, 0);
         let ip = |text: &str| text.parse::<IpAddr>().unwrap();
         assert!(limits.open_connection(ip("2001:db8:1:2::1")));
         assert!(!limits.open_connection(ip("2001:db8:1:2:ffff::9")), "the same /64");

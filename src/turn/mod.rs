@@ -65,7 +65,7 @@ pub fn embedded(config: &Config) -> Embedded {
         allocate_timeout_ms: turn.allocate_timeout_secs.saturating_mul(1000),
     };
     let limits = limits::Limits::new(turn.user_quota, turn.total_quota, turn.unauthenticated_per_sec)
-        .with_connections_per_source(turn.connections_per_source);
+        .with_connections(turn.connections_per_source, turn.max_connections);
     let sockets = io::RelaySockets {
         ipv4: turn.relay_address.unwrap_or(turn.listen.ip()),
         ipv6: turn.relay_address_v6,

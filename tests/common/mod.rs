@@ -143,6 +143,7 @@ pub struct Running {
     /// The embedded TURN relay's UDP (and TCP) address, and its TLS listener's.
     pub turn: Option<SocketAddr>,
     pub turn_tls: Option<SocketAddr>,
+    clock: switchboard::clock::Clock,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), RunError>>,
 }
@@ -173,8 +174,8 @@ pub fn start_on_clock(config: Config, listeners: Listeners, clock: switchboard::
     let turn = listeners.turn.as_ref().map(|turn| turn.local_addr().unwrap());
     let turn_tls = listeners.turn.as_ref().and_then(switchboard::turn::io::Listeners::tls_local_addr);
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(switchboard::run_with_clock(config, listeners, clock, shutdown.clone()));
-    Running { appservice, client, ops, turn, turn_tls, shutdown, task }
+    let task = tokio::spawn(switchboard::run_with_clock(config, listeners, clock.clone(), shutdown.clone()));
+    Running { appservice, client, ops, turn, turn_tls, clock, shutdown, task }
 }
 
 pub async fn start(config: Config) -> Running {
@@ -207,10 +208,10 @@ impl Running {
         panic!("Switchboard did not start listening within 30 s");
     }
 
-    /// The metrics once the TURN relay's shards have published theirs (every second).
+    /// The metrics once every TURN relay shard has published after this call (see
+    /// [`published_turn_metrics`]). A stepped clock is stepped a second at a time until they have.
     pub async fn turn_metrics(&self) -> String {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        self.metrics().await
+        published_turn_metrics(&self.ops_url("/metrics"), &self.clock).await
     }
 
     pub async fn metrics(&self) -> String {
@@ -234,6 +235,52 @@ pub fn metric(metrics: &str, prefix: &str) -> u64 {
         .filter(|line| line.starts_with(prefix))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// The metrics at `url` once every TURN relay shard has published after this call. Shards publish
+/// their gauges and counters once a second and count each pass in
+/// `switchboard_turn_shard_ticks_total{shard}` under the shard's lock, so a pass counted after this
+/// call began has seen every packet the shard handled before it. The shards tick on `clock`: a
+/// stepped one is stepped a second per poll.
+pub async fn published_turn_metrics(url: &str, clock: &switchboard::clock::Clock) -> String {
+    async fn ticks(url: &str) -> Option<(String, std::collections::BTreeMap<String, u64>)> {
+        let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+        let ticks = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("switchboard_turn_shard_ticks_total{shard=\""))
+            .filter_map(|rest| {
+                let (shard, count) = rest.split_once("\"} ")?;
+                Some((shard.to_owned(), count.parse().ok()?))
+            })
+            .collect();
+        Some((text, ticks))
+    }
+    let (_, before) = eventually(Duration::from_secs(10), "the relay's shard ticks", || async {
+        ticks(url).await.filter(|(_, ticks)| !ticks.is_empty())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "a pass of every relay shard", || async {
+        clock.advance(Duration::from_secs(1));
+        let (text, now) = ticks(url).await?;
+        let passed = now.iter().all(|(shard, count)| count > before.get(shard).unwrap_or(&0));
+        passed.then_some(text)
+    })
+    .await
+}
+
+/// The resident set size of a process once it has settled: read every 100 ms until two readings
+/// agree (at most 5 s; then the last reading).
+pub async fn settled_rss(pid: u32) -> u64 {
+    let mut last = rss_bytes(pid);
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = rss_bytes(pid);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
 }
 
 /// Resident set size of a process, in bytes (from /proc).
