@@ -18,12 +18,14 @@
 //! [`run`] takes already-bound listeners and a shutdown token, so tests bind port 0 and call it.
 
 pub mod appservice;
+pub mod calls;
 pub mod clock;
 pub mod config;
 pub mod directory;
 pub mod homeserver;
 pub mod http;
 pub mod ops;
+pub mod signalling;
 pub mod store;
 pub mod telemetry;
 pub mod turn;

@@ -1,0 +1,1 @@
+//! The call broker: a sans-IO state machine per call (to be written).
