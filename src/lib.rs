@@ -7,6 +7,9 @@
 //! - [`homeserver`]: Switchboard → homeserver (whoami, masquerading, ping, sender registration).
 //! - [`directory`]: presence and discovery: who is online, which address they provably hold, what
 //!   they can do; fed by the inbox, the homeserver and signalling connections.
+//! - [`signalling`]: the client WebSocket (protocol v1): signals relayed between connected
+//!   clients, bridged to Matrix (to-device) for the others, presence pushed to watchers.
+//! - [`calls`]: the call broker, a sans-IO state machine per call.
 //! - [`turn`]: TURN/STUN: credentials for Synapse, coturn and the embedded relay, which runs one
 //!   shard per core.
 //! - [`clock`]: wall and monotonic time, passed in; a manual clock that tests step.
@@ -132,13 +135,9 @@ pub async fn run_with_clock(
         clock.clone(),
     )
     .await?;
-    let discovery_inbox = Subscription::open(
-        store.clone(),
-        directory::service::CONSUMER,
-        &config.database.instance_name,
-        clock.clone(),
-    )
-    .await?;
+    let inbox =
+        |consumer| Subscription::open(store.clone(), consumer, &config.database.instance_name, clock.clone());
+    let discovery_inbox = inbox(directory::service::CONSUMER).await?;
 
     let appservice = appservice::router(Arc::new(Appservice {
         hs_token: config.hs_token().clone(),
@@ -153,7 +152,17 @@ pub async fn run_with_clock(
         metrics.clone(),
     );
     let turn_uris = turn::client_uris(&config, listeners.turn.as_ref());
-    let client = client_router(&config, auth, discovery.clone(), turn_uris, &clock);
+    let signalling = signalling::service::Signalling::new(
+        signalling::service::Settings::from_config(&config, turn_uris.clone()),
+        discovery.clone(),
+        homeserver.clone(),
+        auth.clone(),
+        metrics.clone(),
+        clock.clone(),
+        shutdown.clone(),
+    );
+    let signalling_inbox = inbox(signalling::service::CONSUMER).await?;
+    let client = client_router(&config, auth, discovery.clone(), turn_uris, signalling.clone(), &clock);
     let ops = ops::router(Arc::new(Ops {
         store: store.clone(),
         homeserver: homeserver.clone(),
@@ -175,6 +184,8 @@ pub async fn run_with_clock(
     tasks.spawn(homeserver.clone().watch_health(shutdown.clone()));
     tasks.spawn(discovery.clone().consume(discovery_inbox, shutdown.clone()));
     tasks.spawn(discovery.refresh(shutdown.clone()));
+    tasks.spawn(signalling.clone().consume(signalling_inbox, shutdown.clone()));
+    tasks.spawn(signalling.clone().push_presence(shutdown.clone()));
     tasks.spawn(appservice::inbox::prune(
         store.clone(),
         config.inbox_retention(),
@@ -193,29 +204,49 @@ pub async fn run_with_clock(
     }
     tasks.close();
 
-    let serve = |listener, router, settings| serve_or_stop(listener, router, settings, &metrics, &shutdown);
+    let served = serve_all(
+        [(listeners.appservice, appservice), (listeners.client, client), (listeners.ops, ops)],
+        &config,
+        &metrics,
+        &shutdown,
+    )
+    .await;
+    shutdown.cancel();
+    // Sockets got their close frame when shutdown began; their tasks end within a second.
+    signalling.tasks.close();
+    signalling.tasks.wait().await;
+    tasks.wait().await;
+    store.close().await;
+    served?;
+    tracing::info!("switchboard.stop: stopped cleanly");
+    Ok(())
+}
+
+/// Serves the appservice, client and ops listeners until `shutdown`, then lets in-flight requests
+/// finish within [`SHUTDOWN_GRACE`].
+async fn serve_all(
+    [appservice, client, ops]: [(TcpListener, Router); 3],
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<(), RunError> {
+    let serve = |(listener, router), settings| serve_or_stop(listener, router, settings, metrics, shutdown);
     let serving = async {
         tokio::try_join!(
-            serve(listeners.appservice, appservice, http::ServeSettings::appservice(&config)),
-            serve(listeners.client, client, http::ServeSettings::client(&config)),
-            serve(listeners.ops, ops, http::ServeSettings::ops(&config)),
+            serve(appservice, http::ServeSettings::appservice(config)),
+            serve(client, http::ServeSettings::client(config)),
+            serve(ops, http::ServeSettings::ops(config)),
         )
     };
     let grace_over = async {
         shutdown.cancelled().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
-    let served = tokio::select! {
+    tokio::select! {
         served = serving => served.map(|_| ()).map_err(RunError::from),
         // A client that never finishes its request must not hold the process forever.
         () = grace_over => Err(RunError::ShutdownTimeout(SHUTDOWN_GRACE)),
-    };
-    shutdown.cancel();
-    tasks.wait().await;
-    store.close().await;
-    served?;
-    tracing::info!("switchboard.stop: stopped cleanly");
-    Ok(())
+    }
 }
 
 /// Serves one listener; if it fails, stops the others too.
@@ -240,6 +271,7 @@ fn client_router(
     auth: http::Auth,
     directory: Arc<DirectoryService>,
     turn_uris: Vec<String>,
+    signalling: Arc<signalling::service::Signalling>,
     clock: &Clock,
 ) -> Router {
     let discovery_api = directory::api::Api {
@@ -264,9 +296,14 @@ fn client_router(
         "/_switchboard/client/versions",
         get(|| async { axum::Json(serde_json::json!({ "versions": ["v1"] })) }),
     );
-    http::with_fallbacks(
+    let router = http::with_fallbacks(
         versions
             .merge(directory::api::router(Arc::new(discovery_api)))
-            .merge(turn::api::router(Arc::new(turn_api))),
-    )
+            .merge(turn::api::router(Arc::new(turn_api)))
+            .merge(signalling::api::router(signalling)),
+    );
+    match http::cors(&config.client.cors_allowed_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }

@@ -242,6 +242,98 @@ impl TurnMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViaLabel {
+    pub via: &'static str,
+}
+
+/// The client WebSocket and the signals it carries.
+pub struct SignallingMetrics {
+    pub connections: Gauge,
+    pub connections_refused: Family<CodeLabel, Counter>,
+    pub closed: Family<CodeLabel, Counter>,
+    pub frames_received: Counter,
+    pub errors: Family<CodeLabel, Counter>,
+    /// Signals from clients, by how they reached the peer (`relay`, `matrix`, `failed`).
+    pub signals_sent: Family<ViaLabel, Counter>,
+    /// Signals from Matrix handed to a connected client.
+    pub signals_from_matrix: Counter,
+    /// Signals from Matrix that were Switchboard's own sends echoed back, not delivered again.
+    pub echoes_dropped: Counter,
+    /// Time from a client's signal to its `delivered`, by path.
+    pub delivery_seconds: Family<ViaLabel, Histogram>,
+    pub watched_addresses: Gauge,
+}
+
+impl Default for SignallingMetrics {
+    fn default() -> Self {
+        Self {
+            connections: Gauge::default(),
+            connections_refused: Family::default(),
+            closed: Family::default(),
+            frames_received: Counter::default(),
+            errors: Family::default(),
+            signals_sent: Family::default(),
+            signals_from_matrix: Counter::default(),
+            echoes_dropped: Counter::default(),
+            // 50 µs .. ~1.6 s, doubling.
+            delivery_seconds: Family::new_with_constructor(|| {
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 16))
+            }),
+            watched_addresses: Gauge::default(),
+        }
+    }
+}
+
+impl SignallingMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let signalling = registry.sub_registry_with_prefix("signalling");
+        signalling.register(
+            "connections",
+            "Open client WebSockets on this instance",
+            self.connections.clone(),
+        );
+        signalling.register(
+            "connections_refused",
+            "WebSocket upgrades refused, by reason (max_connections, max_connections_per_user, unauthorized)",
+            self.connections_refused.clone(),
+        );
+        signalling.register("closed", "WebSockets closed by the server, by close code", self.closed.clone());
+        signalling.register("frames_received", "Frames received from clients", self.frames_received.clone());
+        signalling.register("errors", "Error frames sent to clients, by code", self.errors.clone());
+        signalling.register(
+            "signals_sent",
+            "Signals from clients, by the path that took them (relay, matrix) or failed",
+            self.signals_sent.clone(),
+        );
+        signalling.register(
+            "signals_from_matrix",
+            "Signals that arrived through Matrix and were handed to a connected client",
+            self.signals_from_matrix.clone(),
+        );
+        signalling.register(
+            "echoes_dropped",
+            "Switchboard's own to-device sends seen again in the appservice stream, not delivered twice",
+            self.echoes_dropped.clone(),
+        );
+        signalling.register(
+            "delivery_seconds",
+            "Time from a client's signal to its delivered frame, by path",
+            self.delivery_seconds.clone(),
+        );
+        signalling.register(
+            "watched_addresses",
+            "Addresses watched by at least one connection on this instance",
+            self.watched_addresses.clone(),
+        );
+    }
+}
+
 /// The inbox's size and retention.
 #[derive(Default)]
 pub struct InboxMetrics {
@@ -355,6 +447,7 @@ pub struct Metrics {
     pub turn: TurnMetrics,
     pub inbox: InboxMetrics,
     pub http: HttpMetrics,
+    pub signalling: SignallingMetrics,
 }
 
 impl Default for Metrics {
@@ -440,6 +533,8 @@ impl Metrics {
         inbox.register(&mut registry);
         let http = HttpMetrics::default();
         http.register(&mut registry);
+        let signalling = SignallingMetrics::default();
+        signalling.register(&mut registry);
         Self {
             registry,
             transactions_received,
@@ -458,6 +553,7 @@ impl Metrics {
             turn,
             inbox,
             http,
+            signalling,
         }
     }
 

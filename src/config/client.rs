@@ -32,6 +32,10 @@ pub struct ClientConfig {
     /// How many such requests a source may make at once before the rate applies.
     #[serde(default = "default_unknown_token_burst")]
     pub unknown_token_burst: u32,
+    /// Origins whose browser pages may call the client API (CORS), e.g. `https://app.example.org`;
+    /// `["*"]`: any. Empty: no CORS headers (same-origin pages and non-browser clients only).
+    #[serde(default)]
+    pub cors_allowed_origins: Vec<String>,
 }
 
 fn default_client_listen() -> SocketAddr {
@@ -62,6 +66,7 @@ impl Default for ClientConfig {
             max_body_bytes: default_client_max_body_bytes(),
             unknown_token_per_sec: default_unknown_token_per_sec(),
             unknown_token_burst: default_unknown_token_burst(),
+            cors_allowed_origins: Vec::new(),
         }
     }
 }
@@ -81,6 +86,16 @@ impl ClientConfig {
                 "must be at least 1 when unknown_token_per_sec is set",
             ));
         }
+        for origin in &self.cors_allowed_origins {
+            let valid = origin == "*"
+                || (url::Url::parse(origin).is_ok_and(|url| url.origin().ascii_serialization() == *origin));
+            if !valid {
+                return Err(invalid(
+                    "client.cors_allowed_origins",
+                    format!("{origin:?} is not an origin (scheme://host[:port]) or \"*\""),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -99,4 +114,7 @@ max_body_bytes = 262144
 # 429 M_LIMIT_EXCEEDED. 0 turns the limit off.
 unknown_token_per_sec = 2
 unknown_token_burst = 20
+# Origins whose browser pages may call the client API (CORS), e.g. ["https://app.example.org"];
+# ["*"] allows any. Tokens travel in headers, never cookies. Empty: no CORS headers.
+cors_allowed_origins = []
 "#;

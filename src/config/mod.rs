@@ -13,6 +13,7 @@ mod directory;
 mod homeserver;
 mod log;
 mod ops;
+mod signalling;
 mod turn;
 
 use std::fmt;
@@ -32,6 +33,7 @@ pub use directory::DirectoryConfig;
 pub use homeserver::HomeserverConfig;
 pub use log::{LogConfig, LogFormat};
 pub use ops::OpsConfig;
+pub use signalling::SignallingConfig;
 pub use turn::{TurnConfig, TurnMode};
 
 /// Prefix of environment overrides; `__` separates section and key: `SWITCHBOARD_DATABASE__URL`.
@@ -102,6 +104,8 @@ pub struct Config {
     #[serde(default)]
     pub directory: DirectoryConfig,
     #[serde(default)]
+    pub signalling: SignallingConfig,
+    #[serde(default)]
     pub turn: TurnConfig,
     #[serde(default)]
     pub log: LogConfig,
@@ -154,6 +158,7 @@ impl Config {
         self.client.validate()?;
         self.ops.validate()?;
         self.database.validate()?;
+        self.signalling.validate()?;
         self.turn.validate()?;
         self.log.validate()?;
         Ok(())
@@ -309,6 +314,7 @@ pub fn render(v: &Rendered<'_>) -> String {
         ops::EXAMPLE,
         database::EXAMPLE,
         directory::EXAMPLE,
+        signalling::EXAMPLE,
         turn::EXAMPLE,
         log::EXAMPLE,
     ];

@@ -114,7 +114,9 @@ struct PeerUser<'a> {
     verified: bool,
 }
 
-fn peer_json(directory: &Directory, address: &Address, now_ms: i64) -> Value {
+/// What the directory says of `address`: `{address, reachable, users: [...]}` (also the
+/// signalling `presence` frame).
+pub(crate) fn peer_json(directory: &Directory, address: &Address, now_ms: i64) -> Value {
     let users: Vec<PeerUser<'_>> = directory
         .users_of(address)
         .into_iter()

@@ -231,13 +231,7 @@ impl AddressFeed {
 
 impl Drop for AddressFeed {
     fn drop(&mut self) {
-        let mut feeds = self.service.feeds.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = feeds.get_mut(&self.address) {
-            *count -= 1;
-            if *count == 0 {
-                feeds.remove(&self.address);
-            }
-        }
+        self.service.release(&self.address);
     }
 }
 
@@ -358,8 +352,26 @@ impl DirectoryService {
 
     /// Changes of one address (what the WebSocket relay's `watch` serves).
     pub fn feed(self: &Arc<Self>, address: Address) -> AddressFeed {
-        *self.feeds.lock().unwrap_or_else(PoisonError::into_inner).entry(address).or_default() += 1;
+        self.hold(address);
         AddressFeed { service: self.clone(), address, changes: self.changes.subscribe() }
+    }
+
+    /// Counts a live watcher of `address` (a feed, or a signalling socket that watches it): while
+    /// one is counted, the presence of the address's local users is reconciled. Undone by
+    /// [`Self::release`].
+    pub fn hold(&self, address: Address) {
+        *self.feeds.lock().unwrap_or_else(PoisonError::into_inner).entry(address).or_default() += 1;
+    }
+
+    /// Forgets a watcher counted by [`Self::hold`].
+    pub fn release(&self, address: &Address) {
+        let mut feeds = self.feeds.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = feeds.get_mut(address) {
+            *count -= 1;
+            if *count == 0 {
+                feeds.remove(address);
+            }
+        }
     }
 
     fn publish(&self, changes: impl IntoIterator<Item = Change>) {

@@ -97,6 +97,27 @@ pub fn access_token(headers: &http::HeaderMap, uri: &http::Uri) -> Option<String
         .map(|(_, value)| value.into_owned())
 }
 
+/// The CORS layer of the client API for `origins` (`["*"]`: any origin); `None` when empty. Tokens
+/// travel in the `Authorization` header, never in cookies, so credentials are not allowed.
+pub fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|origin| origin == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|origin| http::HeaderValue::from_str(origin).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([http::Method::GET, http::Method::POST, http::Method::OPTIONS])
+            .allow_headers([http::header::AUTHORIZATION, http::header::CONTENT_TYPE])
+            .max_age(std::time::Duration::from_secs(3600)),
+    )
+}
+
 /// Gives a router the Matrix-style fallbacks.
 pub fn with_fallbacks(router: Router) -> Router {
     router.fallback(unrecognized).method_not_allowed_fallback(method_not_allowed)

@@ -6,7 +6,12 @@
 //! dialects ([`dialect`]) translate it to and from what Matrix clients and Raiden nodes send, and
 //! the call broker ([`crate::calls`]) judges it.
 
+pub mod api;
 pub mod dialect;
+pub mod hub;
+pub mod protocol;
+pub mod service;
+mod socket;
 
 use std::fmt;
 

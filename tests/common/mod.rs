@@ -13,7 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod raiden;
 pub mod turn_client;
+pub mod ws;
 
 use serde_json::{Value, json};
 use switchboard::config::Config;
@@ -82,7 +84,18 @@ pub async fn with_synapse(
     database_url: &str,
     registration_hs_token: Option<&str>,
 ) -> Option<(Synapse, Running)> {
+    with_synapse_on(database_url, registration_hs_token, |_| {}, switchboard::clock::Clock::system()).await
+}
+
+/// [`with_synapse`] with `adjust` applied to the config, on `clock`.
+pub async fn with_synapse_on(
+    database_url: &str,
+    registration_hs_token: Option<&str>,
+    adjust: impl FnOnce(&mut Config),
+    clock: switchboard::clock::Clock,
+) -> Option<(Synapse, Running)> {
     let mut config = config(database_url, "http://127.0.0.1:9");
+    adjust(&mut config);
     let listeners = bind(&config).await;
     let appservice = listeners.appservice.local_addr().unwrap();
     config.appservice.url = format!("http://{appservice}").parse().unwrap();
@@ -95,7 +108,7 @@ pub async fn with_synapse(
     std::fs::write(&path, registration).unwrap();
     let synapse = Synapse::start(&[&path]).await?;
     config.homeserver.url = synapse.base_url.parse().unwrap();
-    let running = start_on(config, listeners);
+    let running = start_on_clock(config, listeners, clock);
     running.wait_listening().await;
     Some((synapse, running))
 }
