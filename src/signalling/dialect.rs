@@ -1195,59 +1195,7 @@ mod tests {
 
     // ---- Properties ----
 
-    /// Strings that reach deep paths: ids, types, Raiden-shaped bodies, and anything at all.
-    fn interesting_string() -> impl Strategy<Value = String> {
-        prop_oneof![
-            Just(ALICE.to_owned()),
-            Just(BOB.to_owned()),
-            Just(ROOM.to_owned()),
-            Just(RAIDEN_CALL_ID.to_owned()),
-            Just("m.notice".to_owned()),
-            Just("offer".to_owned()),
-            Just("answer".to_owned()),
-            Just("1".to_owned()),
-            Just(String::new()),
-            ".*",
-            raiden_shaped_body(),
-        ]
-    }
-
-    fn raiden_shaped_body() -> impl Strategy<Value = String> {
-        let kind = prop_oneof![Just("offer"), Just("answer"), Just("candidates"), Just("hangup"), Just("x")];
-        (kind, json_value(), json_value(), json_value()).prop_map(|(kind, sdp, call_id, candidates)| {
-            json!({ "type": kind, "sdp": sdp, "call_id": call_id, "candidates": candidates }).to_string()
-        })
-    }
-
-    fn key() -> impl Strategy<Value = String> {
-        prop_oneof![
-            prop::sample::select(vec![
-                "call_id",
-                "party_id",
-                "version",
-                "lifetime",
-                "offer",
-                "answer",
-                "sdp",
-                "type",
-                "candidates",
-                "candidate",
-                "sdpMid",
-                "sdpMLineIndex",
-                "selected_party_id",
-                "description",
-                "reason",
-                "invitee",
-                "msgtype",
-                "body",
-                "device_id",
-                "sender_device",
-            ])
-            .prop_map(str::to_owned),
-            ".{0,8}",
-        ]
-    }
-
+    /// Anything JSON: keys mostly ones the translation reads, values of every type.
     fn json_value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
@@ -1256,7 +1204,7 @@ mod tests {
             any::<u64>().prop_map(Value::from),
             any::<f64>().prop_filter_map("finite", |f| serde_json::Number::from_f64(f).map(Value::Number)),
             ".{0,16}".prop_map(Value::String),
-            prop::sample::select(vec!["m.notice", "offer", "answer", "0", "1", ALICE, RAIDEN_CALL_ID])
+            prop::sample::select(vec!["m.notice", "offer", "answer", "0", "1", "", ALICE, RAIDEN_CALL_ID])
                 .prop_map(Value::from),
         ];
         leaf.prop_recursive(4, 48, 6, |inner| {
@@ -1268,17 +1216,110 @@ mod tests {
         })
     }
 
-    fn kind() -> impl Strategy<Value = ItemKind> {
-        prop_oneof![Just(ItemKind::ToDevice), Just(ItemKind::Event), Just(ItemKind::Ephemeral)]
+    fn key() -> impl Strategy<Value = String> {
+        let known = vec![
+            "call_id",
+            "party_id",
+            "version",
+            "lifetime",
+            "offer",
+            "answer",
+            "sdp",
+            "type",
+            "candidates",
+            "candidate",
+            "sdpMid",
+            "sdpMLineIndex",
+            "selected_party_id",
+            "description",
+            "reason",
+            "invitee",
+            "msgtype",
+            "body",
+            "device_id",
+            "sender_device",
+            "content",
+            "sender",
+        ];
+        prop_oneof![prop::sample::select(known).prop_map(str::to_owned), ".{0,8}"]
     }
 
-    fn event_type() -> impl Strategy<Value = String> {
-        let known: Vec<String> = EventType::ALL
-            .iter()
-            .map(|t| t.as_str().to_owned())
-            .chain(["m.room.message".to_owned()])
-            .collect();
-        prop_oneof![prop::sample::select(known), ".{0,20}"]
+    /// Mostly `good`, sometimes anything.
+    fn maybe(good: impl Strategy<Value = Value>) -> impl Strategy<Value = Value> {
+        prop_oneof![3 => good, 1 => json_value()]
+    }
+
+    fn strings(values: &'static [&'static str]) -> impl Strategy<Value = Value> {
+        prop::sample::select(values.to_vec()).prop_map(Value::from)
+    }
+
+    /// An object with each of `fields` present or not.
+    fn object_of(fields: Vec<(&'static str, BoxedStrategy<Value>)>) -> impl Strategy<Value = Value> {
+        let (names, values): (Vec<_>, Vec<_>) = fields.into_iter().unzip();
+        values.into_iter().map(prop::option::of).collect::<Vec<_>>().prop_map(move |values| {
+            let map = names.iter().zip(values).filter_map(|(name, value)| Some(((*name).to_owned(), value?)));
+            Value::Object(map.collect())
+        })
+    }
+
+    fn candidate_list() -> BoxedStrategy<Value> {
+        let entry = object_of(vec![
+            ("candidate", maybe(strings(&[HOST_CANDIDATE, "", " "])).boxed()),
+            ("sdpMid", maybe(strings(&["0", "1"])).boxed()),
+            ("sdpMLineIndex", maybe(prop_oneof![Just(json!(0)), Just(json!(1)), Just(json!(true))]).boxed()),
+        ]);
+        maybe(prop::collection::vec(entry, 0..4).prop_map(Value::Array)).boxed()
+    }
+
+    fn session(types: &'static [&'static str]) -> BoxedStrategy<Value> {
+        maybe(object_of(vec![
+            ("type", maybe(strings(types)).boxed()),
+            ("sdp", maybe(strings(&[OFFER_SDP, ""])).boxed()),
+        ]))
+        .boxed()
+    }
+
+    /// Matrix VoIP content, mostly well formed, with any field missing or odd.
+    fn voip_content() -> impl Strategy<Value = Value> {
+        let id = || maybe(strings(&["abc", RAIDEN_CALL_ID, "P"])).boxed();
+        let versions = prop_oneof![Just(json!("1")), Just(json!(0)), Just(json!("0")), Just(json!(1))];
+        object_of(vec![
+            ("call_id", id()),
+            ("party_id", id()),
+            ("version", maybe(versions).boxed()),
+            ("lifetime", maybe(any::<u64>().prop_map(Value::from)).boxed()),
+            ("offer", session(&["offer", "answer"])),
+            ("answer", session(&["answer"])),
+            ("description", session(&["offer", "answer", "pranswer"])),
+            ("candidates", candidate_list()),
+            ("selected_party_id", id()),
+            ("reason", maybe(strings(&["user_hangup"])).boxed()),
+            ("invitee", maybe(strings(&[BOB, "bob"])).boxed()),
+            ("device_id", id()),
+        ])
+    }
+
+    /// A Raiden body: mostly a signal-shaped object, sometimes any text.
+    fn raiden_text() -> impl Strategy<Value = String> {
+        let shaped = object_of(vec![
+            ("type", maybe(strings(&["offer", "answer", "candidates", "hangup", "x"])).boxed()),
+            ("sdp", maybe(strings(&[OFFER_SDP])).boxed()),
+            ("call_id", maybe(strings(&[RAIDEN_CALL_ID, ""])).boxed()),
+            ("candidates", candidate_list()),
+        ]);
+        prop_oneof![4 => shaped.prop_map(|body| body.to_string()), 1 => ".*"]
+    }
+
+    fn voip_event_type() -> impl Strategy<Value = String> {
+        prop::sample::select(EventType::ALL.to_vec()).prop_map(|t| t.as_str().to_owned())
+    }
+
+    fn any_string() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![ALICE, BOB, ROOM, "m.room.message", "m.call.invite", ""])
+                .prop_map(str::to_owned),
+            ".*",
+        ]
     }
 
     /// What `from_item` promises about any signal it returns.
@@ -1288,25 +1329,40 @@ mod tests {
         assert_eq!(signal.content.get("call_id"), Some(&Value::String(signal.call_id.clone())));
         assert_eq!(signal.content.get("version"), Some(&json!("1")));
         assert!(id(signal.content.get("party_id")).is_some());
-        // Sent on as Matrix VoIP, it reads back as the same signal.
-        let send = to_device(signal, Dialect::Voip).unwrap();
-        let mut again = from_item(&echo(signal, &send)).unwrap().signal;
-        again.from_device.clone_from(&signal.from_device);
-        if incoming.route != Route::ToDevice {
-            again.to_user.clone_from(&signal.to_user);
+        // Sent on as Matrix VoIP (to the room's other member, when it came from a room), it reads
+        // back as the same signal (but for the device, which the echo does not carry).
+        let mut signal = signal.clone();
+        if signal.to_user.is_empty() {
+            signal.to_user = BOB.to_owned();
         }
-        assert_eq!(&again, signal);
-        let _ = to_device(signal, Dialect::Raiden);
+        // Floats are left out: serde_json (without `float_roundtrip`) may read one back a unit in
+        // the last place off; no signal field is a float.
+        let send = to_device(&signal, Dialect::Voip).unwrap();
+        let mut again = from_item(&echo(&signal, &send)).unwrap().signal;
+        again.from_device.clone_from(&signal.from_device);
+        if !has_float(&send.content) {
+            assert_eq!(again, signal);
+        }
+        let _ = to_device(&signal, Dialect::Raiden);
+    }
+
+    fn has_float(value: &Value) -> bool {
+        match value {
+            Value::Number(number) => number.is_f64(),
+            Value::Array(items) => items.iter().any(has_float),
+            Value::Object(map) => map.values().any(has_float),
+            _ => false,
+        }
     }
 
     proptest! {
         #[test]
         fn from_item_never_panics_on_arbitrary_json(
-            kind in kind(),
-            event_type in event_type(),
-            sender in prop::option::of(interesting_string()),
-            to_user in prop::option::of(interesting_string()),
-            room_id in prop::option::of(interesting_string()),
+            kind in prop_oneof![Just(ItemKind::ToDevice), Just(ItemKind::Event), Just(ItemKind::Ephemeral)],
+            event_type in any_string(),
+            sender in prop::option::of(any_string()),
+            to_user in prop::option::of(any_string()),
+            room_id in prop::option::of(any_string()),
             body in json_value(),
         ) {
             let item = StoredItem {
@@ -1319,35 +1375,50 @@ mod tests {
         }
 
         #[test]
-        fn from_item_never_panics_on_arbitrary_content(
-            kind in kind(),
-            event_type in event_type(),
-            content in prop::collection::btree_map(key(), json_value(), 0..10),
-            body in interesting_string(),
-            sdp in prop::option::of(json_value()),
+        fn from_item_never_panics_on_odd_voip_content(
+            room in any::<bool>(),
+            event_type in voip_event_type(),
+            content in voip_content(),
+            sender_device in prop::option::of(json_value()),
         ) {
-            let mut content: Map<String, Value> = content.into_iter().collect();
-            content.insert("body".to_owned(), Value::String(body));
-            if let Some(sdp) = sdp {
-                content.insert("offer".to_owned(), json!({ "type": "offer", "sdp": sdp }));
+            let mut body = json!({ "type": event_type, "sender": ALICE, "content": content });
+            if let Some(device) = sender_device {
+                body["sender_device"] = device;
             }
-            let envelope = json!({
-                "type": event_type, "sender": ALICE, "to_user_id": BOB, "room_id": ROOM, "content": content,
-            });
-            if let Some(incoming) = from_item(&item(kind, &envelope)) {
+            let item = if room {
+                body["room_id"] = json!(ROOM);
+                item(ItemKind::Event, &body)
+            } else {
+                body["to_user_id"] = json!(BOB);
+                item(ItemKind::ToDevice, &body)
+            };
+            if let Some(incoming) = from_item(&item) {
                 check(&incoming);
             }
         }
 
         #[test]
-        fn to_device_never_panics_on_arbitrary_content(
+        fn from_item_never_panics_on_odd_raiden_bodies(
+            msgtype in maybe(strings(&["m.notice", "m.text"])),
+            body in raiden_text(),
+        ) {
+            let item = to_device_item("m.room.message", &json!({ "msgtype": msgtype, "body": body }));
+            if let Some(incoming) = from_item(&item) {
+                prop_assert_eq!(incoming.dialect, Dialect::Raiden);
+                check(&incoming);
+            }
+        }
+
+        #[test]
+        fn to_device_never_panics_on_odd_content(
             event_type in prop::sample::select(EventType::ALL.to_vec()),
-            content in prop::collection::btree_map(key(), json_value(), 0..10),
+            content in voip_content(),
             call_id in ".{0,40}",
         ) {
+            let Value::Object(content) = content else { unreachable!() };
             let signal = Signal {
                 from_user: ALICE.to_owned(), from_device: None, to_user: BOB.to_owned(), call_id,
-                event_type, content: content.into_iter().collect(),
+                event_type, content,
             };
             for dialect in [Dialect::Voip, Dialect::Raiden] {
                 if let Some(send) = to_device(&signal, dialect) {
