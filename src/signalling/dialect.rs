@@ -117,12 +117,17 @@ pub enum Dialect {
 }
 
 impl Dialect {
-    /// `voip` or `raiden`, for logs and metric labels.
+    /// `voip` or `raiden`, for logs, metric labels and storage.
     pub fn as_str(self) -> &'static str {
         match self {
             Dialect::Voip => "voip",
             Dialect::Raiden => "raiden",
         }
+    }
+
+    /// The dialect named `name` by [`Dialect::as_str`].
+    pub fn parse(name: &str) -> Option<Self> {
+        [Dialect::Voip, Dialect::Raiden].into_iter().find(|dialect| dialect.as_str() == name)
     }
 }
 
@@ -945,7 +950,17 @@ mod tests {
     }
 
     #[test]
-    fn canonical_json_sorts_keys_at_every_depth() {
+    fn dialect_names_round_trip() {
+        for dialect in [Dialect::Voip, Dialect::Raiden] {
+            assert_eq!(Dialect::parse(dialect.as_str()), Some(dialect));
+        }
+        assert_eq!(Dialect::parse("Voip"), None);
+    }
+
+    /// The hashed form. (serde_json's map already keeps keys sorted unless a crate in the tree
+    /// turns on its `preserve_order` feature; the explicit sort is for that case.)
+    #[test]
+    fn canonical_json_is_compact_with_sorted_keys() {
         let mut out = Vec::new();
         canonical_json(&json!({ "b": 1, "a": [{ "d": null, "c": "x\"y" }, true], "é": 1.5 }), &mut out);
         assert_eq!(String::from_utf8(out).unwrap(), r#"{"a":[{"c":"x\"y","d":null},true],"b":1,"é":1.5}"#);
