@@ -323,7 +323,7 @@ impl Call {
 #[derive(Debug)]
 pub struct Calls {
     settings: Settings,
-    calls: HashMap<Arc<str>, Call>,
+    by_id: HashMap<Arc<str>, Call>,
     /// (deadline, call_id): one entry per call.
     timers: BTreeSet<(u64, Arc<str>)>,
     /// Ended calls, oldest end first.
@@ -341,7 +341,7 @@ impl Calls {
     pub fn new(settings: Settings) -> Self {
         Self {
             settings,
-            calls: HashMap::new(),
+            by_id: HashMap::new(),
             timers: BTreeSet::new(),
             ended: LinkedHashMap::new(),
             established: LinkedHashMap::new(),
@@ -362,7 +362,7 @@ impl Calls {
             return Verdict::Refused(Refused::Malformed(what));
         }
         let (hash, bytes) = fingerprint::fingerprint(signal);
-        if self.calls.contains_key(signal.call_id.as_str()) {
+        if self.by_id.contains_key(signal.call_id.as_str()) {
             self.known_call(now_ms, signal, hash, bytes)
         } else if signal.event_type == EventType::Invite {
             self.new_call(now_ms, signal, hash)
@@ -375,7 +375,7 @@ impl Calls {
     /// it): returns the candidates held for the call, to be routed now, in arrival order.
     pub fn invite_delivered(&mut self, now_ms: u64, call_id: &str) -> Vec<Signal> {
         let _ = now_ms;
-        let Some(call) = self.calls.get_mut(call_id) else {
+        let Some(call) = self.by_id.get_mut(call_id) else {
             return Vec::new();
         };
         if call.phase == Phase::Ended {
@@ -390,7 +390,7 @@ impl Calls {
     /// The invite of `call_id` could not be delivered: the call ends `Failed` (if it was pending)
     /// and its held candidates are returned, not to be routed (answer their senders with an error).
     pub fn invite_failed(&mut self, now_ms: u64, call_id: &str) -> Vec<Signal> {
-        let Some(call) = self.calls.get_mut(call_id) else {
+        let Some(call) = self.by_id.get_mut(call_id) else {
             return Vec::new();
         };
         if !call.phase.pending() {
@@ -406,7 +406,7 @@ impl Calls {
     /// `user_id` reports its data channel for `call_id` open. Unknown and ended calls, and users
     /// not in the call, are ignored.
     pub fn connected(&mut self, now_ms: u64, user_id: &str, call_id: &str) {
-        let Some((id, call)) = self.calls.get_key_value(call_id) else {
+        let Some((id, call)) = self.by_id.get_key_value(call_id) else {
             return;
         };
         let side = if user_id == &*call.caller {
@@ -421,7 +421,7 @@ impl Calls {
             Phase::Ended => {}
             Phase::Established => self.touch(now_ms, &id),
             Phase::Invited | Phase::Answered => {
-                let call = self.calls.get_mut(&id).expect("looked up above");
+                let call = self.by_id.get_mut(&id).expect("looked up above");
                 call.connected[side] = true;
                 if call.connected == [true, true] {
                     self.establish(now_ms, &id);
@@ -443,7 +443,7 @@ impl Calls {
                 break;
             }
             let id = id.clone();
-            match self.calls.get(&id).map(|call| call.phase) {
+            match self.by_id.get(&id).map(|call| call.phase) {
                 Some(Phase::Invited) => self.end(now_ms, &id, Outcome::Expired),
                 Some(Phase::Answered) => self.end(now_ms, &id, Outcome::Failed),
                 Some(Phase::Established | Phase::Ended) => self.forget(&id),
@@ -472,7 +472,7 @@ impl Calls {
 
     /// All calls in memory: pending, established and ended (at most `max_calls`).
     pub fn remembered_calls(&self) -> usize {
-        self.calls.len()
+        self.by_id.len()
     }
 
     /// Approximate bytes of candidates held over all calls.
@@ -482,7 +482,7 @@ impl Calls {
 
     fn known_call(&mut self, now_ms: u64, signal: &Signal, hash: u64, bytes: usize) -> Verdict {
         let settings = &self.settings;
-        let Some((id, call)) = self.calls.get_key_value(signal.call_id.as_str()) else {
+        let Some((id, call)) = self.by_id.get_key_value(signal.call_id.as_str()) else {
             return Verdict::Forward;
         };
         let id = id.clone();
@@ -515,7 +515,7 @@ impl Calls {
             return verdict;
         }
         let connect_deadline = now_ms.saturating_add(settings.connect_timeout_ms);
-        let call = self.calls.get_mut(&id).expect("looked up above");
+        let call = self.by_id.get_mut(&id).expect("looked up above");
         call.remember(hash);
         if verdict == Verdict::Hold {
             call.held.push(signal.clone());
@@ -549,7 +549,7 @@ impl Calls {
             .into_iter()
             .flatten()
             .filter(|id| {
-                self.calls.get(*id).is_some_and(|call| {
+                self.by_id.get(*id).is_some_and(|call| {
                     call.phase == Phase::Invited
                         && *call.caller == *signal.to_user
                         && *call.callee == *signal.from_user
@@ -607,7 +607,7 @@ impl Calls {
     /// Makes room for one more call if `max_calls` are kept: forgets the oldest ended call, else
     /// the longest-idle established one. False if every call is pending.
     fn make_room(&mut self) -> bool {
-        if self.calls.len() < self.settings.max_calls {
+        if self.by_id.len() < self.settings.max_calls {
             return true;
         }
         let oldest = self.ended.front().or_else(|| self.established.front());
@@ -616,7 +616,7 @@ impl Calls {
         };
         let id = id.clone();
         self.forget(&id);
-        self.calls.len() < self.settings.max_calls
+        self.by_id.len() < self.settings.max_calls
     }
 
     /// Stores a new call from its invite, pending (and announced) or ended on arrival.
@@ -662,11 +662,11 @@ impl Calls {
             });
         }
         self.timers.insert((deadline, id.clone()));
-        self.calls.insert(id, call);
+        self.by_id.insert(id, call);
     }
 
     fn set_deadline(&mut self, id: &Arc<str>, deadline: u64) {
-        if let Some(call) = self.calls.get_mut(id) {
+        if let Some(call) = self.by_id.get_mut(id) {
             self.timers.remove(&(call.deadline, id.clone()));
             call.deadline = deadline;
             self.timers.insert((deadline, id.clone()));
@@ -680,7 +680,7 @@ impl Calls {
     }
 
     fn leave_pending(&mut self, id: &Arc<str>) {
-        let Some(call) = self.calls.get(id) else {
+        let Some(call) = self.by_id.get(id) else {
             return;
         };
         if !call.phase.pending() {
@@ -699,7 +699,7 @@ impl Calls {
 
     fn establish(&mut self, now_ms: u64, id: &Arc<str>) {
         self.leave_pending(id);
-        let Some(call) = self.calls.get_mut(id) else {
+        let Some(call) = self.by_id.get_mut(id) else {
             return;
         };
         call.phase = Phase::Established;
@@ -716,7 +716,7 @@ impl Calls {
 
     /// Ends a pending or established call: remembered as ended, its held candidates dropped.
     fn end(&mut self, now_ms: u64, id: &str, outcome: Outcome) {
-        let Some((id, call)) = self.calls.get_key_value(id) else {
+        let Some((id, call)) = self.by_id.get_key_value(id) else {
             return;
         };
         if call.phase == Phase::Ended {
@@ -725,7 +725,7 @@ impl Calls {
         let id = id.clone();
         self.leave_pending(&id);
         self.established.remove(&id);
-        let call = self.calls.get_mut(&id).expect("looked up above");
+        let call = self.by_id.get_mut(&id).expect("looked up above");
         call.phase = Phase::Ended;
         self.held_bytes = self.held_bytes.saturating_sub(call.held_bytes);
         call.held_bytes = 0;
@@ -744,7 +744,7 @@ impl Calls {
     /// Drops every trace of a call.
     fn forget(&mut self, id: &Arc<str>) {
         self.leave_pending(id);
-        let Some(call) = self.calls.remove(id) else {
+        let Some(call) = self.by_id.remove(id) else {
             return;
         };
         self.timers.remove(&(call.deadline, id.clone()));
@@ -756,10 +756,10 @@ impl Calls {
     /// Checks every internal index against the calls (tests only).
     #[cfg(test)]
     fn check_consistency(&self) {
-        assert_eq!(self.timers.len(), self.calls.len(), "one timer per call");
+        assert_eq!(self.timers.len(), self.by_id.len(), "one timer per call");
         let mut pending = 0;
         let mut held = 0;
-        for (id, call) in &self.calls {
+        for (id, call) in &self.by_id {
             assert!(self.timers.contains(&(call.deadline, id.clone())), "{id}: timer");
             assert_eq!(self.ended.contains_key(id), call.phase == Phase::Ended, "{id}: ended");
             assert_eq!(
@@ -779,7 +779,7 @@ impl Calls {
         assert_eq!(self.pending, pending, "pending count");
         assert_eq!(self.held_bytes, held, "held bytes");
         assert!(self.held_bytes <= self.settings.max_held_bytes);
-        assert!(self.calls.len() <= self.settings.max_calls);
+        assert!(self.by_id.len() <= self.settings.max_calls);
         for (user, ids) in &self.pending_by_user {
             assert!(!ids.is_empty());
             assert!(ids.len() <= self.settings.max_live_calls_per_user, "{user}: limit");

@@ -328,7 +328,7 @@ fn duplicates_remembered_per_call_up_to_the_bound() {
     for n in 0..REMEMBERED_SIGNALS + 10 {
         assert_eq!(calls.signal(1, &candidates(ALICE, BOB, "c1", n)), Verdict::Forward);
     }
-    assert_eq!(calls.calls["c1"].seen.len(), REMEMBERED_SIGNALS);
+    assert_eq!(calls.by_id["c1"].seen.len(), REMEMBERED_SIGNALS);
     let last = candidates(ALICE, BOB, "c1", REMEMBERED_SIGNALS + 9);
     assert_eq!(calls.signal(2, &last), Verdict::Ignore(Ignored::Duplicate));
     calls.check_consistency();
@@ -419,8 +419,8 @@ fn per_user_limit_refuses_then_frees() {
     assert_eq!(calls.signal(1, &invite(ALICE, &callee(3), "c3")), Verdict::Refused(Refused::TooManyCalls));
     // The callee's side counts too.
     for n in 0..3 {
-        let caller = format!("@caller{n}:example.org");
-        assert_eq!(calls.signal(1, &invite(&caller, BOB, &format!("b{n}"))), Verdict::Forward);
+        let other = format!("@caller{n}:example.org");
+        assert_eq!(calls.signal(1, &invite(&other, BOB, &format!("b{n}"))), Verdict::Forward);
     }
     assert_eq!(calls.signal(1, &invite(CAROL, BOB, "b3")), Verdict::Refused(Refused::TooManyCalls));
     // A hangup frees a slot, and so does an established call.
@@ -443,9 +443,9 @@ fn memory_bounded_under_many_calls() {
     let max_calls = settings.max_calls;
     let mut calls = Calls::new(settings);
     for n in 0..200_000_u64 {
-        let (caller, callee, id) = (format!("@a{n}:x"), format!("@b{n}:x"), format!("call-{n}"));
-        assert_eq!(calls.signal(n, &invite(&caller, &callee, &id)), Verdict::Forward);
-        assert_eq!(calls.signal(n, &hangup(&caller, &callee, &id, "user_hangup")), Verdict::Forward);
+        let (from, to, id) = (format!("@a{n}:x"), format!("@b{n}:x"), format!("call-{n}"));
+        assert_eq!(calls.signal(n, &invite(&from, &to, &id)), Verdict::Forward);
+        assert_eq!(calls.signal(n, &hangup(&from, &to, &id, "user_hangup")), Verdict::Forward);
         assert!(calls.remembered_calls() <= max_calls);
     }
     assert_eq!(calls.remembered_calls(), max_calls);
@@ -465,21 +465,21 @@ fn new_calls_refused_when_every_kept_call_is_pending() {
     let ids = |n: usize| (format!("@a{n}:x"), format!("@b{n}:x"), format!("call-{n}"));
     // Established ones make room, the least recently active first.
     for n in 0..50 {
-        let (caller, callee, id) = ids(n);
-        calls.signal(0, &invite(&caller, &callee, &id));
-        calls.connected(1, &caller, &id);
-        calls.connected(1, &callee, &id);
+        let (from, to, id) = ids(n);
+        calls.signal(0, &invite(&from, &to, &id));
+        calls.connected(1, &from, &id);
+        calls.connected(1, &to, &id);
     }
-    let (caller, callee, id) = ids(0);
-    calls.signal(2, &candidates(&caller, &callee, &id, 1));
+    let (from, to, id) = ids(0);
+    calls.signal(2, &candidates(&from, &to, &id, 1));
     for n in 50..160 {
-        let (caller, callee, id) = ids(n);
-        let verdict = calls.signal(3, &invite(&caller, &callee, &id));
+        let (from, to, id) = ids(n);
+        let verdict = calls.signal(3, &invite(&from, &to, &id));
         let expected = if n < 150 { Verdict::Forward } else { Verdict::Refused(Refused::Overloaded) };
         assert_eq!(verdict, expected, "call {n}");
         assert!(calls.remembered_calls() <= 100);
         // call-0 was the most recently active established call: pushed out last.
-        assert_eq!(calls.calls.contains_key("call-0"), n < 149, "call {n}");
+        assert_eq!(calls.by_id.contains_key("call-0"), n < 149, "call {n}");
     }
     assert_eq!((calls.live_calls(), calls.established_calls()), (100, 0));
     calls.check_consistency();
@@ -607,8 +607,8 @@ fn run(settings: Settings, ops: &[Op]) {
         calls.check_consistency();
         assert!(calls.live_calls() <= USERS.len() * limit);
         assert!(calls.remembered_calls() <= max_calls);
-        for a in &calls.calls {
-            for b in &calls.calls {
+        for a in &calls.by_id {
+            for b in &calls.by_id {
                 let glaring = a.1.phase == Phase::Invited
                     && b.1.phase == Phase::Invited
                     && a.1.caller == b.1.callee
@@ -625,13 +625,13 @@ fn run(settings: Settings, ops: &[Op]) {
                     assert_eq!(seen.as_slice(), [EventKind::Started]);
                 }
                 EventKind::Ended { outcome } => {
-                    assert!(!seen.is_empty() || outcome == Outcome::GlareLost, "ended without starting")
+                    assert!(!seen.is_empty() || outcome == Outcome::GlareLost, "ended without starting");
                 }
             }
             seen.push(event.kind);
         }
         // A forgotten call's id may start a new call.
-        history.retain(|call_id, _| calls.calls.contains_key(call_id.as_str()));
+        history.retain(|call_id, _| calls.by_id.contains_key(call_id.as_str()));
     }
 }
 
