@@ -40,7 +40,8 @@
 //!   [`Settings::max_held_candidates`] per call and [`Settings::max_held_bytes`] (approximate) over
 //!   all calls; past either the sender is refused ([`Refused::TooManyHeld`]). `invite_delivered`
 //!   releases them in arrival order; `invite_failed` ends the call (`Failed`) and hands them back so
-//!   the relay can answer each with an error.
+//!   the relay can answer each with an error. A call that ends any other way drops what it held:
+//!   its [`EventKind::Ended`] is the relay's cue to answer those senders with an error.
 //! - **Invite lifetime**: the invite's `lifetime` (ms; [`Settings::default_invite_lifetime_ms`]
 //!   when missing or not a whole number, at most [`Settings::max_invite_lifetime_ms`]). An invite
 //!   not answered by then ends `Expired`; later signals of the call are late.
@@ -202,7 +203,8 @@ impl Refused {
     }
 }
 
-/// The outcome of glare: two users invited each other.
+/// The outcome of glare: two users invited each other. The two users are the judged invite's
+/// sender and recipient; both are to be told (the loser's call ended, the winner's goes on).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Glare {
     /// The call that goes on (the lowest `call_id`).

@@ -401,12 +401,17 @@ fn hangup_outcome_depends_on_who_and_when() {
         assert_eq!(calls.signal(1, &end), Verdict::Forward);
         assert_eq!(events(&mut calls), [started("c"), ended("c", outcome)], "{end:?}");
     }
-    // Answered, not connected: any hangup fails the call.
-    let mut calls = Calls::new(Settings::default());
-    calls.signal(0, &invite(ALICE, BOB, "c"));
-    calls.signal(1, &answer(BOB, ALICE, "c", "b"));
-    calls.signal(2, &hangup(BOB, ALICE, "c", "ice_failed"));
-    assert_eq!(events(&mut calls), [started("c"), ended("c", Outcome::Failed)]);
+    // Answered, not connected: any hangup fails the call, a reject rejects it.
+    for (end, outcome) in [
+        (hangup(BOB, ALICE, "c", "ice_failed"), Outcome::Failed),
+        (reject(BOB, ALICE, "c"), Outcome::Rejected),
+    ] {
+        let mut calls = Calls::new(Settings::default());
+        calls.signal(0, &invite(ALICE, BOB, "c"));
+        calls.signal(1, &answer(BOB, ALICE, "c", "b"));
+        assert_eq!(calls.signal(2, &end), Verdict::Forward);
+        assert_eq!(events(&mut calls), [started("c"), ended("c", outcome)], "{end:?}");
+    }
 }
 
 #[test]
