@@ -9,6 +9,8 @@
 //!   they can do; fed by the inbox, the homeserver and signalling connections.
 //! - [`turn`]: TURN/STUN: credentials for Synapse, coturn and the embedded relay, which runs one
 //!   shard per core.
+//! - [`cluster`]: fan-out between instances (Redis pub/sub, or in-process alone): inbox wakes and
+//!   who is connected where.
 //! - [`clock`]: wall and monotonic time, passed in; a manual clock that tests step.
 //! - [`store`]: SQLite or PostgreSQL behind one type, with per-backend migrations.
 //! - [`ops`]: `/health`, `/ready`, `/metrics`.
@@ -20,6 +22,7 @@
 pub mod appservice;
 pub mod calls;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod directory;
 pub mod homeserver;
@@ -123,6 +126,7 @@ pub async fn run_with_clock(
     if config.database.migrate_on_start {
         store.migrate().await?;
     }
+    let (cluster, cluster_task) = cluster::Cluster::from_config(&config, metrics.clone(), shutdown.clone());
     let homeserver = Arc::new(HomeserverClient::new(&config, metrics.clone())?);
     let discovery = DirectoryService::load(
         store.clone(),
@@ -138,13 +142,15 @@ pub async fn run_with_clock(
         &config.database.instance_name,
         clock.clone(),
     )
-    .await?;
+    .await?
+    .woken_by(cluster.subscribe(appservice::inbox::WAKE_CHANNEL));
 
     let appservice = appservice::router(Arc::new(Appservice {
         hs_token: config.hs_token().clone(),
         store: store.clone(),
         metrics: metrics.clone(),
         clock: clock.clone(),
+        cluster: cluster.clone(),
     }));
     let auth = http::Auth::new(
         homeserver.clone(),
@@ -168,12 +174,24 @@ pub async fn run_with_clock(
         ops = %listeners.ops.local_addr()?,
         database = %config.database_url_redacted(),
         instance = %config.database.instance_name,
+        redis = ?config.cluster.redis_url_redacted(),
         "switchboard.start: listening"
     );
 
     let tasks = TaskTracker::new();
     tasks.spawn(homeserver.clone().watch_health(shutdown.clone()));
     tasks.spawn(discovery.clone().consume(discovery_inbox, shutdown.clone()));
+    if let Some(cluster_task) = cluster_task {
+        tasks.spawn(cluster_task);
+        tasks.spawn(cluster::connections::share(
+            discovery.clone(),
+            cluster.clone(),
+            cluster::connections::Settings::from_config(&config),
+            metrics.clone(),
+            clock.clone(),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(discovery.refresh(shutdown.clone()));
     tasks.spawn(appservice::inbox::prune(
         store.clone(),
