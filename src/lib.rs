@@ -126,7 +126,6 @@ pub async fn run_with_clock(
     if config.database.migrate_on_start {
         store.migrate().await?;
     }
-    let (cluster, cluster_task) = cluster::Cluster::from_config(&config, metrics.clone(), shutdown.clone());
     let homeserver = Arc::new(HomeserverClient::new(&config, metrics.clone())?);
     let discovery = DirectoryService::load(
         store.clone(),
@@ -136,6 +135,8 @@ pub async fn run_with_clock(
         clock.clone(),
     )
     .await?;
+    let (cluster, cluster_task) =
+        cluster::start(&config, &discovery, metrics.clone(), clock.clone(), shutdown.clone());
     let discovery_inbox = Subscription::open(
         store.clone(),
         directory::service::CONSUMER,
@@ -174,24 +175,13 @@ pub async fn run_with_clock(
         ops = %listeners.ops.local_addr()?,
         database = %config.database_url_redacted(),
         instance = %config.database.instance_name,
-        redis = ?config.cluster.redis_url_redacted(),
         "switchboard.start: listening"
     );
 
     let tasks = TaskTracker::new();
     tasks.spawn(homeserver.clone().watch_health(shutdown.clone()));
     tasks.spawn(discovery.clone().consume(discovery_inbox, shutdown.clone()));
-    if let Some(cluster_task) = cluster_task {
-        tasks.spawn(cluster_task);
-        tasks.spawn(cluster::connections::share(
-            discovery.clone(),
-            cluster.clone(),
-            cluster::connections::Settings::from_config(&config),
-            metrics.clone(),
-            clock.clone(),
-            shutdown.clone(),
-        ));
-    }
+    tasks.spawn(cluster_task);
     tasks.spawn(discovery.refresh(shutdown.clone()));
     tasks.spawn(appservice::inbox::prune(
         store.clone(),

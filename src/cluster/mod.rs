@@ -44,6 +44,39 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::fro
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The cluster `config` describes, and the task to spawn with the others: with Redis, it connects
+/// (see [`Cluster::connect`]) and shares `directory`'s connections ([`connections::share`]) until
+/// `shutdown`.
+pub fn start(
+    config: &crate::config::Config,
+    directory: &Arc<crate::directory::service::DirectoryService>,
+    metrics: Arc<Metrics>,
+    clock: crate::clock::Clock,
+    shutdown: CancellationToken,
+) -> (Cluster, futures_util::future::BoxFuture<'static, ()>) {
+    let (cluster, connecting) = Cluster::from_config(config, metrics.clone(), shutdown.clone());
+    let task = connecting.map(|connecting| {
+        let sharing = connections::share(
+            directory.clone(),
+            cluster.clone(),
+            connections::Settings::from_config(config),
+            metrics,
+            clock,
+            shutdown,
+        );
+        async move {
+            tokio::join!(connecting, sharing);
+        }
+    });
+    // Boxed: the task is large, and `run` holds it until it is spawned.
+    let task = Box::pin(async move {
+        if let Some(task) = task {
+            task.await;
+        }
+    });
+    (cluster, task)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// Redis cannot be reached (or this instance is shutting down): nothing was published.
@@ -130,7 +163,7 @@ impl Cluster {
         };
         let cluster = Self::new(instance, metrics, Some(redis));
         let client = redis::Client::open(redis_url);
-        let task = supervise(cluster.clone(), client, shutdown);
+        let task = supervise(cluster.clone(), client, crate::config::redact_url(redis_url), shutdown);
         (cluster, task)
     }
 
@@ -273,14 +306,10 @@ impl Inner {
             }
             slot.lost = false;
         }
-        match slot.sender.try_send(message) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                slot.lost = true;
-                self.metrics.cluster.lost.inc();
-            }
-            // Being dropped: its `Drop` removes the slot.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        // Closed: the subscription is being dropped, and its `Drop` removes the slot.
+        if let Err(mpsc::error::TrySendError::Full(_)) = slot.sender.try_send(message) {
+            slot.lost = true;
+            self.metrics.cluster.lost.inc();
         }
     }
 
@@ -349,7 +378,12 @@ impl Drop for Subscription {
 }
 
 /// The connection task of [`Cluster::connect`].
-async fn supervise(cluster: Cluster, client: redis::RedisResult<redis::Client>, shutdown: CancellationToken) {
+async fn supervise(
+    cluster: Cluster,
+    client: redis::RedisResult<redis::Client>,
+    shown_url: String,
+    shutdown: CancellationToken,
+) {
     let inner = &cluster.inner;
     let redis = inner.redis.as_ref().expect("a Redis cluster");
     let metrics = &inner.metrics.cluster;
@@ -367,7 +401,7 @@ async fn supervise(cluster: Cluster, client: redis::RedisResult<redis::Client>, 
                     Ok(connected) => connected,
                     Err(error) => {
                         if !warned {
-                            tracing::warn!(%error, "cluster: cannot reach Redis; retrying (fan-out between instances is off)");
+                            tracing::warn!(%error, redis = %shown_url, "cluster: cannot reach Redis; retrying (fan-out between instances is off)");
                             warned = true;
                         }
                         tokio::select! {
@@ -389,7 +423,7 @@ async fn supervise(cluster: Cluster, client: redis::RedisResult<redis::Client>, 
                     // Whatever was published meanwhile is gone.
                     inner.lose_all();
                 } else {
-                    tracing::info!(instance = %inner.instance, "cluster: connected to Redis");
+                    tracing::info!(instance = %inner.instance, redis = %shown_url, "cluster: connected to Redis");
                 }
                 connected_before = true;
                 warned = false;
@@ -405,7 +439,7 @@ async fn supervise(cluster: Cluster, client: redis::RedisResult<redis::Client>, 
                 metrics.up.set(0);
                 metrics.channels.set(0);
                 if let Some(error) = error {
-                    tracing::warn!(%error, "cluster: lost Redis; reconnecting (fan-out between instances is off)");
+                    tracing::warn!(%error, redis = %shown_url, "cluster: lost Redis; reconnecting (fan-out between instances is off)");
                     warned = true;
                 }
             }
