@@ -190,3 +190,33 @@ async fn a_user_connected_to_one_instance_is_online_on_the_others_until_it_leave
     drop(second);
     b.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_users_of_an_instance_silent_for_three_snapshot_periods_are_dropped() {
+    let Some(redis) = common::Redis::start().await else { return };
+    let Some(database) = common::fresh_postgres().await else { return };
+    let clock_b = Clock::manual(T0);
+    let b = common::start_with_clock(config(&database, &redis, "b"), clock_b.clone()).await;
+    until_in_cluster(&b).await;
+    put(&b, "1", &joined()).await;
+    until_presence(&b, "offline", "b to know the user").await;
+    let a = bare(&config(&database, &redis, "a")).await;
+    let _connection = a.directory.connected(USER).unwrap();
+    until_presence(&b, "online", "the user connected to a to be online on b").await;
+
+    // a dies without a word (no `gone`): b holds its users for three periods of 10 s, then drops them.
+    a.sharing.abort();
+    a.stop_cluster.cancel();
+    clock_b.advance(Duration::from_secs(25));
+    let metrics = b.metrics().await;
+    assert_eq!(common::metric(&metrics, "switchboard_cluster_remote_users "), 1, "{metrics}");
+    assert_eq!(presence_on(&b).await.as_deref(), Some("online"));
+    common::eventually(WAIT, "b to drop the silent instance's users", || async {
+        clock_b.advance(Duration::from_secs(1));
+        (presence_on(&b).await.as_deref() == Some("offline")).then_some(())
+    })
+    .await;
+    let metrics = b.metrics().await;
+    assert_eq!(common::metric(&metrics, "switchboard_cluster_remote_instances "), 0, "{metrics}");
+    b.stop().await.unwrap();
+}

@@ -106,7 +106,10 @@ async fn losing_redis_is_reported_and_subscriptions_come_back_with_it() {
     let shutdown = CancellationToken::new();
     let (a, b) = (instance(&redis, "a", &shutdown), instance(&redis, "b", &shutdown));
     let mut on_b = b.cluster.subscribe("inbox");
+    // More channels than one SUBSCRIBE carries: all come back after the reconnection.
+    let many: Vec<Subscription> = (0..1500).map(|i| b.cluster.subscribe(&format!("user.{i}"))).collect();
     subscribed(&on_b).await;
+    subscribed(many.last().unwrap()).await;
     common::eventually(WAIT, "a connected", || async { a.cluster.is_up().then_some(()) }).await;
     assert_eq!(metric(&a, "switchboard_cluster_up "), 1);
 
@@ -130,6 +133,11 @@ async fn losing_redis_is_reported_and_subscriptions_come_back_with_it() {
     assert_eq!(next(&mut on_b).await, Message::Payload(Bytes::from_static(b"again")));
     assert_eq!(metric(&a, "switchboard_cluster_up "), 1);
     assert_eq!(metric(&b, "switchboard_cluster_reconnects_total"), 1);
+    for subscription in [&many[0], &many[1499]] {
+        subscribed(subscription).await;
+    }
+    assert_eq!(metric(&b, "switchboard_cluster_channels "), 1501);
+    assert_eq!(a.cluster.publish("user.1499", Bytes::new()).await.unwrap(), 1);
     assert!(logs.text().contains("cluster: Redis is back"));
     shutdown.cancel();
 }

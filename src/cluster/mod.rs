@@ -43,6 +43,8 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::fro
 /// How long connecting, or a publish, may take before Redis counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Channels subscribed (or unsubscribed) in one command.
+const SUBSCRIBE_BATCH: usize = 1000;
 
 /// The cluster `config` describes, and the task to spawn with the others: with Redis, it connects
 /// (see [`Cluster::connect`]) and shares `directory`'s connections ([`connections::share`]) until
@@ -488,20 +490,27 @@ async fn relay(
         }
         let wanted = inner.wanted();
         let active = redis.active.borrow().clone();
-        for channel in wanted.difference(&active) {
-            if let Err(error) = sink.subscribe(format!("{}{channel}", redis.prefix)).await {
+        // In batches: after a reconnection every wanted channel is subscribed again.
+        let missing: Vec<&String> = wanted.difference(&active).collect();
+        for batch in missing.chunks(SUBSCRIBE_BATCH) {
+            let names: Vec<String> =
+                batch.iter().map(|channel| format!("{}{channel}", redis.prefix)).collect();
+            if let Err(error) = sink.subscribe(&names).await {
                 return Some(error);
             }
-            redis.active.send_modify(|active| {
-                active.insert(channel.clone());
-            });
+            redis.active.send_modify(|active| active.extend(batch.iter().map(|channel| (*channel).clone())));
         }
-        for channel in active.difference(&wanted) {
-            if let Err(error) = sink.unsubscribe(format!("{}{channel}", redis.prefix)).await {
+        let unwanted: Vec<&String> = active.difference(&wanted).collect();
+        for batch in unwanted.chunks(SUBSCRIBE_BATCH) {
+            let names: Vec<String> =
+                batch.iter().map(|channel| format!("{}{channel}", redis.prefix)).collect();
+            if let Err(error) = sink.unsubscribe(&names).await {
                 return Some(error);
             }
             redis.active.send_modify(|active| {
-                active.remove(channel);
+                for channel in batch {
+                    active.remove(*channel);
+                }
             });
         }
         metrics.channels.set(i64::try_from(redis.active.borrow().len()).unwrap_or(i64::MAX));
