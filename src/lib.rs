@@ -12,6 +12,8 @@
 //! - [`calls`]: the call broker, a sans-IO state machine per call.
 //! - [`turn`]: TURN/STUN: credentials for Synapse, coturn and the embedded relay, which runs one
 //!   shard per core.
+//! - [`cluster`]: fan-out between instances (Redis pub/sub, or in-process alone): inbox wakes and
+//!   who is connected where.
 //! - [`clock`]: wall and monotonic time, passed in; a manual clock that tests step.
 //! - [`store`]: SQLite or PostgreSQL behind one type, with per-backend migrations.
 //! - [`ops`]: `/health`, `/ready`, `/metrics`.
@@ -23,6 +25,7 @@
 pub mod appservice;
 pub mod calls;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod directory;
 pub mod homeserver;
@@ -115,6 +118,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
 }
 
 /// [`run`] on a given clock (tests pass a [`Clock::manual`] and step it).
+#[expect(clippy::too_many_lines, reason = "the one place where every part is built and wired together")]
 pub async fn run_with_clock(
     config: Config,
     listeners: Listeners,
@@ -135,8 +139,14 @@ pub async fn run_with_clock(
         clock.clone(),
     )
     .await?;
-    let inbox =
-        |consumer| Subscription::open(store.clone(), consumer, &config.database.instance_name, clock.clone());
+    let (cluster, cluster_task) =
+        cluster::start(&config, &discovery, metrics.clone(), clock.clone(), shutdown.clone());
+    let inbox = |consumer| {
+        let woken = cluster.subscribe(appservice::inbox::WAKE_CHANNEL);
+        let opened =
+            Subscription::open(store.clone(), consumer, &config.database.instance_name, clock.clone());
+        async move { Ok::<_, StoreError>(opened.await?.woken_by(woken)) }
+    };
     let discovery_inbox = inbox(directory::service::CONSUMER).await?;
 
     let appservice = appservice::router(Arc::new(Appservice {
@@ -144,6 +154,7 @@ pub async fn run_with_clock(
         store: store.clone(),
         metrics: metrics.clone(),
         clock: clock.clone(),
+        cluster: cluster.clone(),
     }));
     let auth = http::Auth::new(
         homeserver.clone(),
@@ -183,6 +194,7 @@ pub async fn run_with_clock(
     let tasks = TaskTracker::new();
     tasks.spawn(homeserver.clone().watch_health(shutdown.clone()));
     tasks.spawn(discovery.clone().consume(discovery_inbox, shutdown.clone()));
+    tasks.spawn(cluster_task);
     tasks.spawn(discovery.refresh(shutdown.clone()));
     tasks.spawn(signalling.clone().consume(signalling_inbox, shutdown.clone()));
     tasks.spawn(signalling.clone().push_presence(shutdown.clone()));

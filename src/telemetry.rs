@@ -428,6 +428,73 @@ impl HttpMetrics {
     }
 }
 
+/// Fan-out between instances (`[cluster]`, see docs/operations.md "Several instances").
+#[derive(Default)]
+pub struct ClusterMetrics {
+    /// 1 while this instance's Redis connections are up (always 1 without Redis).
+    pub up: Gauge,
+    /// Channels this instance is subscribed to in Redis.
+    pub channels: Gauge,
+    pub published: Counter,
+    /// Publishes refused because Redis was unreachable.
+    pub publish_errors: Counter,
+    pub received: Counter,
+    /// Messages dropped for a subscriber that was not keeping up (it is told `Lost`).
+    pub lost: Counter,
+    /// Connections to Redis made again after one was lost.
+    pub reconnects: Counter,
+    /// Other instances whose connected users this one holds (`[cluster] max_instances`).
+    pub remote_instances: Gauge,
+    /// Users connected to other instances, summed over them (`max_users_per_instance` each).
+    pub remote_users: Gauge,
+    /// Users or instances refused past those bounds.
+    pub remote_refused: Counter,
+}
+
+impl ClusterMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let cluster = registry.sub_registry_with_prefix("cluster");
+        cluster.register("up", "1 while the connections to Redis are up (1 without Redis)", self.up.clone());
+        cluster.register(
+            "channels",
+            "Channels this instance is subscribed to in Redis",
+            self.channels.clone(),
+        );
+        cluster.register("published", "Messages published to the other instances", self.published.clone());
+        cluster.register(
+            "publish_errors",
+            "Publishes refused because Redis was unreachable",
+            self.publish_errors.clone(),
+        );
+        cluster.register("received", "Messages received from the cluster", self.received.clone());
+        cluster.register(
+            "lost",
+            "Messages dropped for a local subscriber that was not keeping up",
+            self.lost.clone(),
+        );
+        cluster.register(
+            "reconnects",
+            "Connections to Redis made again after one was lost",
+            self.reconnects.clone(),
+        );
+        cluster.register(
+            "remote_instances",
+            "Other instances whose connected users this instance holds",
+            self.remote_instances.clone(),
+        );
+        cluster.register(
+            "remote_users",
+            "Users connected to other instances, summed over the instances",
+            self.remote_users.clone(),
+        );
+        cluster.register(
+            "remote_refused",
+            "Users or instances refused past max_users_per_instance or max_instances",
+            self.remote_refused.clone(),
+        );
+    }
+}
+
 /// Every metric Switchboard exports, registered once at start.
 pub struct Metrics {
     registry: Registry,
@@ -448,6 +515,7 @@ pub struct Metrics {
     pub inbox: InboxMetrics,
     pub http: HttpMetrics,
     pub signalling: SignallingMetrics,
+    pub cluster: ClusterMetrics,
 }
 
 impl Default for Metrics {
@@ -535,6 +603,8 @@ impl Metrics {
         http.register(&mut registry);
         let signalling = SignallingMetrics::default();
         signalling.register(&mut registry);
+        let cluster = ClusterMetrics::default();
+        cluster.register(&mut registry);
         Self {
             registry,
             transactions_received,
@@ -554,6 +624,7 @@ impl Metrics {
             inbox,
             http,
             signalling,
+            cluster,
         }
     }
 

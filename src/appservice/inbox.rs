@@ -32,9 +32,14 @@ impl StoredItem {
     }
 }
 
+/// The cluster channel on which the instance that stores a transaction wakes the others'
+/// subscriptions ([`Subscription::woken_by`]).
+pub const WAKE_CHANNEL: &str = "inbox";
+
 /// Most items handed out in one batch.
 const BATCH: i64 = 500;
-/// How often a waiting subscription looks for items committed by another Switchboard instance.
+/// How often a waiting subscription looks for items committed by another Switchboard instance
+/// without being woken (the safety net while the cluster's Redis is down).
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How often, at most, the inbox is pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
@@ -48,6 +53,8 @@ pub struct Subscription {
     /// The last id handed out by `next`.
     handed: i64,
     latest: watch::Receiver<i64>,
+    /// Wakes from the other instances, see [`Self::woken_by`].
+    wake: Option<crate::cluster::Subscription>,
 }
 
 impl Subscription {
@@ -70,7 +77,16 @@ impl Subscription {
             clock,
             handed,
             latest,
+            wake: None,
         })
+    }
+
+    /// Wakes this subscription when another instance stores a transaction: `wake` is the cluster's
+    /// subscription to [`WAKE_CHANNEL`]. The poll stays, for when the cluster is down.
+    #[must_use]
+    pub fn woken_by(mut self, wake: crate::cluster::Subscription) -> Self {
+        self.wake = Some(wake);
+        self
     }
 
     /// The next batch of items, in the order they were stored; waits while there is none.
@@ -85,12 +101,26 @@ impl Subscription {
                 return Ok(items);
             }
             // Commits of this process wake us at once; those of other instances sharing the
-            // database are picked up by the poll.
+            // database through the cluster, or else the poll.
+            let wake = &mut self.wake;
+            let woken = async {
+                match wake {
+                    Some(subscription) => subscription.next().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 changed = self.latest.changed() => {
                     if changed.is_err() {
                         // The store is gone; nothing more will come.
                         return Ok(Vec::new());
+                    }
+                }
+                // A wake or `Lost` (something may have been missed): look. The end of the
+                // cluster (at shutdown) leaves the poll.
+                message = woken => {
+                    if message.is_none() {
+                        self.wake = None;
                     }
                 }
                 () = self.clock.sleep(POLL_INTERVAL) => {}

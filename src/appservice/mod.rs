@@ -35,6 +35,8 @@ pub struct Appservice {
     pub metrics: Arc<Metrics>,
     /// When transactions are received (their items' retention counts from it).
     pub clock: crate::clock::Clock,
+    /// Where stored transactions are announced to the other instances' inbox subscriptions.
+    pub cluster: crate::cluster::Cluster,
 }
 
 /// The router of the appservice listener.

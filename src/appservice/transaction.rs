@@ -160,6 +160,10 @@ pub(super) async fn put(
                 }
             }
             tracing::debug!(txn_id, items = items.len(), stored, "appservice.transaction stored");
+            if stored > 0 {
+                // Other instances' inbox subscriptions wake at once; while Redis is down they poll.
+                let _ = appservice.cluster.publish(super::inbox::WAKE_CHANNEL, Bytes::new()).await;
+            }
         }
         Ingested::Duplicate => {
             metrics.transactions_duplicate.inc();

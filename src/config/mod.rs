@@ -8,6 +8,7 @@
 
 mod appservice;
 mod client;
+mod cluster;
 mod database;
 mod directory;
 mod homeserver;
@@ -28,6 +29,7 @@ use url::Url;
 
 pub use appservice::AppserviceConfig;
 pub use client::ClientConfig;
+pub use cluster::ClusterConfig;
 pub use database::{DEFAULT_DATABASE_URL, DatabaseConfig};
 pub use directory::DirectoryConfig;
 pub use homeserver::HomeserverConfig;
@@ -108,6 +110,8 @@ pub struct Config {
     #[serde(default)]
     pub turn: TurnConfig,
     #[serde(default)]
+    pub cluster: ClusterConfig,
+    #[serde(default)]
     pub log: LogConfig,
 }
 
@@ -144,6 +148,11 @@ impl Config {
         )?;
         read_secret_file("database.url", &mut self.database.url, self.database.url_file.as_deref())?;
         read_secret_file(
+            "cluster.redis_url",
+            &mut self.cluster.redis_url,
+            self.cluster.redis_url_file.as_deref(),
+        )?;
+        read_secret_file(
             "turn.shared_secret",
             &mut self.turn.shared_secret,
             self.turn.shared_secret_file.as_deref(),
@@ -160,6 +169,7 @@ impl Config {
         self.database.validate()?;
         self.signalling.validate()?;
         self.turn.validate()?;
+        self.cluster.validate()?;
         self.log.validate()?;
         Ok(())
     }
@@ -316,6 +326,7 @@ pub fn render(v: &Rendered<'_>) -> String {
         directory::EXAMPLE,
         signalling::EXAMPLE,
         turn::EXAMPLE,
+        cluster::EXAMPLE,
         log::EXAMPLE,
     ];
     let mut text = String::from(PREAMBLE);
@@ -425,6 +436,18 @@ mod tests {
         assert_eq!(Config::from_toml_str(&toml).unwrap().database_url(), "postgres://sb:hunter2@db/sb");
         let both = toml.replace("url_file", "url = \"sqlite://x.db\"\nurl_file");
         assert!(error_of(&both).contains("database.url and database.url_file are both set"));
+    }
+
+    #[test]
+    fn a_redis_password_is_never_shown() {
+        let url = "redis://:hunter2-redis-password@redis.internal:6379/0";
+        let config = Config::from_toml_str(&minimal(&format!("[cluster]\nredis_url = \"{url}\"\n"))).unwrap();
+        assert_eq!(config.cluster.redis_url.as_ref().map(Secret::expose), Some(url));
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert_eq!(config.cluster.redis_url_redacted().unwrap(), "redis://:redacted@redis.internal:6379/0");
+        assert_eq!(config.cluster.channel_prefix("example.org"), "switchboard.example.org.");
+        let error = error_of(&minimal("[cluster]\nredis_url = \"http://:hunter2@redis/\"\n"));
+        assert!(error.contains("cluster.redis_url") && !error.contains("hunter2"), "{error}");
     }
 
     #[test]

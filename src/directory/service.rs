@@ -16,7 +16,8 @@
 //!   per `reconcile_interval_secs`, because Synapse never retries presence pushes.
 //!
 //! Signalling connections are a third source: [`DirectoryService::connected`] makes the user online
-//! until the returned guard is dropped.
+//! until the returned guard is dropped. With several instances, those of the others count too
+//! ([`DirectoryService::remote_connection`], fed by [`crate::cluster::connections`]).
 //!
 //! Changes are published to every [`DirectoryService::subscribe`]r, and per address through
 //! [`DirectoryService::feed`].
@@ -189,6 +190,19 @@ pub struct DirectoryService {
     evicting: tokio::sync::Mutex<()>,
     /// Addresses with live [`AddressFeed`]s, and how many.
     feeds: Mutex<HashMap<Address, usize>>,
+    /// This instance's own signalling connections, for the other instances.
+    local: Mutex<LocalConnections>,
+    local_changed: tokio::sync::Notify,
+}
+
+/// Users connected to this instance, and those whose first connection opened or last one closed
+/// since the cluster was last told (only recorded while connections are shared: bounded by the
+/// users with a socket here and those that closed since the last round).
+#[derive(Default)]
+struct LocalConnections {
+    counts: HashMap<Box<str>, u32>,
+    changed: std::collections::HashSet<Box<str>>,
+    shared: bool,
 }
 
 /// The changes of one address (presence, verification, capabilities), from
@@ -278,6 +292,7 @@ impl Drop for Connection {
         let now_ms = self.service.clock.unix_millis();
         let change = self.service.write().apply_connection(&self.user_id, false, now_ms);
         self.service.publish(change);
+        self.service.count_local(&self.user_id, false);
         // What the homeserver says counts again: ask it.
         self.service.queue(Job::Presence { user_id: std::mem::take(&mut self.user_id) });
     }
@@ -328,6 +343,8 @@ impl DirectoryService {
             watched: Mutex::new(watched),
             evicting: tokio::sync::Mutex::new(()),
             feeds: Mutex::new(HashMap::new()),
+            local: Mutex::new(LocalConnections::default()),
+            local_changed: tokio::sync::Notify::new(),
         }))
     }
 
@@ -396,7 +413,76 @@ impl DirectoryService {
         if unknown_profile {
             self.look_up_profile(user_id, now_ms);
         }
+        self.count_local(user_id, true);
         Some(Connection { service: self.clone(), user_id: user_id.to_owned() })
+    }
+
+    /// Counts a local connection of `user_id` opening or closing; the first and the last are
+    /// changes for the other instances.
+    fn count_local(&self, user_id: &str, opened: bool) {
+        let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        let crossed = if opened {
+            let count = local.counts.entry(user_id.into()).or_default();
+            *count += 1;
+            *count == 1
+        } else {
+            match local.counts.get_mut(user_id) {
+                Some(count) if *count > 1 => {
+                    *count -= 1;
+                    false
+                }
+                Some(_) => {
+                    local.counts.remove(user_id);
+                    true
+                }
+                None => false,
+            }
+        };
+        if crossed && local.shared {
+            local.changed.insert(user_id.into());
+            drop(local);
+            self.local_changed.notify_one();
+        }
+    }
+
+    /// The users connected to this instance now, and from now on records who connects or
+    /// disconnects for [`Self::local_changes`].
+    pub fn local_connections(&self) -> Vec<Box<str>> {
+        let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        local.shared = true;
+        local.counts.keys().cloned().collect()
+    }
+
+    /// Waits until a user's first connection to this instance opens or its last one closes.
+    pub async fn local_changed(&self) {
+        self.local_changed.notified().await;
+    }
+
+    /// Users whose first connection to this instance opened (`online`) or last one closed
+    /// (`offline`) since the last call.
+    pub fn local_changes(&self) -> (Vec<Box<str>>, Vec<Box<str>>) {
+        let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        let changed = std::mem::take(&mut local.changed);
+        changed.into_iter().partition(|user_id| local.counts.contains_key(user_id))
+    }
+
+    /// Another instance says `user_id` has a connection to it (`opened`) or no longer has one:
+    /// each instance counts as one connection while it says so.
+    pub fn remote_connection(&self, user_id: &str, opened: bool) {
+        let now_ms = self.clock.unix_millis();
+        let (change, unknown_profile) = {
+            let mut model = self.write();
+            let change = model.apply_connection(user_id, opened, now_ms);
+            let unknown =
+                model.user(user_id).is_some_and(|user| user.displayname.is_none() && user.profile_at_ms == 0);
+            (change, unknown)
+        };
+        self.publish(change);
+        if opened && unknown_profile {
+            self.look_up_profile(user_id, now_ms);
+        } else if !opened {
+            self.queue(Job::Presence { user_id: user_id.to_owned() });
+        }
     }
 
     /// Called when a client asks for `address`: the address is watched (its local users' presence is

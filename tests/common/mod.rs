@@ -808,3 +808,77 @@ pub async fn synapse_and_process(
     let _ = reqwest::Client::new().post(ping).send().await;
     Some((synapse, process))
 }
+
+/// A redis-server of the test's own on a free loopback port, without persistence; killed on drop.
+/// [`Redis::stop`] and [`Redis::restart`] take it away and bring it back on the same port.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts one and waits until it answers, or `None` (after `skip`) without `redis-server`
+    /// (`deploy/prerequisites --tests` installs it).
+    pub async fn start() -> Option<Redis> {
+        if Command::new("redis-server").arg("--version").output().is_err() {
+            skip("redis-server is not installed (deploy/prerequisites --tests)");
+            return None;
+        }
+        let mut redis = Redis { child: None, port: free_port(), dir: tempfile::tempdir().unwrap() };
+        redis.restart().await;
+        Some(redis)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (as a crash would) and waits until it has exited.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it (again) on its port and waits until it answers `PING`.
+    pub async fn restart(&mut self) {
+        self.stop();
+        let log = std::fs::File::create(self.dir.path().join("redis.log")).unwrap();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(self.dir.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let port = self.port;
+        eventually(Duration::from_secs(10), "redis-server to answer", || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+            stream.write_all(b"PING\r\n").await.ok()?;
+            let mut answer = [0u8; 7];
+            stream.read_exact(&mut answer).await.ok()?;
+            (&answer == b"+PONG\r\n").then_some(())
+        })
+        .await;
+    }
+}
+
+impl Drop for Redis {
+    /// No redis-server outlives its test.
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
