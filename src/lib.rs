@@ -198,6 +198,7 @@ pub async fn run_with_clock(
     tasks.spawn(discovery.refresh(shutdown.clone()));
     tasks.spawn(signalling.clone().consume(signalling_inbox, shutdown.clone()));
     tasks.spawn(signalling.clone().push_presence(shutdown.clone()));
+    tasks.spawn(signalling.clone().run_calls(shutdown.clone()));
     tasks.spawn(appservice::inbox::prune(
         store.clone(),
         config.inbox_retention(),

@@ -334,6 +334,67 @@ impl SignallingMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+/// The call broker.
+pub struct CallsMetrics {
+    pub started: Counter,
+    pub connected: Counter,
+    pub ended: Family<OutcomeLabel, Counter>,
+    /// Signals the broker did not let through, by reason (duplicate, late, refusal codes, glare).
+    pub stopped: Family<CodeLabel, Counter>,
+    /// Invite seen to both sides `connected`.
+    pub upgrade_seconds: Histogram,
+    /// Pending calls (invited or answered, not yet established).
+    pub live: Gauge,
+    pub established: Gauge,
+}
+
+impl Default for CallsMetrics {
+    fn default() -> Self {
+        Self {
+            started: Counter::default(),
+            connected: Counter::default(),
+            ended: Family::default(),
+            stopped: Family::default(),
+            // 10 ms .. ~160 s, doubling.
+            upgrade_seconds: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.01, 2.0, 15,
+            )),
+            live: Gauge::default(),
+            established: Gauge::default(),
+        }
+    }
+}
+
+impl CallsMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let calls = registry.sub_registry_with_prefix("calls");
+        calls.register("started", "Calls started (invites the broker let through)", self.started.clone());
+        calls.register(
+            "connected",
+            "Calls whose two sides both reported their channel open",
+            self.connected.clone(),
+        );
+        calls.register("ended", "Calls ended, by outcome", self.ended.clone());
+        calls.register(
+            "signals_stopped",
+            "Signals the call broker did not let through, by reason",
+            self.stopped.clone(),
+        );
+        calls.register(
+            "upgrade_seconds",
+            "Time from a call's invite to both sides reporting their data channel open",
+            self.upgrade_seconds.clone(),
+        );
+        calls.register("live", "Pending calls (invited or answered, not yet connected)", self.live.clone());
+        calls.register("established", "Calls both sides reported connected", self.established.clone());
+    }
+}
+
 /// The inbox's size and retention.
 #[derive(Default)]
 pub struct InboxMetrics {
@@ -515,6 +576,7 @@ pub struct Metrics {
     pub inbox: InboxMetrics,
     pub http: HttpMetrics,
     pub signalling: SignallingMetrics,
+    pub calls: CallsMetrics,
     pub cluster: ClusterMetrics,
 }
 
@@ -525,6 +587,7 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    #[expect(clippy::too_many_lines, reason = "one registration per metric, in one place")]
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("switchboard");
         let transactions_received = Counter::default();
@@ -603,6 +666,8 @@ impl Metrics {
         http.register(&mut registry);
         let signalling = SignallingMetrics::default();
         signalling.register(&mut registry);
+        let calls = CallsMetrics::default();
+        calls.register(&mut registry);
         let cluster = ClusterMetrics::default();
         cluster.register(&mut registry);
         Self {
@@ -624,6 +689,7 @@ impl Metrics {
             inbox,
             http,
             signalling,
+            calls,
             cluster,
         }
     }

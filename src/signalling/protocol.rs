@@ -33,6 +33,9 @@ pub mod close {
     pub const SERVICE_RESTART: u16 = 1012;
     /// A message larger than [`super::HARD_FRAME_BYTES`].
     pub const TOO_BIG: u16 = 1009;
+    /// The homeserver could not check the token (unreachable, or too many unknown tokens from this
+    /// address): try again later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// The access token is missing, unknown, or was revoked on the homeserver.
     pub const UNAUTHORIZED: u16 = 4001;
     /// No `auth` frame within `auth_timeout_secs`.
@@ -50,6 +53,7 @@ pub mod close {
     pub fn reason(code: u16) -> &'static str {
         match code {
             SERVICE_RESTART => "server restarting; reconnect",
+            TRY_AGAIN_LATER => "try again later",
             TOO_BIG => "frame too large",
             UNAUTHORIZED => "unauthorized",
             AUTH_TIMEOUT => "no auth frame in time",
@@ -80,12 +84,20 @@ pub enum ErrorCode {
     NotAuthenticated,
     /// `watch` past `max_watched`.
     TooManyWatched,
-    /// `signal`: no user is known to hold the address (or the user id is not a Raiden one).
+    /// `signal`: no user is known to hold the address (none whose displayname proves it).
     UnknownPeer,
     /// `signal`: neither the peer's socket nor the homeserver took it.
     Undeliverable,
-    /// `signal`: the call broker refused it (too many live calls, …); `message` says why.
+    /// `signal`: the call broker refused it; `message` starts with the reason (`too_many_calls`,
+    /// `too_many_held`, `not_in_call`, `overloaded`, `malformed`).
     Refused,
+    /// `signal`: the same signal was already delivered in this call; not delivered again.
+    Duplicate,
+    /// `signal`: its call has ended (hangup, reject, expiry, glare); not delivered.
+    Late,
+    /// `signal`: an invite that lost glare (a `glare` frame names the call that goes on); not
+    /// delivered.
+    Glare,
     /// Something failed on our side; the message says nothing more.
     Internal,
 }
@@ -290,6 +302,13 @@ pub enum ServerFrame {
         /// The call that goes on.
         winner: String,
     },
+    /// A call the broker ended by itself: an invite nobody answered within its lifetime
+    /// (`expired`), or an answered call whose sides did not both report `connected` in time
+    /// (`failed`).
+    CallEnded {
+        call_id: String,
+        outcome: &'static str,
+    },
     Pong {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<Value>,
@@ -312,6 +331,23 @@ pub enum ServerFrame {
 impl Serialize for EventType {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(self.as_str())
+    }
+}
+
+impl ErrorCode {
+    /// Whether the error is the client's doing (a strike towards closing the socket as abusive),
+    /// rather than news about a peer, a call or the server.
+    pub fn is_clients_fault(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::BadFrame
+                | ErrorCode::UnknownType
+                | ErrorCode::Invalid
+                | ErrorCode::TooLarge
+                | ErrorCode::RateLimited
+                | ErrorCode::NotAuthenticated
+                | ErrorCode::TooManyWatched
+        )
     }
 }
 

@@ -2,27 +2,29 @@
 //! Matrix), hands signals that arrive through Matrix to connected clients, and pushes presence to
 //! the sockets that watch an address.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use hashlink::LruCache;
 use serde_json::Value;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Signal;
 use super::dialect::{self, Dialect};
-use super::hub::Hub;
+use super::hub::{Hub, Outbox};
 use super::protocol::{ErrorCode, IceServers, ServerFrame, Via};
+use super::{EventType, Signal};
 use crate::appservice::inbox::Subscription;
+use crate::calls::{Calls, EventKind, Glare, Ignored, Verdict};
 use crate::clock::Clock;
 use crate::config::{Config, Secret, SignallingConfig};
 use crate::directory::identity::Address;
 use crate::directory::service::DirectoryService;
 use crate::homeserver::HomeserverClient;
 use crate::http::Auth;
-use crate::telemetry::{Metrics, ViaLabel};
+use crate::telemetry::{CodeLabel, Metrics, OutcomeLabel, ViaLabel};
 
 /// The consumer name of the signalling service in the inbox.
 pub const CONSUMER: &str = "signalling";
@@ -38,13 +40,16 @@ const MATRIX_MAX_AGE_MS: i64 = 120_000;
 const DIALECTS_REMEMBERED: usize = 100_000;
 
 /// The content key that marks Switchboard's own to-device sends, so that their echo in the
-/// appservice stream is recognised; its value is the server name.
+/// appservice stream is recognised; its value is `<server name>/<instance name>`, so that another
+/// instance (which did not relay it) still hands it to a socket of its own.
 pub const ORIGIN_KEY: &str = "org.switchboard.origin";
 
 /// What the service is configured with.
 pub struct Settings {
     pub limits: SignallingConfig,
     pub server_name: String,
+    /// `<server name>/<instance name>`: the value of [`ORIGIN_KEY`] on this instance's sends.
+    pub origin: String,
     /// TURN: the secret credentials are minted with, the URIs, the credentials' lifetime.
     pub turn: Option<(Secret, Vec<String>, u64)>,
 }
@@ -57,7 +62,12 @@ impl Settings {
             .clone()
             .filter(|_| config.turn.mode != crate::config::TurnMode::Off && !turn_uris.is_empty())
             .map(|secret| (secret, turn_uris, config.turn.user_lifetime_secs));
-        Self { limits: config.signalling.clone(), server_name: config.homeserver.server_name.clone(), turn }
+        Self {
+            limits: config.signalling.clone(),
+            server_name: config.homeserver.server_name.clone(),
+            origin: format!("{}/{}", config.homeserver.server_name, config.database.instance_name),
+            turn,
+        }
     }
 }
 
@@ -73,6 +83,29 @@ pub struct Signalling {
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
     dialects: Mutex<LruCache<Box<str>, Dialect>>,
+    /// The call broker; locked before `held` when both are.
+    calls: Mutex<Calls>,
+    /// Woken when the broker's next timeout may have moved.
+    calls_changed: Notify,
+    /// Who waits for each held candidates signal, per call, in the broker's order: the socket and
+    /// the frame's `id` (`None`: it came through Matrix, nobody waits).
+    held: Mutex<HashMap<String, VecDeque<Waiting>>>,
+    /// Transaction ids of signals recently handed over from Matrix: a to-device message sent to
+    /// every device of a user reaches the appservice once per device, and is delivered once.
+    from_matrix_seen: Mutex<LruCache<String, ()>>,
+}
+
+/// Who waits for a held signal: its socket and the frame's `id` (`None`: it came through Matrix).
+type Waiting = Option<(Outbox, Option<Value>)>;
+
+/// Matrix-borne signals remembered to drop their copies (one per recipient device).
+const MATRIX_SEEN_REMEMBERED: usize = 10_000;
+
+/// What became of a client's signal.
+pub enum Submitted {
+    Delivered(Via),
+    /// Held by the broker until its call's invite is delivered; `delivered` (or an error) follows.
+    Held,
 }
 
 /// Why a signal was not delivered, for the `error` frame.
@@ -102,7 +135,212 @@ impl Signalling {
             tasks: TaskTracker::new(),
             shutdown,
             dialects: Mutex::new(LruCache::new(DIALECTS_REMEMBERED)),
+            calls: Mutex::new(Calls::new(crate::calls::Settings::default())),
+            calls_changed: Notify::new(),
+            held: Mutex::new(HashMap::new()),
+            from_matrix_seen: Mutex::new(LruCache::new(MATRIX_SEEN_REMEMBERED)),
         })
+    }
+
+    fn calls(&self) -> MutexGuard<'_, Calls> {
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<String, VecDeque<Waiting>>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.unix_millis_u64()
+    }
+
+    /// A client's signal: judged by the call broker, then routed. `waiting` is the socket that sent
+    /// it and the frame's `id`, told later when the signal is held.
+    pub async fn submit(
+        &self,
+        signal: &Signal,
+        waiting: (Outbox, Option<Value>),
+    ) -> Result<Submitted, Undelivered> {
+        let verdict = {
+            let mut calls = self.calls();
+            let verdict = calls.signal(self.now_ms(), signal);
+            if verdict == Verdict::Hold {
+                self.held().entry(signal.call_id.clone()).or_default().push_back(Some(waiting));
+            }
+            self.drain_events(&mut calls, false);
+            verdict
+        };
+        self.calls_changed.notify_one();
+        let stopped = |code: &'static str| {
+            self.metrics.calls.stopped.get_or_create(&CodeLabel { code }).inc();
+        };
+        match verdict {
+            Verdict::Forward => self.forward(signal).await.map(Submitted::Delivered),
+            Verdict::Hold => Ok(Submitted::Held),
+            Verdict::Ignore(ignored) => {
+                stopped(ignored.as_str());
+                let (code, message) = match ignored {
+                    Ignored::Duplicate => {
+                        (ErrorCode::Duplicate, "this signal was already delivered in this call")
+                    }
+                    Ignored::Late => (ErrorCode::Late, "this call has ended"),
+                };
+                Err(Undelivered { code, message: message.into() })
+            }
+            Verdict::Refused(refused) => {
+                stopped(refused.code());
+                Err(Undelivered {
+                    code: ErrorCode::Refused,
+                    message: format!("{}: {}", refused.code(), refused.message()),
+                })
+            }
+            Verdict::Glare(glare) => {
+                self.tell_glare(signal, &glare);
+                if glare.forward {
+                    self.forward(signal).await.map(Submitted::Delivered)
+                } else {
+                    stopped("glare");
+                    Err(Undelivered {
+                        code: ErrorCode::Glare,
+                        message: format!("glare: call {} goes on instead", glare.won_call_id),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Routes a signal the broker let through; for an invite, then routes (or refuses) the
+    /// candidates held for its call and tells their senders.
+    async fn forward(&self, signal: &Signal) -> Result<Via, Undelivered> {
+        let result = self.deliver(signal).await;
+        if signal.event_type == EventType::Invite {
+            self.settle_invite(&signal.call_id, result.is_ok()).await;
+        }
+        result
+    }
+
+    /// Tells the broker whether an invite reached its callee, and routes what it held.
+    async fn settle_invite(&self, call_id: &str, delivered: bool) {
+        let (released, waiting) = {
+            let mut calls = self.calls();
+            let now_ms = self.now_ms();
+            let released = if delivered {
+                calls.invite_delivered(now_ms, call_id)
+            } else {
+                calls.invite_failed(now_ms, call_id)
+            };
+            let waiting = self.held().remove(call_id).unwrap_or_default();
+            self.drain_events(&mut calls, false);
+            (released, waiting)
+        };
+        self.calls_changed.notify_one();
+        for (signal, waiting) in released.into_iter().zip(waiting) {
+            let answer = if delivered {
+                match self.deliver(&signal).await {
+                    Ok(via) => ServerFrame::Delivered { reference: None, via },
+                    Err(undelivered) => ServerFrame::error(undelivered.code, undelivered.message, None),
+                }
+            } else {
+                ServerFrame::error(ErrorCode::Undeliverable, "the call's invite could not be delivered", None)
+            };
+            if let Some((outbox, reference)) = waiting {
+                outbox.push(with_reference(answer, reference).to_text().into(), None);
+            }
+        }
+    }
+
+    /// A client reports its data channel for `call_id` open.
+    pub fn connected(&self, user_id: &str, call_id: &str) {
+        let mut calls = self.calls();
+        calls.connected(self.now_ms(), user_id, call_id);
+        self.drain_events(&mut calls, false);
+        drop(calls);
+        self.calls_changed.notify_one();
+    }
+
+    /// Tells both users of a glare which call lost and which goes on.
+    fn tell_glare(&self, signal: &Signal, glare: &Glare) {
+        for lost in &glare.lost_call_ids {
+            let frame: Arc<str> =
+                ServerFrame::Glare { call_id: lost.clone(), winner: glare.won_call_id.clone() }
+                    .to_text()
+                    .into();
+            for user in [&signal.from_user, &signal.to_user] {
+                for socket in self.hub.sockets_of(user) {
+                    socket.push(frame.clone(), None);
+                }
+            }
+        }
+    }
+
+    /// Records the broker's events in the metrics; calls that end drop what they held (their
+    /// senders are told); with `notify` (the broker's own timeouts), both users hear of the end.
+    fn drain_events(&self, calls: &mut Calls, notify: bool) {
+        let metrics = &self.metrics.calls;
+        while let Some(event) = calls.poll_event() {
+            match event.kind {
+                EventKind::Started => {
+                    metrics.started.inc();
+                }
+                EventKind::Connected { upgrade_ms } => {
+                    metrics.connected.inc();
+                    metrics.upgrade_seconds.observe(Duration::from_millis(upgrade_ms).as_secs_f64());
+                }
+                EventKind::Ended { outcome } => {
+                    metrics.ended.get_or_create(&OutcomeLabel { outcome: outcome.as_str() }).inc();
+                    for (outbox, reference) in
+                        self.held().remove(&event.call_id).into_iter().flatten().flatten()
+                    {
+                        let error = ServerFrame::error(
+                            ErrorCode::Late,
+                            "the call ended before its invite was delivered",
+                            reference,
+                        );
+                        outbox.push(error.to_text().into(), None);
+                    }
+                    if notify {
+                        let frame: Arc<str> = ServerFrame::CallEnded {
+                            call_id: event.call_id.clone(),
+                            outcome: outcome.as_str(),
+                        }
+                        .to_text()
+                        .into();
+                        for user in [&event.caller, &event.callee] {
+                            for socket in self.hub.sockets_of(user) {
+                                socket.push(frame.clone(), None);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        metrics.live.set(i64::try_from(calls.live_calls()).unwrap_or(i64::MAX));
+        metrics.established.set(i64::try_from(calls.established_calls()).unwrap_or(i64::MAX));
+    }
+
+    /// Runs the broker's timeouts (invite expiry, connect timeout, forgetting) on the clock, until
+    /// `shutdown`.
+    pub async fn run_calls(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let next = self.calls().poll_timeout();
+            let due = async {
+                match next {
+                    Some(at_ms) => {
+                        self.clock.sleep(Duration::from_millis(at_ms.saturating_sub(self.now_ms()))).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.calls_changed.notified() => {}
+                () = due => {
+                    let mut calls = self.calls();
+                    calls.handle_timeout(self.now_ms());
+                    self.drain_events(&mut calls, true);
+                }
+            }
+        }
     }
 
     /// Fresh TURN credentials for `user_id`, when TURN is configured.
@@ -241,7 +479,7 @@ impl Signalling {
             )));
         };
         if let Value::Object(content) = &mut message.content {
-            content.insert(ORIGIN_KEY.to_owned(), Value::String(self.settings.server_name.clone()));
+            content.insert(ORIGIN_KEY.to_owned(), Value::String(self.settings.origin.clone()));
         }
         let (Ok(from), Ok(device)) = (
             ruma::UserId::parse(&signal.from_user),
@@ -304,7 +542,7 @@ impl Signalling {
                 }
                 let Some(incoming) = dialect::from_item(item) else { continue };
                 if incoming.signal.content.get(ORIGIN_KEY).and_then(Value::as_str)
-                    == Some(self.settings.server_name.as_str())
+                    == Some(self.settings.origin.as_str())
                 {
                     self.metrics.signalling.echoes_dropped.inc();
                     continue;
@@ -313,8 +551,14 @@ impl Signalling {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .insert(incoming.signal.from_user.clone().into_boxed_str(), incoming.dialect);
-                if self.relay(&incoming.signal, Via::Matrix).await {
-                    self.metrics.signalling.signals_from_matrix.inc();
+                let first_copy = self
+                    .from_matrix_seen
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(incoming.txn_id.clone(), ())
+                    .is_none();
+                if first_copy {
+                    self.handle_matrix_signal(&incoming.signal).await;
                 }
             }
             if let Some(last) = items.last()
@@ -322,6 +566,38 @@ impl Signalling {
             {
                 tracing::warn!(%error, "signalling.inbox: acknowledging failed");
             }
+        }
+    }
+
+    /// A signal that arrived through Matrix: judged by the broker, then handed to the recipient's
+    /// sockets here (if any). An invite that came through Matrix has reached its callee.
+    async fn handle_matrix_signal(&self, signal: &Signal) {
+        let verdict = {
+            let mut calls = self.calls();
+            let verdict = calls.signal(self.now_ms(), signal);
+            if verdict == Verdict::Hold {
+                self.held().entry(signal.call_id.clone()).or_default().push_back(None);
+            }
+            self.drain_events(&mut calls, false);
+            verdict
+        };
+        self.calls_changed.notify_one();
+        let forward = match &verdict {
+            Verdict::Forward => true,
+            Verdict::Glare(glare) => {
+                self.tell_glare(signal, glare);
+                glare.forward
+            }
+            Verdict::Hold | Verdict::Ignore(_) | Verdict::Refused(_) => false,
+        };
+        if !forward {
+            return;
+        }
+        if self.relay(signal, Via::Matrix).await {
+            self.metrics.signalling.signals_from_matrix.inc();
+        }
+        if signal.event_type == EventType::Invite {
+            self.settle_invite(&signal.call_id, true).await;
         }
     }
 
@@ -369,5 +645,16 @@ impl Signalling {
         let value =
             crate::directory::api::peer_json(&self.directory.read(), address, self.clock.unix_millis());
         ServerFrame::Presence(value).to_text().into()
+    }
+}
+
+/// `frame` answering the client frame with `id` `reference`.
+fn with_reference(frame: ServerFrame, reference: Option<Value>) -> ServerFrame {
+    match frame {
+        ServerFrame::Delivered { via, .. } => ServerFrame::Delivered { reference, via },
+        ServerFrame::Error { code, message, retry_after_ms, .. } => {
+            ServerFrame::Error { code, message, reference, retry_after_ms }
+        }
+        other => other,
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use super::Signal;
 use super::hub::{self, Full, Outbound, Outbox};
 use super::protocol::{self, ClientFrame, ErrorCode, Limits, ServerFrame, close};
-use super::service::Signalling;
+use super::service::{Signalling, Submitted};
 use crate::directory::identity::Address;
 use crate::homeserver::Whoami;
 use crate::telemetry::CodeLabel;
@@ -196,10 +196,25 @@ async fn authenticate(
         return match protocol::parse(text.as_str()) {
             Ok((id, ClientFrame::Auth { token })) => match service.auth.check(&token, source).await {
                 Ok(whoami) => Ok((whoami, token)),
-                Err(error) => Err(Refusal {
-                    code: close::UNAUTHORIZED,
-                    frame: Some(ServerFrame::error(ErrorCode::NotAuthenticated, error.error.clone(), id)),
-                }),
+                Err(error) => {
+                    // Only an unknown token is the client's problem; otherwise try again later.
+                    let (close_code, code) = match error.errcode {
+                        "M_UNKNOWN_TOKEN" | "M_MISSING_TOKEN" => {
+                            (close::UNAUTHORIZED, ErrorCode::NotAuthenticated)
+                        }
+                        "M_LIMIT_EXCEEDED" => (close::TRY_AGAIN_LATER, ErrorCode::RateLimited),
+                        _ => (close::TRY_AGAIN_LATER, ErrorCode::Internal),
+                    };
+                    let retry_after_ms =
+                        error.retry_after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                    let frame = ServerFrame::Error {
+                        code,
+                        message: error.error.clone(),
+                        reference: id,
+                        retry_after_ms,
+                    };
+                    Err(Refusal { code: close_code, frame: Some(frame) })
+                }
             },
             Ok((id, _)) => Err(unauthorized("the first frame must be auth", id)),
             Err(error) => Err(unauthorized("the first frame must be auth", error.id)),
@@ -358,7 +373,9 @@ impl Session {
         reference: Option<Value>,
         retry_after_ms: Option<u64>,
     ) {
-        self.strikes += 1;
+        if code.is_clients_fault() {
+            self.strikes += 1;
+        }
         self.service.metrics.signalling.errors.get_or_create(&CodeLabel { code: error_label(code) }).inc();
         self.send(&ServerFrame::Error { code, message: message.into(), reference, retry_after_ms });
     }
@@ -401,8 +418,9 @@ impl Session {
             }
             ClientFrame::Watch { addresses } => self.watch(&addresses, id),
             ClientFrame::Unwatch { addresses } => self.unwatch(&addresses, id),
-            ClientFrame::Connected { .. } => {
+            ClientFrame::Connected { call_id } => {
                 self.strikes = 0;
+                self.service.connected(&self.user_id, &call_id);
                 if let Some(reference) = id {
                     self.send(&ServerFrame::Ok { reference });
                 }
@@ -424,11 +442,13 @@ impl Session {
                     event_type,
                     content,
                 };
-                match service.deliver(&signal).await {
-                    Ok(via) => {
+                match service.submit(&signal, (self.outbox.clone(), id.clone())).await {
+                    Ok(Submitted::Delivered(via)) => {
                         self.strikes = 0;
                         self.send(&ServerFrame::Delivered { reference: id, via });
                     }
+                    // `delivered` follows when the call's invite is.
+                    Ok(Submitted::Held) => self.strikes = 0,
                     Err(undelivered) => self.error(undelivered.code, undelivered.message, id, None),
                 }
             }
@@ -503,6 +523,7 @@ fn code_label(code: u16) -> &'static str {
     match code {
         close::NORMAL => "normal",
         close::SERVICE_RESTART => "service_restart",
+        close::TRY_AGAIN_LATER => "try_again_later",
         close::TOO_BIG => "too_big",
         close::UNAUTHORIZED => "unauthorized",
         close::AUTH_TIMEOUT => "auth_timeout",
@@ -527,6 +548,9 @@ fn error_label(code: ErrorCode) -> &'static str {
         ErrorCode::UnknownPeer => "unknown_peer",
         ErrorCode::Undeliverable => "undeliverable",
         ErrorCode::Refused => "refused",
+        ErrorCode::Duplicate => "duplicate",
+        ErrorCode::Late => "late",
+        ErrorCode::Glare => "glare",
         ErrorCode::Internal => "internal",
     }
 }
