@@ -165,12 +165,15 @@ pub async fn run_with_clock(
     let turn_uris = turn::client_uris(&config, listeners.turn.as_ref());
     let signalling = signalling::service::Signalling::new(
         signalling::service::Settings::from_config(&config, turn_uris.clone()),
-        discovery.clone(),
-        homeserver.clone(),
-        auth.clone(),
-        metrics.clone(),
-        clock.clone(),
-        shutdown.clone(),
+        signalling::service::Parts {
+            directory: discovery.clone(),
+            homeserver: homeserver.clone(),
+            auth: auth.clone(),
+            metrics: metrics.clone(),
+            clock: clock.clone(),
+            cluster: cluster.clone(),
+            shutdown: shutdown.clone(),
+        },
     );
     let signalling_inbox = inbox(signalling::service::CONSUMER).await?;
     let client = client_router(&config, auth, discovery.clone(), turn_uris, signalling.clone(), &clock);
@@ -199,6 +202,7 @@ pub async fn run_with_clock(
     tasks.spawn(signalling.clone().consume(signalling_inbox, shutdown.clone()));
     tasks.spawn(signalling.clone().push_presence(shutdown.clone()));
     tasks.spawn(signalling.clone().run_calls(shutdown.clone()));
+    tasks.spawn(signalling.clone().take_answers(shutdown.clone()));
     tasks.spawn(appservice::inbox::prune(
         store.clone(),
         config.inbox_retention(),

@@ -268,6 +268,8 @@ pub struct SignallingMetrics {
     /// Time from a client's signal to its `delivered`, by path.
     pub delivery_seconds: Family<ViaLabel, Histogram>,
     pub watched_addresses: Gauge,
+    /// Signals for a peer not connected here that went through Matrix because Redis was down.
+    pub cluster_fallbacks: Counter,
 }
 
 impl Default for SignallingMetrics {
@@ -286,6 +288,7 @@ impl Default for SignallingMetrics {
                 Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 16))
             }),
             watched_addresses: Gauge::default(),
+            cluster_fallbacks: Counter::default(),
         }
     }
 }
@@ -325,6 +328,11 @@ impl SignallingMetrics {
             "delivery_seconds",
             "Time from a client's signal to its delivered frame, by path",
             self.delivery_seconds.clone(),
+        );
+        signalling.register(
+            "cluster_fallbacks",
+            "Signals that could not be offered to other instances (Redis down) and went through Matrix",
+            self.cluster_fallbacks.clone(),
         );
         signalling.register(
             "watched_addresses",

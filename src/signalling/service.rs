@@ -3,6 +3,7 @@
 //! the sockets that watch an address.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use super::{EventType, Signal};
 use crate::appservice::inbox::Subscription;
 use crate::calls::{Calls, EventKind, Glare, Ignored, Verdict};
 use crate::clock::Clock;
+use crate::cluster::{Cluster, Message};
 use crate::config::{Config, Secret, SignallingConfig};
 use crate::directory::identity::Address;
 use crate::directory::service::DirectoryService;
@@ -90,9 +92,56 @@ pub struct Signalling {
     /// Who waits for each held candidates signal, per call, in the broker's order: the socket and
     /// the frame's `id` (`None`: it came through Matrix, nobody waits).
     held: Mutex<HashMap<String, VecDeque<Waiting>>>,
+    pub cluster: Cluster,
+    /// A forwarding task per user with a socket here, subscribed to the user's channel: signals
+    /// that other instances route to this user.
+    routes: Mutex<HashMap<Arc<str>, tokio::task::AbortHandle>>,
+    /// Signals sent to another instance, waiting for its answer, by id.
+    crossing: Mutex<HashMap<u64, oneshot::Sender<bool>>>,
+    next_crossing: AtomicU64,
     /// Transaction ids of signals recently handed over from Matrix: a to-device message sent to
     /// every device of a user reaches the appservice once per device, and is delivered once.
     from_matrix_seen: Mutex<LruCache<String, ()>>,
+}
+
+/// What the signalling service is built from.
+pub struct Parts {
+    pub directory: Arc<DirectoryService>,
+    pub homeserver: Arc<HomeserverClient>,
+    pub auth: Auth,
+    pub metrics: Arc<Metrics>,
+    pub clock: Clock,
+    pub cluster: Cluster,
+    pub shutdown: CancellationToken,
+}
+
+/// A signal on its way to the instance where its recipient has a socket (Redis pub/sub, channel
+/// [`user_channel`]); that instance answers on the sender instance's [`instance_channel`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Crossing {
+    id: u64,
+    reply_to: String,
+    from_user: String,
+    from_device: Option<String>,
+    to_user: String,
+    call_id: String,
+    event_type: String,
+    content: serde_json::Map<String, Value>,
+}
+
+/// The answer to a [`Crossing`]: whether a socket of the recipient wrote it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Crossed {
+    id: u64,
+    written: bool,
+}
+
+fn user_channel(user_id: &str) -> String {
+    format!("signal.user.{user_id}")
+}
+
+fn instance_channel(instance: &str) -> String {
+    format!("signal.instance.{instance}")
 }
 
 /// Who waits for a held signal: its socket and the frame's `id` (`None`: it came through Matrix).
@@ -115,15 +164,8 @@ pub struct Undelivered {
 }
 
 impl Signalling {
-    pub fn new(
-        settings: Settings,
-        directory: Arc<DirectoryService>,
-        homeserver: Arc<HomeserverClient>,
-        auth: Auth,
-        metrics: Arc<Metrics>,
-        clock: Clock,
-        shutdown: CancellationToken,
-    ) -> Arc<Self> {
+    pub fn new(settings: Settings, parts: Parts) -> Arc<Self> {
+        let Parts { directory, homeserver, auth, metrics, clock, cluster, shutdown } = parts;
         Arc::new(Self {
             hub: Hub::new(settings.limits.max_connections, settings.limits.max_connections_per_user),
             directory,
@@ -139,7 +181,130 @@ impl Signalling {
             calls_changed: Notify::new(),
             held: Mutex::new(HashMap::new()),
             from_matrix_seen: Mutex::new(LruCache::new(MATRIX_SEEN_REMEMBERED)),
+            cluster,
+            routes: Mutex::new(HashMap::new()),
+            crossing: Mutex::new(HashMap::new()),
+            next_crossing: AtomicU64::new(1),
         })
+    }
+
+    /// A user has its first socket here: signals other instances route to it are taken from its
+    /// channel (subscribed before this returns, or after 1 s without Redis' confirmation).
+    pub async fn user_joined(self: &Arc<Self>, user_id: &Arc<str>) {
+        let channel = user_channel(user_id);
+        {
+            let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+            if routes.contains_key(user_id) {
+                return;
+            }
+            let mut subscription = self.cluster.subscribe(&channel);
+            let service = self.clone();
+            let task = self.tasks.spawn(async move {
+                while let Some(message) = subscription.next().await {
+                    if let Message::Payload(bytes) = message {
+                        service.accept_crossing(&bytes).await;
+                    }
+                }
+            });
+            routes.insert(user_id.clone(), task.abort_handle());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.cluster.subscribed(&channel)).await;
+    }
+
+    /// A socket of `user_id` closed: when it was the last one here, its channel is left.
+    pub fn user_left(&self, user_id: &str) {
+        if self.hub.is_connected(user_id) {
+            return;
+        }
+        if let Some(task) = self.routes.lock().unwrap_or_else(PoisonError::into_inner).remove(user_id) {
+            task.abort();
+        }
+    }
+
+    /// Hands a signal that another instance routed here to the recipient's sockets, and answers.
+    async fn accept_crossing(&self, bytes: &[u8]) {
+        let Ok(crossing) = serde_json::from_slice::<Crossing>(bytes) else { return };
+        let Some(event_type) = EventType::parse(&crossing.event_type) else { return };
+        let signal = Signal {
+            from_user: crossing.from_user,
+            from_device: crossing.from_device,
+            to_user: crossing.to_user,
+            call_id: crossing.call_id,
+            event_type,
+            content: crossing.content,
+        };
+        let written = self.relay(&signal, Via::Relay).await;
+        let answer = serde_json::to_vec(&Crossed { id: crossing.id, written }).unwrap_or_default();
+        if let Err(error) = self.cluster.publish(&instance_channel(&crossing.reply_to), answer.into()).await {
+            tracing::warn!(%error, "signalling.cluster: could not answer a relayed signal");
+        }
+    }
+
+    /// Takes the answers of other instances to the signals this one sent them, until `shutdown`.
+    pub async fn take_answers(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut answers = self.cluster.subscribe(&instance_channel(self.cluster.instance()));
+        loop {
+            let message = tokio::select! {
+                () = shutdown.cancelled() => return,
+                message = answers.next() => message,
+            };
+            match message {
+                Some(Message::Payload(bytes)) => {
+                    if let Ok(crossed) = serde_json::from_slice::<Crossed>(&bytes)
+                        && let Some(waiting) =
+                            self.crossing.lock().unwrap_or_else(PoisonError::into_inner).remove(&crossed.id)
+                    {
+                        let _ = waiting.send(crossed.written);
+                    }
+                }
+                Some(Message::Lost) => {}
+                None => return,
+            }
+        }
+    }
+
+    /// Routes `signal` to a socket of its recipient on another instance (through Redis); true once
+    /// that instance says a socket wrote it. False when no instance has the recipient, Redis is
+    /// down, or no answer came within [`RELAY_WAIT`].
+    async fn relay_elsewhere(&self, signal: &Signal) -> bool {
+        if !self.cluster.is_up() {
+            self.metrics.signalling.cluster_fallbacks.inc();
+            return false;
+        }
+        let id = self.next_crossing.fetch_add(1, Ordering::Relaxed);
+        let crossing = Crossing {
+            id,
+            reply_to: self.cluster.instance().to_owned(),
+            from_user: signal.from_user.clone(),
+            from_device: signal.from_device.clone(),
+            to_user: signal.to_user.clone(),
+            call_id: signal.call_id.clone(),
+            event_type: signal.event_type.as_str().to_owned(),
+            content: signal.content.clone(),
+        };
+        let (answered, answer) = oneshot::channel();
+        self.crossing.lock().unwrap_or_else(PoisonError::into_inner).insert(id, answered);
+        let forget = || self.crossing.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+        let payload = serde_json::to_vec(&crossing).unwrap_or_default();
+        match self.cluster.publish(&user_channel(&signal.to_user), payload.into()).await {
+            Ok(0) => {
+                forget();
+                return false;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                forget();
+                tracing::warn!(%error, "signalling.cluster: Redis unavailable; the signal goes through Matrix");
+                self.metrics.signalling.cluster_fallbacks.inc();
+                return false;
+            }
+        }
+        let written = tokio::select! {
+            answer = answer => answer.unwrap_or(false),
+            () = self.clock.sleep(RELAY_WAIT) => false,
+        };
+        forget();
+        written
     }
 
     fn calls(&self) -> MutexGuard<'_, Calls> {
@@ -410,7 +575,7 @@ impl Signalling {
     /// homeserver has accepted it.
     pub async fn deliver(&self, signal: &Signal) -> Result<Via, Undelivered> {
         let started = self.clock.now();
-        let via = if self.relay(signal, Via::Relay).await {
+        let via = if self.relay(signal, Via::Relay).await || self.relay_elsewhere(signal).await {
             Via::Relay
         } else {
             self.send_matrix(signal).await?;

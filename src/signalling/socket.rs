@@ -72,6 +72,7 @@ pub async fn run(
     metrics.connections.inc();
     tracing::debug!(user_id = %user_id, "signalling.connect: socket open");
     let online = service.directory.connected(&user_id);
+    service.user_joined(&user_id).await;
     // The keepalive, revalidation and ICE timers count from here, before the client can see `ready`.
     let started = service.clock.now();
     let writer = service.tasks.spawn(write(sink, queue, outbox.clone(), service.clone(), started));
@@ -124,6 +125,7 @@ pub async fn run(
     for address in service.hub.leave(&user_id, outbox.id, &session.watched) {
         service.directory.release(&address);
     }
+    service.user_left(&user_id);
     metrics.watched_addresses.set(i64::try_from(service.hub.watched_addresses()).unwrap_or(i64::MAX));
     metrics.connections.dec();
     let code = outbox.close_code().unwrap_or(close::SERVICE_RESTART);

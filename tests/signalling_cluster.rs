@@ -1,0 +1,70 @@
+//! Two Switchboard instances on one PostgreSQL and one Redis, with a real Synapse: a signal for a
+//! peer connected to the other instance crosses through Redis and is `delivered` over the relay;
+//! with Redis stopped, it goes through Matrix instead (counted), and the peer's instance still
+//! hands it to the peer's socket from the shared inbox.
+
+mod common;
+
+use std::time::Duration;
+
+use common::ws::Socket;
+use serde_json::json;
+use switchboard::config::Secret;
+
+const CAPS: &str = "webRTC=1&toDevice=1&switchboard=1";
+
+#[tokio::test]
+async fn a_signal_crosses_instances_through_redis_and_through_matrix_when_redis_is_down() {
+    let Some(database) = common::fresh_postgres().await else { return };
+    let Some(mut redis) = common::Redis::start().await else { return };
+    let cluster = |config: &mut switchboard::config::Config, instance: &str| {
+        instance.clone_into(&mut config.database.instance_name);
+        config.cluster.redis_url = Some(Secret::new(redis.url()));
+    };
+    // Instance a is the one registered with Synapse; b shares its database and Redis.
+    let clock = switchboard::clock::Clock::system();
+    let Some((synapse, a)) = common::with_synapse_on(&database, None, |c| cluster(c, "a"), clock).await
+    else {
+        return;
+    };
+    let mut config_b = common::config(&database, &synapse.base_url);
+    cluster(&mut config_b, "b");
+    let b = common::start(config_b).await;
+
+    let alice = synapse.register_raiden(CAPS).await;
+    let bob = synapse.register_raiden(CAPS).await;
+    let (mut on_a, _) = Socket::ready(a.client, &alice.user.access_token).await;
+    let (mut on_b, _) = Socket::ready(b.client, &bob.user.access_token).await;
+
+    let invite = |id: u64, call_id: &str| {
+        json!({
+            "type": "signal", "id": id, "to": &bob.user.user_id, "call_id": call_id,
+            "event_type": "m.call.invite",
+            "content": { "party_id": "p", "version": "1", "lifetime": 60000, "offer": { "type": "offer", "sdp": "v=0" } },
+        })
+    };
+    on_a.send(&invite(1, "across-1")).await;
+    assert_eq!(on_a.next_of("delivered").await, json!({ "type": "delivered", "ref": 1, "via": "relay" }));
+    let got = on_b.next_of("signal").await;
+    assert_eq!((got["call_id"].as_str(), got["via"].as_str()), (Some("across-1"), Some("relay")));
+    assert_eq!(got["from"], alice.user.user_id.as_str());
+
+    // Redis gone: the signal goes through Matrix; b finds it in the shared inbox (its poll) and
+    // hands it to bob's socket.
+    redis.stop();
+    common::eventually(Duration::from_secs(10), "instance a to see Redis gone", || async {
+        (common::metric(&a.metrics().await, "switchboard_cluster_up ") == 0).then_some(())
+    })
+    .await;
+    on_a.send(&invite(2, "across-2")).await;
+    assert_eq!(on_a.next_of("delivered").await, json!({ "type": "delivered", "ref": 2, "via": "matrix" }));
+    let got = on_b.next_of("signal").await;
+    assert_eq!((got["call_id"].as_str(), got["via"].as_str()), (Some("across-2"), Some("matrix")));
+    let metrics = a.metrics().await;
+    assert_eq!(common::metric(&metrics, "switchboard_signalling_cluster_fallbacks_total"), 1);
+    // Exactly once: nothing else arrives before the answer to a ping.
+    on_b.send(&json!({ "type": "ping", "id": "p" })).await;
+    assert_eq!(on_b.next().await.unwrap(), json!({ "type": "pong", "ref": "p" }));
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}
