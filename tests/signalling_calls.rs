@@ -190,3 +190,31 @@ async fn a_matrix_only_raiden_node_is_answered_in_its_own_dialect() {
     assert_eq!(body["call_id"], call_id.as_str());
     running.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_room_call_invite_reaches_the_connected_callee() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
+        return;
+    };
+    let alice = synapse.register_raiden(CAPS).await;
+    let carol = synapse.register_raiden(CAPS).await;
+    let (mut a, _) = Socket::ready(running.client, &alice.user.access_token).await;
+    let room_id = synapse.shared_room(&carol.user, &[&alice.user]).await;
+
+    // As Raiden's light client did in 2020: a version-0 room invite naming no invitee.
+    let content = json!({
+        "call_id": "room-call", "version": 0, "lifetime": 60000,
+        "offer": { "type": "offer", "sdp": "v=0 room" },
+    });
+    let path = format!("/_matrix/client/v3/rooms/{}/send/m.call.invite/t1", common::urlencode(&room_id));
+    synapse.call(&carol.user, Method::PUT, &path, &content).await;
+    let got = a.next_of("signal").await;
+    assert_eq!(got["event_type"], "m.call.invite");
+    assert_eq!(got["call_id"], "room-call");
+    assert_eq!(got["from"], carol.user.user_id.as_str());
+    assert_eq!(got["via"], "matrix");
+    assert_eq!(got["content"]["version"], "1");
+    assert_eq!(got["content"]["offer"]["sdp"], "v=0 room");
+    running.stop().await.unwrap();
+}

@@ -339,3 +339,73 @@ async fn shutdown_tells_every_socket_to_reconnect() {
     assert_eq!(b.until_closed().await.1, Ended::Closed(1012));
     stopping.await.unwrap().expect("a clean stop with sockets open");
 }
+
+#[tokio::test]
+async fn presence_follows_sockets_and_ice_servers_are_refreshed_at_half_their_lifetime() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let clock = switchboard::clock::Clock::manual(i64::try_from(now).unwrap());
+    let adjust = |config: &mut switchboard::config::Config| {
+        config.signalling.keepalive_secs = 10_000;
+        config.signalling.revalidate_secs = 10_000;
+        config.signalling.offline_grace_secs = 10;
+        config.turn.user_lifetime_secs = 600;
+    };
+    let Some((synapse, running)) =
+        common::with_synapse_on(&common::sqlite_url(dir.path()), None, adjust, clock.clone()).await
+    else {
+        return;
+    };
+    let alice = synapse.register_raiden(CAPS).await;
+    let bob = synapse.register_raiden(CAPS).await;
+    let (mut a, ready) = Socket::ready(running.client, &alice.user.access_token).await;
+    let expiry = |ice: &Value| -> u64 {
+        ice["username"].as_str().unwrap().split(':').next().unwrap().parse().unwrap()
+    };
+    let first_expiry = expiry(&ready["ice_servers"]);
+
+    // Bob is offline until his socket opens; his presence is pushed to Alice, who watches him. (The
+    // directory paces its look-ups on the clock: step it while waiting for Bob's profile.)
+    a.send(&json!({ "type": "watch", "addresses": [&bob.address] })).await;
+    let mut verified = false;
+    for _ in 0..100 {
+        clock.advance(Duration::from_millis(100));
+        if let Some(Ok(frame)) = a.next_within(Duration::from_millis(100)).await
+            && frame["type"] == "presence"
+            && frame["users"][0]["verified"] == true
+        {
+            assert_eq!(frame["reachable"], false);
+            verified = true;
+            break;
+        }
+    }
+    assert!(verified, "Bob's profile looked up and verified");
+    let (b, _) = Socket::ready(running.client, &bob.user.access_token).await;
+    let online = a.next_of("presence").await;
+    assert_eq!(
+        (online["address"].as_str(), online["reachable"].as_bool()),
+        (Some(bob.address.as_str()), Some(true))
+    );
+
+    // Fresh TURN credentials at half their lifetime (300 s of 600).
+    clock.advance(Duration::from_secs(300));
+    let ice = a.next_of("ice_servers").await;
+    assert_eq!(expiry(&ice), first_expiry + 300, "{ice}");
+
+    // Bob's socket closes: he stays online for the grace period (10 s), then is offline again.
+    drop(b);
+    let mut offline_after = None;
+    for second in 1..=30 {
+        clock.advance(Duration::from_secs(1));
+        if let Some(Ok(frame)) = a.next_within(Duration::from_millis(300)).await
+            && frame["type"] == "presence"
+            && frame["reachable"] == false
+        {
+            offline_after = Some(second);
+            break;
+        }
+    }
+    let offline_after = offline_after.expect("offline within 30 s (stepped) of the socket closing");
+    assert!(offline_after >= 10, "not before the grace period: {offline_after} s");
+    running.stop().await.unwrap();
+}

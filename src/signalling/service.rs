@@ -102,6 +102,8 @@ pub struct Signalling {
     /// Transaction ids of signals recently handed over from Matrix: a to-device message sent to
     /// every device of a user reaches the appservice once per device, and is delivered once.
     from_matrix_seen: Mutex<LruCache<String, ()>>,
+    /// The other member of two-member rooms that carried call events, by room and sender.
+    room_peers: Mutex<LruCache<String, Option<String>>>,
 }
 
 /// What the signalling service is built from.
@@ -147,6 +149,15 @@ fn instance_channel(instance: &str) -> String {
 /// Who waits for a held signal: its socket and the frame's `id` (`None`: it came through Matrix).
 type Waiting = Option<(Outbox, Option<Value>)>;
 
+/// `GET /rooms/{roomId}/joined_members`, as far as we read it.
+#[derive(serde::Deserialize)]
+struct JoinedMembers {
+    joined: serde_json::Map<String, Value>,
+}
+
+/// Rooms whose other member is remembered (call events in rooms: Raiden's light client of 2020).
+const ROOMS_REMEMBERED: usize = 1_000;
+
 /// Matrix-borne signals remembered to drop their copies (one per recipient device).
 const MATRIX_SEEN_REMEMBERED: usize = 10_000;
 
@@ -181,6 +192,7 @@ impl Signalling {
             calls_changed: Notify::new(),
             held: Mutex::new(HashMap::new()),
             from_matrix_seen: Mutex::new(LruCache::new(MATRIX_SEEN_REMEMBERED)),
+            room_peers: Mutex::new(LruCache::new(ROOMS_REMEMBERED)),
             cluster,
             routes: Mutex::new(HashMap::new()),
             crossing: Mutex::new(HashMap::new()),
@@ -705,7 +717,15 @@ impl Signalling {
                 if item.stored_at != 0 && now_ms - item.stored_at > MATRIX_MAX_AGE_MS {
                     continue;
                 }
-                let Some(incoming) = dialect::from_item(item) else { continue };
+                let Some(mut incoming) = dialect::from_item(item) else { continue };
+                if incoming.signal.to_user.is_empty() {
+                    // A room call event that names no invitee: its callee is the room's other member.
+                    let dialect::Route::Room { room_id } = &incoming.route else { continue };
+                    let Some(peer) = self.room_peer(&incoming.signal.from_user, room_id).await else {
+                        continue;
+                    };
+                    incoming.signal.to_user = peer;
+                }
                 if incoming.signal.content.get(ORIGIN_KEY).and_then(Value::as_str)
                     == Some(self.settings.origin.as_str())
                 {
@@ -732,6 +752,36 @@ impl Signalling {
                 tracing::warn!(%error, "signalling.inbox: acknowledging failed");
             }
         }
+    }
+
+    /// The other member of a two-member room, asked of the homeserver as `sender` (a member) and
+    /// remembered; `None` for a room of another size or when the homeserver cannot say.
+    async fn room_peer(&self, sender: &str, room_id: &str) -> Option<String> {
+        let key = format!("{room_id}\u{0}{sender}");
+        if let Some(peer) = self.room_peers.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
+            return peer.clone();
+        }
+        let as_user = ruma::UserId::parse(sender).ok()?;
+        let request = self.homeserver.request_as(
+            reqwest::Method::GET,
+            &["_matrix", "client", "v3", "rooms", room_id, "joined_members"],
+            &as_user,
+            None,
+        );
+        let joined = match self.homeserver.send::<JoinedMembers>(request).await {
+            Ok(joined) => joined.joined,
+            Err(error) => {
+                tracing::debug!(%error, "signalling.room: members unknown; the call event is not relayed");
+                return None;
+            }
+        };
+        let others: Vec<&String> = joined.keys().filter(|member| *member != sender).collect();
+        let peer = match others.as_slice() {
+            [peer] => Some((*peer).clone()),
+            _ => None,
+        };
+        self.room_peers.lock().unwrap_or_else(PoisonError::into_inner).insert(key, peer.clone());
+        peer
     }
 
     /// A signal that arrived through Matrix: judged by the broker, then handed to the recipient's

@@ -82,6 +82,23 @@ impl Socket {
         }
     }
 
+    /// The next JSON frame if one comes within `within`.
+    pub async fn next_within(&mut self, within: Duration) -> Option<Result<Value, Ended>> {
+        loop {
+            let message = tokio::time::timeout(within, self.stream.next()).await.ok()?;
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    return Some(Ok(serde_json::from_str(&text).expect("JSON frame")));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Some(Err(frame.map_or(Ended::Dropped, |frame| Ended::Closed(frame.code.into()))));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Some(Err(Ended::Dropped)),
+            }
+        }
+    }
+
     /// The next frame of `kind`, skipping others (presence, say).
     pub async fn next_of(&mut self, kind: &str) -> Value {
         for _ in 0..100 {
