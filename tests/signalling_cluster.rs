@@ -1,4 +1,5 @@
-//! Two Switchboard instances on one PostgreSQL and one Redis, with a real Synapse: a signal for a
+//! Two Switchboard instances (one in the test process, one a `switchboard serve` child process) on
+//! one PostgreSQL and one Redis, with a real Synapse: a signal for a
 //! peer connected to the other instance crosses through Redis and is `delivered` over the relay;
 //! with Redis stopped, it goes through Matrix instead (counted), and the peer's instance still
 //! hands it to the peer's socket from the shared inbox.
@@ -27,14 +28,19 @@ async fn a_signal_crosses_instances_through_redis_and_through_matrix_when_redis_
     else {
         return;
     };
-    let mut config_b = common::config(&database, &synapse.base_url);
-    cluster(&mut config_b, "b");
-    let b = common::start(config_b).await;
+    let dir_b = tempfile::tempdir().unwrap();
+    let toml_b = common::config_toml(&database, &synapse.base_url, common::ANY_PORTS).replace(
+        "[database]\n",
+        &format!("[cluster]\nredis_url = \"{}\"\n[database]\ninstance_name = \"b\"\n", redis.url()),
+    );
+    let mut b = common::Process::start(dir_b.path(), &toml_b, common::ANY_PORTS);
+    b.wait_for("/health").await;
+    let b_client: std::net::SocketAddr = format!("127.0.0.1:{}", b.ports[1]).parse().unwrap();
 
     let alice = synapse.register_raiden(CAPS).await;
     let bob = synapse.register_raiden(CAPS).await;
     let (mut on_a, _) = Socket::ready(a.client, &alice.user.access_token).await;
-    let (mut on_b, _) = Socket::ready(b.client, &bob.user.access_token).await;
+    let (mut on_b, _) = Socket::ready(b_client, &bob.user.access_token).await;
 
     let invite = |id: u64, call_id: &str| {
         json!({
@@ -65,6 +71,6 @@ async fn a_signal_crosses_instances_through_redis_and_through_matrix_when_redis_
     // Exactly once: nothing else arrives before the answer to a ping.
     on_b.send(&json!({ "type": "ping", "id": "p" })).await;
     assert_eq!(on_b.next().await.unwrap(), json!({ "type": "pong", "ref": "p" }));
-    b.stop().await.unwrap();
+    assert_eq!(b.terminate().await.code(), Some(0));
     a.stop().await.unwrap();
 }
