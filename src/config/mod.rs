@@ -7,6 +7,7 @@
 //! name the key at fault.
 
 mod appservice;
+mod calls;
 mod client;
 mod cluster;
 mod database;
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 pub use appservice::AppserviceConfig;
+pub use calls::CallsConfig;
 pub use client::ClientConfig;
 pub use cluster::ClusterConfig;
 pub use database::{DEFAULT_DATABASE_URL, DatabaseConfig};
@@ -108,6 +110,8 @@ pub struct Config {
     #[serde(default)]
     pub signalling: SignallingConfig,
     #[serde(default)]
+    pub calls: CallsConfig,
+    #[serde(default)]
     pub turn: TurnConfig,
     #[serde(default)]
     pub cluster: ClusterConfig,
@@ -168,6 +172,7 @@ impl Config {
         self.ops.validate()?;
         self.database.validate()?;
         self.signalling.validate()?;
+        self.calls.validate()?;
         self.turn.validate()?;
         self.cluster.validate()?;
         self.log.validate()?;
@@ -325,6 +330,7 @@ pub fn render(v: &Rendered<'_>) -> String {
         database::EXAMPLE,
         directory::EXAMPLE,
         signalling::EXAMPLE,
+        calls::EXAMPLE,
         turn::EXAMPLE,
         cluster::EXAMPLE,
         log::EXAMPLE,

@@ -49,6 +49,8 @@ pub const ORIGIN_KEY: &str = "org.switchboard.origin";
 /// What the service is configured with.
 pub struct Settings {
     pub limits: SignallingConfig,
+    /// The call broker's.
+    pub calls: crate::calls::Settings,
     pub server_name: String,
     /// `<server name>/<instance name>`: the value of [`ORIGIN_KEY`] on this instance's sends.
     pub origin: String,
@@ -66,6 +68,7 @@ impl Settings {
             .map(|secret| (secret, turn_uris, config.turn.user_lifetime_secs));
         Self {
             limits: config.signalling.clone(),
+            calls: config.calls.broker(),
             server_name: config.homeserver.server_name.clone(),
             origin: format!("{}/{}", config.homeserver.server_name, config.database.instance_name),
             turn,
@@ -177,6 +180,7 @@ pub struct Undelivered {
 impl Signalling {
     pub fn new(settings: Settings, parts: Parts) -> Arc<Self> {
         let Parts { directory, homeserver, auth, metrics, clock, cluster, shutdown } = parts;
+        let calls = settings.calls.clone();
         Arc::new(Self {
             hub: Hub::new(settings.limits.max_connections, settings.limits.max_connections_per_user),
             directory,
@@ -188,7 +192,7 @@ impl Signalling {
             tasks: TaskTracker::new(),
             shutdown,
             dialects: Mutex::new(LruCache::new(DIALECTS_REMEMBERED)),
-            calls: Mutex::new(Calls::new(crate::calls::Settings::default())),
+            calls: Mutex::new(Calls::new(calls)),
             calls_changed: Notify::new(),
             held: Mutex::new(HashMap::new()),
             from_matrix_seen: Mutex::new(LruCache::new(MATRIX_SEEN_REMEMBERED)),
