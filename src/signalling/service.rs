@@ -605,7 +605,7 @@ impl Signalling {
     }
 
     /// Hands `signal` to every socket of its recipient on this instance; true once one has written
-    /// it (within [`RELAY_WAIT`]).
+    /// it (within [`RELAY_WAIT`]), or, for a signal from Matrix, once one has queued it.
     async fn relay(&self, signal: &Signal, via: Via) -> bool {
         let sockets = self.hub.sockets_of(&signal.to_user);
         if sockets.is_empty() {
@@ -622,6 +622,12 @@ impl Signalling {
         }
         .to_text()
         .into();
+        if via == Via::Matrix {
+            // Nobody waits for a signal from Matrix (its sender's client runs its own), and the
+            // inbox must not stall on a recipient that stopped reading: queue it and go on.
+            let queued = sockets.iter().filter(|socket| socket.push(frame.clone(), None)).count();
+            return queued > 0;
+        }
         let mut written = Vec::with_capacity(sockets.len());
         for socket in &sockets {
             let (done, wait) = oneshot::channel();
