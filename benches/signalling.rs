@@ -210,7 +210,7 @@ async fn throughput(port: u16, pairs: &[(String, String, String)], secs: u64, ru
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
     for (pair, (sender_token, receiver_user, receiver_token)) in pairs.iter().enumerate() {
-        let receiver = connect(port, receiver_token).await;
+        let peer = connect(port, receiver_token).await;
         let sender = connect(port, sender_token).await;
         let (mut sink, mut stream) = sender.split();
         let permits = Arc::new(Semaphore::new(IN_FLIGHT));
@@ -265,9 +265,9 @@ async fn throughput(port: u16, pairs: &[(String, String, String)], secs: u64, ru
         // The receiver: counts signal frames until `stop` and a quiet second.
         let (received_r, stop_r) = (received.clone(), stop.clone());
         tasks.spawn(async move {
-            let mut receiver = receiver;
+            let mut peer = peer;
             loop {
-                match tokio::time::timeout(Duration::from_secs(1), receiver.next()).await {
+                match tokio::time::timeout(Duration::from_secs(1), peer.next()).await {
                     Ok(Some(Ok(Message::Text(text)))) if text.starts_with("{\"type\":\"signal\"") => {
                         received_r.fetch_add(1, Ordering::Relaxed);
                     }
@@ -339,6 +339,25 @@ async fn open_idle(
     tasks
 }
 
+/// The server's settled RSS before and with `idle` idle sockets of `users` open.
+async fn idle_memory(server: &common::Process, users: &[common::User], idle: usize) -> (u64, u64) {
+    let port = server.ports[1];
+    let rss_before = common::settled_rss(server.pid()).await;
+    let opening = Instant::now();
+    let stop_idle = tokio_util::sync::CancellationToken::new();
+    let idle_tasks = open_idle(port, users, idle, &stop_idle).await;
+    let open_secs = opening.elapsed().as_secs_f64();
+    let rss_after = common::settled_rss(server.pid()).await;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", server.ports[2])).await.unwrap();
+    let open_metric = common::metric(&metrics.text().await.unwrap(), "switchboard_signalling_connections ");
+    stop_idle.cancel();
+    tokio::time::timeout(Duration::from_secs(120), idle_tasks.join_all()).await.expect("idle sockets close");
+    eprintln!(
+        "{idle} idle sockets opened in {open_secs:.1} s (server counts {open_metric}); RSS {rss_before} -> {rss_after}"
+    );
+    (rss_before, rss_after)
+}
+
 /// Registers `count` users, 8 at a time.
 async fn register_many(synapse: &common::Synapse, prefix: &str, count: usize) -> Vec<common::User> {
     let names: Vec<String> = (0..count).map(|i| format!("{prefix}{i}")).collect();
@@ -347,6 +366,32 @@ async fn register_many(synapse: &common::Synapse, prefix: &str, count: usize) ->
         users.extend(futures_util::future::join_all(batch.iter().map(|name| synapse.register(name))).await);
     }
     users
+}
+
+/// The latency table: medians over runs of each run's percentiles.
+fn print_latency(relay_runs: &[Vec<f64>], synapse_runs: &[Vec<f64>], signals: usize, to_device: usize) {
+    let content_bytes = candidates("relay-0-0000").to_string().len();
+    let med = |runs: &[Vec<f64>], p: f64| median(runs.iter().map(|r| percentile(r, p)).collect());
+    let (relay_p50, synapse_p50) = (med(relay_runs, 50.0), med(synapse_runs, 50.0));
+    println!(
+        "\nOne instance, loopback; {content_bytes}-byte m.call.candidates content; {} runs, medians of per-run figures\n",
+        relay_runs.len()
+    );
+    println!("| path | signals per run | p50 ms | p90 ms | p99 ms | p50 × relay |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, runs_of, n) in [
+        ("Switchboard relay, socket → socket", relay_runs, signals),
+        ("Synapse to-device, PUT → /sync", synapse_runs, to_device),
+    ] {
+        println!(
+            "| {name} | {n} | {:.3} | {:.3} | {:.3} | {:.1} |",
+            med(runs_of, 50.0),
+            med(runs_of, 90.0),
+            med(runs_of, 99.0),
+            med(runs_of, 50.0) / relay_p50,
+        );
+    }
+    println!("\nSynapse / Switchboard p50 ratio: {:.1}", synapse_p50 / relay_p50);
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -390,28 +435,9 @@ async fn main() {
     // Memory, on the fresh process (one socket opened and closed first, so that lazily built state
     // is in the baseline).
     drop(connect(port, &a.access_token).await);
-    let rss_before = common::settled_rss(server.pid()).await;
-    let opening = Instant::now();
-    let stop_idle = tokio_util::sync::CancellationToken::new();
-    let idle_tasks = open_idle(port, &idle_users, idle, &stop_idle).await;
-    let open_secs = opening.elapsed().as_secs_f64();
-    let rss_after = common::settled_rss(server.pid()).await;
-    let open_metric = common::metric(
-        &reqwest::get(format!("http://127.0.0.1:{}/metrics", server.ports[2]))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-        "switchboard_signalling_connections ",
-    );
-    stop_idle.cancel();
-    tokio::time::timeout(Duration::from_secs(120), idle_tasks.join_all()).await.expect("idle sockets close");
+    let (rss_before, rss_after) = idle_memory(&server, &idle_users, idle).await;
     #[allow(clippy::cast_precision_loss)]
     let per_socket = rss_after.saturating_sub(rss_before) as f64 / idle as f64;
-    eprintln!(
-        "{idle} idle sockets opened in {open_secs:.1} s (server counts {open_metric}); RSS {rss_before} -> {rss_after}"
-    );
 
     // Latency and throughput, `runs` times, interleaved.
     let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
@@ -449,27 +475,7 @@ async fn main() {
     }
     sync.abort();
 
-    let content_bytes = candidates("relay-0-0000").to_string().len();
-    let med = |runs: &[Vec<f64>], p: f64| median(runs.iter().map(|r| percentile(r, p)).collect());
-    let (relay_p50, synapse_p50) = (med(&relay_runs, 50.0), med(&synapse_runs, 50.0));
-    println!(
-        "\nOne instance, loopback; {content_bytes}-byte m.call.candidates content; {runs} runs, medians of per-run figures\n"
-    );
-    println!("| path | signals per run | p50 ms | p90 ms | p99 ms | p50 × relay |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    for (name, runs_of, n) in [
-        ("Switchboard relay, socket → socket", &relay_runs, signals),
-        ("Synapse to-device, PUT → /sync", &synapse_runs, to_device),
-    ] {
-        println!(
-            "| {name} | {n} | {:.3} | {:.3} | {:.3} | {:.1} |",
-            med(runs_of, 50.0),
-            med(runs_of, 90.0),
-            med(runs_of, 99.0),
-            med(runs_of, 50.0) / relay_p50,
-        );
-    }
-    println!("\nSynapse / Switchboard p50 ratio: {:.1}", synapse_p50 / relay_p50);
+    print_latency(&relay_runs, &synapse_runs, signals, to_device);
     let per_second = median(load_runs.iter().map(|r| r.per_second).collect());
     println!(
         "\nThroughput: {pair_count} pairs, {IN_FLIGHT} in flight each, {secs} s: {per_second:.0} signals/s (median; runs: {})",
