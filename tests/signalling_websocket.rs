@@ -232,6 +232,26 @@ async fn bad_tokens_bad_frames_and_floods_get_clear_errors_and_abuse_closes_the_
     a.send(&json!({ "type": "ping", "id": "still" })).await;
     assert_eq!(a.next_of("pong").await["ref"], "still", "the socket survives bad frames");
 
+    // Watching up to max_watched (1,000) addresses in one frame: the current state of each (more
+    // frames than the socket's queue holds: the server waits for the client, it does not drop it),
+    // then `ok`; one more address is too many.
+    let many: Vec<String> = (1..=1000u32).map(|n| format!("0x{n:040x}")).collect();
+    a.send(&json!({ "type": "watch", "id": "many", "addresses": many })).await;
+    let mut presence = 0;
+    loop {
+        let frame = a.next().await.expect("the socket stays open");
+        if frame["type"] == "presence" {
+            presence += 1;
+        } else if frame["type"] == "ok" {
+            assert_eq!(frame["ref"], "many");
+            break;
+        }
+    }
+    assert_eq!(presence, 1000);
+    a.send(&json!({ "type": "watch", "id": "one-more", "addresses": [format!("0x{:040x}", 1001)] })).await;
+    let error = a.next_of("error").await;
+    assert_eq!((error["code"].as_str(), error["ref"].as_str()), (Some("too_many_watched"), Some("one-more")));
+
     // A frame past the hard limit closes the socket with 1009.
     a.send_text(json!({ "type": "ping", "pad": "x".repeat(200_000) }).to_string()).await;
     assert_eq!(a.until_closed().await.1, Ended::Closed(1009));

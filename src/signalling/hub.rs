@@ -45,6 +45,16 @@ impl Outbox {
         }
     }
 
+    /// Queues `text` as the socket's answer to its own client, waiting for room: a client that asks
+    /// for much (a `watch` of many addresses) is slowed down, not closed. False once the socket is
+    /// closing.
+    pub async fn reply(&self, text: Arc<str>) -> bool {
+        tokio::select! {
+            sent = self.queue.send(Outbound { text, written: None }) => sent.is_ok(),
+            () = self.closing.cancelled() => false,
+        }
+    }
+
     /// Closes the socket with `code` (the first code asked for wins).
     pub fn close(&self, code: u16) {
         let _ = self.close_code.set(code);
@@ -166,11 +176,6 @@ impl Hub {
 
     pub fn open(&self) -> usize {
         self.state().open
-    }
-
-    /// Every open socket (to close them at shutdown, say).
-    pub fn all(&self) -> Vec<Outbox> {
-        self.state().users.values().flatten().cloned().collect()
     }
 
     /// Adds `outbox` to the watchers of `address`; true when it is the address's first watcher.

@@ -315,7 +315,7 @@ impl Session {
                     match message {
                         Some(Ok(Message::Text(text))) => self.frame(text.as_str()).await,
                         Some(Ok(Message::Binary(_))) => {
-                            self.error(ErrorCode::BadFrame, "frames are JSON text, not binary", None, None);
+                            self.error(ErrorCode::BadFrame, "frames are JSON text, not binary", None, None).await;
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                         Some(Ok(Message::Close(_))) | None => return,
@@ -337,7 +337,7 @@ impl Session {
                 () = clock.sleep_until(revalidate_at) => {
                     revalidate_at = clock.now() + revalidate;
                     if !self.token_still_valid().await {
-                        self.error(ErrorCode::NotAuthenticated, "the access token is no longer valid", None, None);
+                        self.error(ErrorCode::NotAuthenticated, "the access token is no longer valid", None, None).await;
                         self.outbox.close(close::UNAUTHORIZED);
                         return;
                     }
@@ -345,7 +345,7 @@ impl Session {
                 () = ice_due => {
                     ice_at = ice_ttl.map(|ttl| clock.now() + ttl);
                     if let Some(ice_servers) = service.ice_servers(&self.user_id) {
-                        self.send(&ServerFrame::IceServers(ice_servers));
+                        self.send(&ServerFrame::IceServers(ice_servers)).await;
                     }
                 }
             }
@@ -364,11 +364,12 @@ impl Session {
         }
     }
 
-    fn send(&self, frame: &ServerFrame) {
-        self.outbox.push(frame.to_text().into(), None);
+    /// Answers the client (waiting for room in its queue).
+    async fn send(&self, frame: &ServerFrame) {
+        self.outbox.reply(frame.to_text().into()).await;
     }
 
-    fn error(
+    async fn error(
         &mut self,
         code: ErrorCode,
         message: impl Into<std::borrow::Cow<'static, str>>,
@@ -379,7 +380,7 @@ impl Session {
             self.strikes += 1;
         }
         self.service.metrics.signalling.errors.get_or_create(&CodeLabel { code: error_label(code) }).inc();
-        self.send(&ServerFrame::Error { code, message: message.into(), reference, retry_after_ms });
+        self.send(&ServerFrame::Error { code, message: message.into(), reference, retry_after_ms }).await;
     }
 
     /// Spends one frame of the budget; `Err(ms)`: over the rate, try again after `ms`.
@@ -400,31 +401,31 @@ impl Session {
     async fn frame(&mut self, text: &str) {
         self.service.metrics.signalling.frames_received.inc();
         if let Err(retry_after_ms) = self.spend() {
-            self.error(ErrorCode::RateLimited, "too many frames", None, Some(retry_after_ms));
+            self.error(ErrorCode::RateLimited, "too many frames", None, Some(retry_after_ms)).await;
             return;
         }
         let (id, frame) = match protocol::parse(text) {
             Ok(parsed) => parsed,
             Err(error) => {
-                self.error(error.code, error.message, error.id, None);
+                self.error(error.code, error.message, error.id, None).await;
                 return;
             }
         };
         match frame {
             ClientFrame::Auth { .. } => {
-                self.error(ErrorCode::NotAuthenticated, "already authenticated", id, None);
+                self.error(ErrorCode::NotAuthenticated, "already authenticated", id, None).await;
             }
             ClientFrame::Ping => {
                 self.strikes = 0;
-                self.send(&ServerFrame::Pong { reference: id });
+                self.send(&ServerFrame::Pong { reference: id }).await;
             }
-            ClientFrame::Watch { addresses } => self.watch(&addresses, id),
-            ClientFrame::Unwatch { addresses } => self.unwatch(&addresses, id),
+            ClientFrame::Watch { addresses } => self.watch(&addresses, id).await,
+            ClientFrame::Unwatch { addresses } => self.unwatch(&addresses, id).await,
             ClientFrame::Connected { call_id } => {
                 self.strikes = 0;
                 self.service.connected(&self.user_id, &call_id);
                 if let Some(reference) = id {
-                    self.send(&ServerFrame::Ok { reference });
+                    self.send(&ServerFrame::Ok { reference }).await;
                 }
             }
             ClientFrame::Signal { to, call_id, event_type, content } => {
@@ -432,7 +433,7 @@ impl Session {
                 let to_user = match service.recipient(&to).await {
                     Ok(to_user) => to_user,
                     Err(undelivered) => {
-                        self.error(undelivered.code, undelivered.message, id, None);
+                        self.error(undelivered.code, undelivered.message, id, None).await;
                         return;
                     }
                 };
@@ -447,32 +448,32 @@ impl Session {
                 match service.submit(&signal, (self.outbox.clone(), id.clone())).await {
                     Ok(Submitted::Delivered(via)) => {
                         self.strikes = 0;
-                        self.send(&ServerFrame::Delivered { reference: id, via });
+                        self.send(&ServerFrame::Delivered { reference: id, via }).await;
                     }
                     // `delivered` follows when the call's invite is.
                     Ok(Submitted::Held) => self.strikes = 0,
-                    Err(undelivered) => self.error(undelivered.code, undelivered.message, id, None),
+                    Err(undelivered) => self.error(undelivered.code, undelivered.message, id, None).await,
                 }
             }
         }
     }
 
-    fn parse_addresses(&mut self, texts: &[String], id: Option<&Value>) -> Option<Vec<Address>> {
+    async fn parse_addresses(&mut self, texts: &[String], id: Option<&Value>) -> Option<Vec<Address>> {
         match texts.iter().map(|text| Address::parse(text).map_err(|e| format!("{text}: {e}"))).collect() {
             Ok(addresses) => Some(addresses),
             Err(message) => {
-                self.error(ErrorCode::Invalid, message, id.cloned(), None);
+                self.error(ErrorCode::Invalid, message, id.cloned(), None).await;
                 None
             }
         }
     }
 
-    fn watch(&mut self, texts: &[String], id: Option<Value>) {
-        let Some(addresses) = self.parse_addresses(texts, id.as_ref()) else { return };
+    async fn watch(&mut self, texts: &[String], id: Option<Value>) {
+        let Some(addresses) = self.parse_addresses(texts, id.as_ref()).await else { return };
         let new: HashSet<Address> = addresses.iter().filter(|a| !self.watched.contains(a)).copied().collect();
         let max = self.service.settings.limits.max_watched;
         if self.watched.len() + new.len() > max {
-            self.error(ErrorCode::TooManyWatched, format!("at most {max} watched addresses"), id, None);
+            self.error(ErrorCode::TooManyWatched, format!("at most {max} watched addresses"), id, None).await;
             return;
         }
         self.strikes = 0;
@@ -499,15 +500,15 @@ impl Session {
             .set(i64::try_from(service.hub.watched_addresses()).unwrap_or(i64::MAX));
         // The current state first (also for addresses already watched: the client asked).
         for address in &addresses {
-            self.outbox.push(service.presence_frame(address), None);
+            self.outbox.reply(service.presence_frame(address)).await;
         }
         if let Some(reference) = id {
-            self.send(&ServerFrame::Ok { reference });
+            self.send(&ServerFrame::Ok { reference }).await;
         }
     }
 
-    fn unwatch(&mut self, texts: &[String], id: Option<Value>) {
-        let Some(addresses) = self.parse_addresses(texts, id.as_ref()) else { return };
+    async fn unwatch(&mut self, texts: &[String], id: Option<Value>) {
+        let Some(addresses) = self.parse_addresses(texts, id.as_ref()).await else { return };
         self.strikes = 0;
         for address in &addresses {
             if self.watched.remove(address) && self.service.hub.unwatch(address, self.outbox.id) {
@@ -515,7 +516,7 @@ impl Session {
             }
         }
         if let Some(reference) = id {
-            self.send(&ServerFrame::Ok { reference });
+            self.send(&ServerFrame::Ok { reference }).await;
         }
     }
 }
