@@ -22,22 +22,6 @@ fn offer(sdp: &str, lifetime: u64) -> Value {
     json!({ "party_id": "p", "version": "1", "lifetime": lifetime, "offer": { "type": "offer", "sdp": sdp } })
 }
 
-/// Waits until the directory has verified each address (a presence frame shows a verified user).
-async fn watch_verified(socket: &mut Socket, addresses: &[&str]) {
-    socket.send(&json!({ "type": "watch", "addresses": addresses })).await;
-    let mut verified = std::collections::HashSet::new();
-    for _ in 0..200 {
-        let frame = socket.next_of("presence").await;
-        if frame["users"][0]["verified"] == true {
-            verified.insert(frame["address"].as_str().unwrap().to_owned());
-        }
-        if addresses.iter().all(|address| verified.contains(*address)) {
-            return;
-        }
-    }
-    panic!("not verified: {addresses:?}");
-}
-
 #[tokio::test]
 async fn glare_leaves_the_lower_call_id_and_duplicate_and_late_signals_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -48,7 +32,7 @@ async fn glare_leaves_the_lower_call_id_and_duplicate_and_late_signals_are_refus
     let bob = synapse.register_raiden(CAPS).await;
     let (mut a, _) = Socket::ready(running.client, &alice.user.access_token).await;
     let (mut b, _) = Socket::ready(running.client, &bob.user.access_token).await;
-    watch_verified(&mut a, &[&alice.address, &bob.address]).await;
+    common::ws::watch_verified(&mut a, &[&alice.address, &bob.address]).await;
 
     // Both invite each other; bob's call id is lower, so his call goes on whichever came second.
     a.send(&signal(1, &bob.address, "b-call", "m.call.invite", offer("v=0 a", 60_000))).await;
@@ -103,8 +87,7 @@ async fn glare_leaves_the_lower_call_id_and_duplicate_and_late_signals_are_refus
 #[tokio::test]
 async fn an_unanswered_invite_expires_at_the_configured_clamp_and_both_sides_hear_of_it() {
     let dir = tempfile::tempdir().unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
-    let clock = switchboard::clock::Clock::manual(i64::try_from(now).unwrap());
+    let clock = common::stepped_clock();
     // The operator's clamp: invites live 20 s at most, whatever they ask for.
     let clamp = |config: &mut switchboard::config::Config| {
         config.calls.default_invite_lifetime_secs = 20;
@@ -148,7 +131,7 @@ async fn a_matrix_only_raiden_node_is_answered_in_its_own_dialect() {
     // A Raiden 3.x node: WebRTC, but no Switchboard.
     let raiden = synapse.register_raiden("webRTC=1&toDevice=1&Receive=1").await;
     let (mut a, _) = Socket::ready(running.client, &alice.user.access_token).await;
-    watch_verified(&mut a, &[&alice.address, &raiden.address]).await;
+    common::ws::watch_verified(&mut a, &[&alice.address, &raiden.address]).await;
 
     // Its offer, as Raiden's Python node sends it: to-device m.room.message, m.notice, JSON body.
     let call_id = format!("{}|{}|1700000000000", raiden.address, alice.address);

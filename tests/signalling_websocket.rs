@@ -14,22 +14,6 @@ use serde_json::{Value, json};
 
 const CAPS: &str = "webRTC=1&toDevice=1&switchboard=1";
 
-/// Watches `addresses` and waits until each has a presence frame showing a verified user.
-async fn watch_verified(socket: &mut Socket, addresses: &[&str]) {
-    socket.send(&json!({ "type": "watch", "id": "w", "addresses": addresses })).await;
-    let mut verified = std::collections::HashSet::new();
-    for _ in 0..200 {
-        let frame = socket.next().await.expect("presence frames");
-        if frame["type"] == "presence" && frame["users"][0]["verified"] == true {
-            verified.insert(frame["address"].as_str().unwrap().to_owned());
-        }
-        if addresses.iter().all(|address| verified.contains(*address)) {
-            return;
-        }
-    }
-    panic!("not every address showed a verified user: {verified:?}");
-}
-
 fn invite(id: u64, to: &str, call_id: &str, sdp: &str) -> Value {
     json!({
         "type": "signal", "id": id, "to": to, "call_id": call_id, "event_type": "m.call.invite",
@@ -84,7 +68,7 @@ async fn two_clients_complete_a_call_over_the_relay_and_a_peer_without_a_socket_
     assert!(ice["ttl"].as_u64().unwrap() > 0 && ice["password"].is_string(), "{ready}");
     assert_eq!(ready["limits"]["max_frame_bytes"], 65536);
     let (mut b, _) = Socket::ready(running.client, &bob.user.access_token).await;
-    watch_verified(&mut a, &[&alice.address, &bob.address, &carol.address]).await;
+    common::ws::watch_verified(&mut a, &[&alice.address, &bob.address, &carol.address]).await;
 
     // Invite, by address; a `from` the client puts in its content does not change who sent it.
     let mut offer = invite(1, &bob.address, "call-1", "v=0 alice");
@@ -282,8 +266,7 @@ async fn bad_tokens_bad_frames_and_floods_get_clear_errors_and_abuse_closes_the_
 #[tokio::test]
 async fn a_missing_auth_frame_a_silent_socket_and_a_revoked_token_are_closed_in_stepped_time() {
     let dir = tempfile::tempdir().unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
-    let clock = switchboard::clock::Clock::manual(i64::try_from(now).unwrap());
+    let clock = common::stepped_clock();
     let adjust = |config: &mut switchboard::config::Config| {
         config.signalling.keepalive_secs = 20;
         config.signalling.revalidate_secs = 60;
@@ -363,8 +346,7 @@ async fn shutdown_tells_every_socket_to_reconnect() {
 #[tokio::test]
 async fn presence_follows_sockets_and_ice_servers_are_refreshed_at_half_their_lifetime() {
     let dir = tempfile::tempdir().unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
-    let clock = switchboard::clock::Clock::manual(i64::try_from(now).unwrap());
+    let clock = common::stepped_clock();
     let adjust = |config: &mut switchboard::config::Config| {
         config.signalling.keepalive_secs = 10_000;
         config.signalling.revalidate_secs = 10_000;

@@ -70,12 +70,6 @@ async fn relay_on(
     (running, address)
 }
 
-/// A stepped clock at the wall time (TURN credentials carry wall-clock expiries).
-fn stepped_clock() -> switchboard::clock::Clock {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
-    switchboard::clock::Clock::manual(i64::try_from(now).unwrap())
-}
-
 #[tokio::test]
 async fn unauthenticated_and_refused_requests_get_their_error_codes() {
     let dir = tempfile::tempdir().unwrap();
@@ -229,7 +223,7 @@ async fn quotas_hold_across_shards_and_stale_nonces_are_renewed() {
     let dir = tempfile::tempdir().unwrap();
     // A nonce lifetime of 1 s: a nonce is stale once its second is 2 s old.
     let turn = "user_quota = 2\ntotal_quota = 3\nnonce_lifetime_secs = 1\nunauthenticated_per_sec = 0\nthreads = 2\n";
-    let clock = stepped_clock();
+    let clock = common::stepped_clock();
     let (running, server) = relay_on(dir.path(), turn, clock.clone()).await;
     let mut alice = Client::new(server, "@alice:localhost").await;
     assert!(success(&alice.allocate(vec![]).await));
@@ -445,7 +439,7 @@ async fn tcp_clients_are_hung_up_after_the_allocate_timeout_without_an_allocatio
     );
     let config = switchboard::config::Config::from_toml_str(&toml).expect("valid config");
     // Stepped time: the relay's expiry tick and allocate timeout run on this clock.
-    let clock = stepped_clock();
+    let clock = common::stepped_clock();
     let running = common::start_with_clock(config, clock.clone()).await;
     let server = running.turn.expect("the embedded relay listens");
     let mut unallocated = TcpStream::connect(server).await.unwrap();

@@ -88,9 +88,8 @@ pub async fn method_not_allowed() -> MatrixError {
 /// The token a request presents: `Authorization: Bearer <token>` (the scheme is case-insensitive,
 /// RFC 9110 §11.1), or else the legacy `access_token` query parameter.
 pub fn access_token(headers: &http::HeaderMap, uri: &http::Uri) -> Option<String> {
-    if let Some(value) = headers.get(http::header::AUTHORIZATION) {
-        let (scheme, token) = value.to_str().ok()?.split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned());
+    if headers.contains_key(http::header::AUTHORIZATION) {
+        return bearer_token(headers);
     }
     url::form_urlencoded::parse(uri.query()?.as_bytes())
         .find(|(key, _)| key == "access_token")
@@ -116,6 +115,13 @@ pub fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
             .allow_headers([http::header::AUTHORIZATION, http::header::CONTENT_TYPE])
             .max_age(std::time::Duration::from_secs(3600)),
     )
+}
+
+/// The token of `Authorization: Bearer <token>` alone (the scheme is case-insensitive); for routes
+/// that never take one from the URL.
+pub fn bearer_token(headers: &http::HeaderMap) -> Option<String> {
+    let (scheme, token) = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
 }
 
 /// Gives a router the Matrix-style fallbacks.

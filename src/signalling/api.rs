@@ -67,7 +67,7 @@ async fn connect(
         return refused("max_connections", error);
     }
     let source = peer.map(|Extension(ConnectInfo(address))| address.ip());
-    let authenticated = match bearer(&headers) {
+    let authenticated = match crate::http::bearer_token(&headers) {
         None => None,
         Some(token) => match service.auth.check(&token, source).await {
             Ok(whoami) => Some((whoami, token)),
@@ -95,10 +95,4 @@ async fn connect(
         .on_upgrade(move |socket| {
             tasks.track_future(super::socket::run(service, socket, authenticated, source, upgraded_at))
         })
-}
-
-/// The token of `Authorization: Bearer <token>` (the scheme is case-insensitive).
-fn bearer(headers: &HeaderMap) -> Option<String> {
-    let (scheme, token) = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
 }

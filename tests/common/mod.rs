@@ -48,6 +48,13 @@ pub fn config(database_url: &str, homeserver_url: &str) -> Config {
         .expect("test config is valid")
 }
 
+/// A manual clock starting at the wall time (TURN credentials and Matrix data carry wall-clock
+/// times), for tests that step it.
+pub fn stepped_clock() -> switchboard::clock::Clock {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    switchboard::clock::Clock::manual(i64::try_from(now).unwrap())
+}
+
 /// The TOML of a test configuration with the given appservice, client and ops ports.
 pub fn config_toml(database_url: &str, homeserver_url: &str, [appservice, client, ops]: [u16; 3]) -> String {
     format!(

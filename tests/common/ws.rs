@@ -122,3 +122,20 @@ impl Socket {
         panic!("the socket did not close within 10,000 frames");
     }
 }
+
+/// Watches `addresses` and waits until each has a `presence` frame showing a verified user (the
+/// directory has looked its profile up); other frames on the way are skipped.
+pub async fn watch_verified(socket: &mut Socket, addresses: &[&str]) {
+    socket.send(&serde_json::json!({ "type": "watch", "addresses": addresses })).await;
+    let mut verified = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let frame = socket.next_of("presence").await;
+        if frame["users"][0]["verified"] == true {
+            verified.insert(frame["address"].as_str().unwrap().to_owned());
+        }
+        if addresses.iter().all(|address| verified.contains(*address)) {
+            return;
+        }
+    }
+    panic!("not every address showed a verified user: {verified:?}");
+}
