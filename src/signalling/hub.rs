@@ -174,7 +174,8 @@ impl Hub {
         self.state().users.contains_key(user_id)
     }
 
-    pub fn open(&self) -> usize {
+    #[cfg(test)]
+    fn open(&self) -> usize {
         self.state().open
     }
 

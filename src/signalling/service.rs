@@ -51,7 +51,6 @@ pub struct Settings {
     pub limits: SignallingConfig,
     /// The call broker's.
     pub calls: crate::calls::Settings,
-    pub server_name: String,
     /// `<server name>/<instance name>`: the value of [`ORIGIN_KEY`] on this instance's sends.
     pub origin: String,
     /// TURN: the secret credentials are minted with, the URIs, the credentials' lifetime.
@@ -69,7 +68,6 @@ impl Settings {
         Self {
             limits: config.signalling.clone(),
             calls: config.calls.broker(),
-            server_name: config.homeserver.server_name.clone(),
             origin: format!("{}/{}", config.homeserver.server_name, config.database.instance_name),
             turn,
         }
