@@ -23,6 +23,12 @@
 //!   `SWITCHBOARD_BENCH_SECS` (default 10) s counted; then every receiver must have got every signal
 //!   whose `delivered` was counted.
 //!
+//! - **Across instances** (when `SWITCHBOARD_TEST_POSTGRES_URL` names a PostgreSQL and
+//!   `redis-server` is installed, as after tests/run): a second Synapse and two `switchboard serve`
+//!   processes, a (registered with Synapse) and b, on one fresh PostgreSQL database and one Redis.
+//!   Per run, the latency of A on a → B on b (through Redis) and, in the same run, A on a → B' on a;
+//!   then the throughput of the 8 pairs with every sender on a and every receiver on b.
+//!
 //! Run: `cargo bench --bench signalling` (needs the Synapse venv: `deploy/synapse/install`).
 //! `SWITCHBOARD_BENCH_RUNS` (default 3) runs of latency and throughput on one Switchboard; medians.
 
@@ -203,15 +209,21 @@ struct Throughput {
 }
 
 /// Signals per second through `pairs` (sender token, receiver user id, receiver token), each sender
-/// with `IN_FLIGHT` signals in flight, counted for `secs` after a 1 s warm-up.
-async fn throughput(port: u16, pairs: &[(String, String, String)], secs: u64, run: usize) -> Throughput {
+/// with `IN_FLIGHT` signals in flight, counted for `secs` after a 1 s warm-up. Senders connect to
+/// `sender_port`, receivers to `receiver_port` (another instance's, to measure across instances).
+async fn throughput(
+    (sender_port, receiver_port): (u16, u16),
+    pairs: &[(String, String, String)],
+    secs: u64,
+    run: usize,
+) -> Throughput {
     let delivered = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
     for (pair, (sender_token, receiver_user, receiver_token)) in pairs.iter().enumerate() {
-        let peer = connect(port, receiver_token).await;
-        let sender = connect(port, sender_token).await;
+        let peer = connect(receiver_port, receiver_token).await;
+        let sender = connect(sender_port, sender_token).await;
         let (mut sink, mut stream) = sender.split();
         let permits = Arc::new(Semaphore::new(IN_FLIGHT));
         let (sent_tx, mut sent_rx) = tokio::sync::watch::channel(0u64);
@@ -394,6 +406,124 @@ fn print_latency(relay_runs: &[Vec<f64>], synapse_runs: &[Vec<f64>], signals: us
     println!("\nSynapse / Switchboard p50 ratio: {:.1}", synapse_p50 / relay_p50);
 }
 
+/// The config edit of both instances of the cross-instance phase: the bench's settings, the shared
+/// Redis and the instance's name.
+fn instance_toml(toml: &str, redis_url: &str, instance: &str) -> String {
+    bench_toml(toml).replace(
+        "[database]\n",
+        &format!("[cluster]\nredis_url = \"{redis_url}\"\n[database]\ninstance_name = \"{instance}\"\n"),
+    )
+}
+
+/// The bench's config edit: quieter logs, room for the idle sockets, no per-socket frame limit.
+fn bench_toml(toml: &str) -> String {
+    // Warnings, and the start-up line that names the ports.
+    let level = "warn,switchboard=info,switchboard::signalling=warn,switchboard::directory=warn,\
+                 switchboard::http=warn,switchboard::appservice=warn,switchboard::homeserver=warn,\
+                 switchboard::cluster=warn";
+    toml.replace("level = \"info,switchboard=debug\"", &format!("level = \"{level}\""))
+        + "[signalling]\nmax_connections = 12000\nmax_connections_per_user = 100\nframes_per_sec = 1000000\n"
+}
+
+/// Latency one instance → another through Redis, beside one instance → itself, and throughput across.
+async fn cross_instance(runs: usize, signals: usize, pair_count: usize, secs: u64) {
+    let Some(database) = common::fresh_postgres().await else {
+        eprintln!("across instances: skipped (no SWITCHBOARD_TEST_POSTGRES_URL)");
+        return;
+    };
+    let Some(redis) = common::Redis::start().await else {
+        eprintln!("across instances: skipped (no redis-server)");
+        return;
+    };
+    let dir_a = tempfile::tempdir().unwrap();
+    let Some((synapse, mut a)) =
+        common::synapse_and_process(dir_a.path(), &database, |toml| instance_toml(&toml, &redis.url(), "a"))
+            .await
+    else {
+        return;
+    };
+    a.wait_for("/health").await;
+    let dir_b = tempfile::tempdir().unwrap();
+    let toml_b = common::config_toml(&database, &synapse.base_url, common::ANY_PORTS);
+    let mut b =
+        common::Process::start(dir_b.path(), &instance_toml(&toml_b, &redis.url(), "b"), common::ANY_PORTS);
+    b.wait_for("/health").await;
+    let (port_a, port_b) = (a.ports[1], b.ports[1]);
+
+    let [sender, across, beside] =
+        <[common::User; 3]>::try_from(register_many(&synapse, "x", 3).await).unwrap();
+    let pairs: Vec<(String, String, String)> = register_many(&synapse, "xload", 2 * pair_count)
+        .await
+        .chunks(2)
+        .map(|pair| (pair[0].access_token.clone(), pair[1].user_id.clone(), pair[1].access_token.clone()))
+        .collect();
+    let mut across_runs = Vec::new();
+    let mut beside_runs = Vec::new();
+    let mut load_runs = Vec::new();
+    for run in 0..runs {
+        let mut on_a = connect(port_a, &sender.access_token).await;
+        let mut on_b = connect(port_b, &across.access_token).await;
+        // Instance a learns through Redis that `across` is on b: probe until a signal crosses there
+        // (one that went through Matrix meanwhile is read off b's socket too).
+        let mut crossed = false;
+        for attempt in 0..100 {
+            let probe = format!("probe-{run}-{attempt}");
+            on_a.send(Message::Text(signal_text(0, &across.user_id, &probe).into())).await.unwrap();
+            crossed = next_of(&mut on_a, "delivered").await.contains("\"via\":\"relay\"");
+            assert!(next_of(&mut on_b, "signal").await.contains(&probe));
+            if crossed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(crossed, "no signal from a reached b through Redis in 100 probes");
+        let latency = relay_latency(&mut on_a, &mut on_b, &across.user_id, signals, run).await;
+        drop(on_b);
+        let mut beside_ws = connect(port_a, &beside.access_token).await;
+        let same = relay_latency(&mut on_a, &mut beside_ws, &beside.user_id, signals, run).await;
+        drop((on_a, beside_ws));
+        let load = throughput((port_a, port_b), &pairs, secs, run).await;
+        eprintln!(
+            "across run {}: a → b p50 {:.3} p99 {:.3} ms; a → a p50 {:.3} p99 {:.3} ms; \
+             {:.0} signals/s a → b ({} delivered, {} received)",
+            run + 1,
+            percentile(&latency, 50.0),
+            percentile(&latency, 99.0),
+            percentile(&same, 50.0),
+            percentile(&same, 99.0),
+            load.per_second,
+            load.delivered,
+            load.received,
+        );
+        assert_eq!(load.delivered, load.received, "every delivered signal reached its receiver");
+        across_runs.push(latency);
+        beside_runs.push(same);
+        load_runs.push(load);
+    }
+    let med = |runs: &[Vec<f64>], p: f64| median(runs.iter().map(|r| percentile(r, p)).collect());
+    println!("\nTwo instances (PostgreSQL, Redis), loopback; {runs} runs, medians of per-run figures\n");
+    println!("| path | signals per run | p50 ms | p90 ms | p99 ms | p50 × one instance |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let one = med(&beside_runs, 50.0);
+    for (name, runs_of) in
+        [("instance a → instance a", &beside_runs), ("instance a → Redis → instance b", &across_runs)]
+    {
+        println!(
+            "| {name} | {signals} | {:.3} | {:.3} | {:.3} | {:.2} |",
+            med(runs_of, 50.0),
+            med(runs_of, 90.0),
+            med(runs_of, 99.0),
+            med(runs_of, 50.0) / one,
+        );
+    }
+    let per_second = median(load_runs.iter().map(|r| r.per_second).collect());
+    println!(
+        "\nThroughput a → b: {pair_count} pairs, {IN_FLIGHT} in flight each, {secs} s: {per_second:.0} signals/s (median; runs: {})",
+        load_runs.iter().map(|r| format!("{:.0}", r.per_second)).collect::<Vec<_>>().join(", ")
+    );
+    drop((a, b, synapse, redis));
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let runs = env_usize("SWITCHBOARD_BENCH_RUNS", 3);
@@ -408,14 +538,9 @@ async fn main() {
 
     let dir = tempfile::tempdir().unwrap();
     let db = common::sqlite_url(dir.path());
-    let edit = |toml: String| {
-        // Warnings, and the start-up line that names the ports.
-        let level = "warn,switchboard=info,switchboard::signalling=warn,switchboard::directory=warn,\
-                     switchboard::http=warn,switchboard::appservice=warn,switchboard::homeserver=warn";
-        toml.replace("level = \"info,switchboard=debug\"", &format!("level = \"{level}\""))
-            + "[signalling]\nmax_connections = 12000\nmax_connections_per_user = 100\nframes_per_sec = 1000000\n"
-    };
-    let Some((synapse, mut server)) = common::synapse_and_process(dir.path(), &db, edit).await else {
+    let Some((synapse, mut server)) =
+        common::synapse_and_process(dir.path(), &db, |toml| bench_toml(&toml)).await
+    else {
         eprintln!("no Synapse venv: run deploy/synapse/install");
         return;
     };
@@ -455,7 +580,7 @@ async fn main() {
         let relay = relay_latency(&mut a_ws, &mut b_ws, &b.user_id, signals, run).await;
         drop((a_ws, b_ws));
         let through_synapse = to_device_latency(&synapse, &c, &d, &mut arrived, to_device, run).await;
-        let load = throughput(port, &load_pairs, secs, run).await;
+        let load = throughput((port, port), &load_pairs, secs, run).await;
         eprintln!(
             "run {}: relay p50 {:.3} p99 {:.3} ms; Synapse to-device p50 {:.2} p99 {:.2} ms; \
              {:.0} signals/s ({} delivered, {} received)",
@@ -490,5 +615,9 @@ async fn main() {
         per_socket,
         per_socket / 1024.0
     );
-    drop(server);
+    drop((server, synapse));
+
+    if std::env::var("SWITCHBOARD_BENCH_CROSS").as_deref() != Ok("0") {
+        cross_instance(runs, signals, pair_count, secs).await;
+    }
 }

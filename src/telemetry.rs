@@ -98,8 +98,9 @@ pub struct RelayedLabel {
     pub direction: &'static str,
 }
 
-/// One of the directory's bounded tables: `watched` (addresses clients asked for) or `looked_up`
-/// (users whose profile was asked of the homeserver recently).
+/// One of the bounded tables: the directory's `watched` (addresses clients asked for) and
+/// `looked_up` (users whose profile was asked of the homeserver recently), or the signalling
+/// service's memories.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TableLabel {
     pub table: &'static str,
@@ -270,6 +271,9 @@ pub struct SignallingMetrics {
     pub watched_addresses: Gauge,
     /// Signals for a peer not connected here that went through Matrix because Redis was down.
     pub cluster_fallbacks: Counter,
+    /// Entries of the signalling service's bounded memories (`dialects`, `matrix_copies`,
+    /// `room_peers`), each of which forgets its oldest entry when full.
+    pub remembered: Family<TableLabel, Gauge>,
 }
 
 impl Default for SignallingMetrics {
@@ -289,6 +293,7 @@ impl Default for SignallingMetrics {
             }),
             watched_addresses: Gauge::default(),
             cluster_fallbacks: Counter::default(),
+            remembered: Family::default(),
         }
     }
 }
@@ -323,6 +328,11 @@ impl SignallingMetrics {
             "echoes_dropped",
             "Switchboard's own to-device sends seen again in the appservice stream, not delivered twice",
             self.echoes_dropped.clone(),
+        );
+        signalling.register(
+            "remembered",
+            "Entries of bounded memories: dialects (100,000 users), matrix_copies (10,000 transaction ids), room_peers (1,000 rooms)",
+            self.remembered.clone(),
         );
         signalling.register(
             "delivery_seconds",

@@ -176,6 +176,10 @@ async fn a_matrix_only_raiden_node_is_answered_in_its_own_dialect() {
     assert_eq!(body["type"], "answer");
     assert_eq!(body["sdp"], "v=0 alice");
     assert_eq!(body["call_id"], call_id.as_str());
+    // The bounded memories that made it so are visible: the node's dialect, the offer's copy.
+    let metrics = running.metrics().await;
+    assert_eq!(common::metric(&metrics, "switchboard_signalling_remembered{table=\"dialects\"}"), 1);
+    assert_eq!(common::metric(&metrics, "switchboard_signalling_remembered{table=\"matrix_copies\"}"), 1);
     running.stop().await.unwrap();
 }
 
@@ -204,5 +208,7 @@ async fn a_room_call_invite_reaches_the_connected_callee() {
     assert_eq!(got["via"], "matrix");
     assert_eq!(got["content"]["version"], "1");
     assert_eq!(got["content"]["offer"]["sdp"], "v=0 room");
+    let metrics = running.metrics().await;
+    assert_eq!(common::metric(&metrics, "switchboard_signalling_remembered{table=\"room_peers\"}"), 1);
     running.stop().await.unwrap();
 }

@@ -2,7 +2,8 @@
 //! one PostgreSQL and one Redis, with a real Synapse: a signal for a
 //! peer connected to the other instance crosses through Redis and is `delivered` over the relay;
 //! with Redis stopped, it goes through Matrix instead (counted), and the peer's instance still
-//! hands it to the peer's socket from the shared inbox.
+//! hands it to the peer's socket from the shared inbox. A call across the instances is followed by
+//! both brokers and counted once.
 
 mod common;
 
@@ -54,6 +55,39 @@ async fn a_signal_crosses_instances_through_redis_and_through_matrix_when_redis_
     let got = on_b.next_of("signal").await;
     assert_eq!((got["call_id"].as_str(), got["via"].as_str()), (Some("across-1"), Some("relay")));
     assert_eq!(got["from"], alice.user.user_id.as_str());
+
+    // The call goes on across the instances: bob's answer crosses back, both report their channel
+    // open, and both brokers see the call established; a (the caller's instance) counts it.
+    on_b.send(&json!({
+        "type": "signal", "id": 10, "to": &alice.user.user_id, "call_id": "across-1",
+        "event_type": "m.call.answer",
+        "content": { "party_id": "q", "version": "1", "answer": { "type": "answer", "sdp": "v=0" } },
+    }))
+    .await;
+    assert_eq!(on_b.next_of("delivered").await, json!({ "type": "delivered", "ref": 10, "via": "relay" }));
+    assert_eq!(on_a.next_of("signal").await["event_type"], "m.call.answer");
+    on_a.send(&json!({ "type": "connected", "id": 11, "call_id": "across-1" })).await;
+    on_b.send(&json!({ "type": "connected", "id": 12, "call_id": "across-1" })).await;
+    assert_eq!(on_a.next_of("ok").await["ref"], 11);
+    assert_eq!(on_b.next_of("ok").await["ref"], 12);
+    let b_metrics = || async {
+        let url = format!("http://127.0.0.1:{}/metrics", b.ports[2]);
+        reqwest::get(url).await.unwrap().text().await.unwrap()
+    };
+    common::eventually(Duration::from_secs(10), "both brokers to see the call established", || async {
+        let (on_a, on_b) = (a.metrics().await, b_metrics().await);
+        let established = |m: &str| common::metric(m, "switchboard_calls_established ");
+        let live = |m: &str| common::metric(m, "switchboard_calls_live ");
+        (established(&on_a) == 1 && established(&on_b) == 1 && live(&on_a) == 0 && live(&on_b) == 0)
+            .then_some(())
+    })
+    .await;
+    let (metrics_a, metrics_b) = (a.metrics().await, b_metrics().await);
+    for (metrics, counted) in [(&metrics_a, 1), (&metrics_b, 0)] {
+        assert_eq!(common::metric(metrics, "switchboard_calls_started_total"), counted, "{metrics}");
+        assert_eq!(common::metric(metrics, "switchboard_calls_connected_total"), counted, "{metrics}");
+        assert_eq!(common::metric(metrics, "switchboard_calls_upgrade_seconds_count"), counted, "{metrics}");
+    }
 
     // Redis gone: the signal goes through Matrix; b finds it in the shared inbox (its poll) and
     // hands it to bob's socket.

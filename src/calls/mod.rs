@@ -224,6 +224,20 @@ pub struct Event {
     pub caller: String,
     pub callee: String,
     pub kind: EventKind,
+    /// Whether this instance counts the call in its metrics ([`Counted`]).
+    pub counted: bool,
+}
+
+/// Which instance counts a call in its `switchboard_calls_*` metrics, so that a sum over the
+/// instances of a cluster counts each call once. Every instance that sees a call's signals follows
+/// it (its timers, glare, `connected` reports); one counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Count it here: the invite came from a socket here, or from Matrix to a callee connected here.
+    Here,
+    /// Another instance counts it (the invite crossed from there), or none does (a Matrix invite
+    /// to a user connected nowhere).
+    Elsewhere,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,6 +312,8 @@ struct Call {
     held_bytes: usize,
     /// Hashes of the last accepted signals, oldest first.
     seen: VecDeque<u64>,
+    /// Whether its events count in this instance's metrics.
+    counted: bool,
 }
 
 impl Call {
@@ -358,8 +374,15 @@ impl Calls {
         &self.settings
     }
 
-    /// Judges a signal seen from a client socket or from Matrix, before it is routed.
+    /// Judges a signal seen from a client socket here, before it is routed; a call it starts is
+    /// counted here.
     pub fn signal(&mut self, now_ms: u64, signal: &Signal) -> Verdict {
+        self.signal_counted(now_ms, signal, Counted::Here)
+    }
+
+    /// Judges a signal, before it is routed; `counted` says whether a call it starts counts in this
+    /// instance's metrics.
+    pub fn signal_counted(&mut self, now_ms: u64, signal: &Signal, counted: Counted) -> Verdict {
         if let Err(what) = check_ids(signal) {
             return Verdict::Refused(Refused::Malformed(what));
         }
@@ -367,7 +390,7 @@ impl Calls {
         if self.by_id.contains_key(signal.call_id.as_str()) {
             self.known_call(now_ms, signal, hash, bytes)
         } else if signal.event_type == EventType::Invite {
-            self.new_call(now_ms, signal, hash)
+            self.new_call(now_ms, signal, hash, counted == Counted::Here)
         } else {
             Verdict::Forward
         }
@@ -403,6 +426,18 @@ impl Calls {
         let held = std::mem::take(&mut call.held);
         self.end(now_ms, call_id, Outcome::Failed);
         held
+    }
+
+    /// The other user of `call_id`, if `user_id` is one of its two users.
+    pub fn other_user(&self, call_id: &str, user_id: &str) -> Option<Arc<str>> {
+        let call = self.by_id.get(call_id)?;
+        if *call.caller == *user_id {
+            Some(call.callee.clone())
+        } else if *call.callee == *user_id {
+            Some(call.caller.clone())
+        } else {
+            None
+        }
     }
 
     /// `user_id` reports its data channel for `call_id` open. Unknown and ended calls, and users
@@ -540,7 +575,7 @@ impl Calls {
         verdict
     }
 
-    fn new_call(&mut self, now_ms: u64, signal: &Signal, hash: u64) -> Verdict {
+    fn new_call(&mut self, now_ms: u64, signal: &Signal, hash: u64, counted: bool) -> Verdict {
         if signal.from_user == signal.to_user {
             return Verdict::Refused(Refused::Malformed("an invite to oneself"));
         }
@@ -566,13 +601,14 @@ impl Calls {
             // The pending invite wins; this one ends on arrival, remembered so that its
             // candidates are dropped as late.
             if self.make_room() {
-                self.insert(now_ms, signal, hash, Phase::Ended);
+                self.insert(now_ms, signal, hash, Phase::Ended, counted);
             }
             self.events.push_back(Event {
                 call_id: signal.call_id.clone(),
                 caller: signal.from_user.clone(),
                 callee: signal.to_user.clone(),
                 kind: EventKind::Ended { outcome: Outcome::GlareLost },
+                counted,
             });
             return Verdict::Glare(Glare {
                 won_call_id: lowest.to_string(),
@@ -594,7 +630,7 @@ impl Calls {
         for rival in &rivals {
             self.end(now_ms, rival, Outcome::GlareLost);
         }
-        self.insert(now_ms, signal, hash, Phase::Invited);
+        self.insert(now_ms, signal, hash, Phase::Invited, counted);
         if rivals.is_empty() {
             Verdict::Forward
         } else {
@@ -622,7 +658,7 @@ impl Calls {
     }
 
     /// Stores a new call from its invite, pending (and announced) or ended on arrival.
-    fn insert(&mut self, now_ms: u64, signal: &Signal, hash: u64, phase: Phase) {
+    fn insert(&mut self, now_ms: u64, signal: &Signal, hash: u64, phase: Phase, counted: bool) {
         let settings = &self.settings;
         let id: Arc<str> = Arc::from(signal.call_id.as_str());
         let deadline = if phase == Phase::Ended {
@@ -647,6 +683,7 @@ impl Calls {
             held: Vec::new(),
             held_bytes: 0,
             seen: VecDeque::new(),
+            counted,
         };
         call.remember(hash);
         if phase == Phase::Ended {
@@ -661,6 +698,7 @@ impl Calls {
                 caller: signal.from_user.clone(),
                 callee: signal.to_user.clone(),
                 kind: EventKind::Started,
+                counted,
             });
         }
         self.timers.insert((deadline, id.clone()));
@@ -710,6 +748,7 @@ impl Calls {
             caller: call.caller.to_string(),
             callee: call.callee.to_string(),
             kind: EventKind::Connected { upgrade_ms: now_ms.saturating_sub(call.invited_ms) },
+            counted: call.counted,
         };
         self.events.push_back(event);
         self.established.insert(id.clone(), ());
@@ -737,6 +776,7 @@ impl Calls {
             caller: call.caller.to_string(),
             callee: call.callee.to_string(),
             kind: EventKind::Ended { outcome },
+            counted: call.counted,
         };
         self.events.push_back(event);
         self.ended.insert(id.clone(), ());

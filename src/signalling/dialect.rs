@@ -172,6 +172,8 @@ pub struct Incoming {
     /// room id as the recipient): equal to the id of Switchboard's own send when it echoes back,
     /// and the same for every per-device copy of one to-device message.
     pub txn_id: String,
+    /// The content's `org.switchboard.origin` (in either dialect): which instance sent it.
+    pub origin: Option<String>,
 }
 
 /// The to-device send that carries `signal` in `dialect`; `None` when the dialect cannot carry it
@@ -216,6 +218,7 @@ pub fn from_item(item: &StoredItem) -> Option<Incoming> {
     let raw_content = envelope.remove("content")?;
     let txn_id = wire_txn_id(&from_user, &addressee, &item.event_type, &raw_content);
     let Value::Object(content) = raw_content else { return None };
+    let origin = content.get(super::service::ORIGIN_KEY).and_then(Value::as_str).map(str::to_owned);
 
     let (dialect, event_type, call_id, from_device, content) =
         if let Some(event_type) = EventType::parse(&item.event_type) {
@@ -239,7 +242,7 @@ pub fn from_item(item: &StoredItem) -> Option<Incoming> {
         },
     };
     let signal = Signal { from_user, from_device, to_user, call_id, event_type, content };
-    Some(Incoming { signal, dialect, route, txn_id })
+    Some(Incoming { signal, dialect, route, txn_id, origin })
 }
 
 /// Which dialect to use towards a user not connected to Switchboard: the one it last used towards
@@ -714,6 +717,21 @@ mod tests {
             assert_eq!(incoming.dialect, Dialect::Raiden);
             assert_eq!(incoming.route, Route::ToDevice);
             assert_eq!(incoming.txn_id, send.txn_id, "{event_type}: the echo is recognisable");
+        }
+    }
+
+    #[test]
+    fn the_origin_marker_is_read_back_in_both_dialects() {
+        for (signal, dialect) in [
+            (voip_signal(EventType::Answer, "c0ffee.1", &voip_fields(EventType::Answer)), Dialect::Voip),
+            (raiden_shaped(EventType::Answer), Dialect::Raiden),
+        ] {
+            let mut send = to_device(&signal, dialect).unwrap();
+            send.content[super::super::service::ORIGIN_KEY] = json!("example.org/a");
+            let incoming = from_item(&echo(&signal, &send)).unwrap();
+            assert_eq!(incoming.origin.as_deref(), Some("example.org/a"), "{dialect:?}");
+            let unmarked = to_device(&signal, dialect).unwrap();
+            assert_eq!(from_item(&echo(&signal, &unmarked)).unwrap().origin, None, "{dialect:?}");
         }
     }
 

@@ -18,7 +18,7 @@ use super::hub::{Hub, Outbox};
 use super::protocol::{ErrorCode, IceServers, ServerFrame, Via};
 use super::{EventType, Signal};
 use crate::appservice::inbox::Subscription;
-use crate::calls::{Calls, EventKind, Glare, Ignored, Verdict};
+use crate::calls::{Calls, Counted, EventKind, Glare, Ignored, Verdict};
 use crate::clock::Clock;
 use crate::cluster::{Cluster, Message};
 use crate::config::{Config, Secret, SignallingConfig};
@@ -26,7 +26,7 @@ use crate::directory::identity::Address;
 use crate::directory::service::DirectoryService;
 use crate::homeserver::HomeserverClient;
 use crate::http::Auth;
-use crate::telemetry::{CodeLabel, Metrics, OutcomeLabel, ViaLabel};
+use crate::telemetry::{CodeLabel, Metrics, OutcomeLabel, TableLabel, ViaLabel};
 
 /// The consumer name of the signalling service in the inbox.
 pub const CONSUMER: &str = "signalling";
@@ -132,6 +132,17 @@ struct Crossing {
     content: serde_json::Map<String, Value>,
 }
 
+/// What other instances send on a user's channel ([`user_channel`]).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ToUser {
+    /// A signal for the user's sockets, to be answered with [`Crossed`].
+    Signal(Crossing),
+    /// The user's peer in `call_id` reported its data channel open on another instance: the
+    /// brokers of both instances follow the call and need both reports.
+    PeerConnected { user_id: String, call_id: String },
+}
+
 /// The answer to a [`Crossing`]: whether a socket of the recipient wrote it.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Crossed {
@@ -216,7 +227,7 @@ impl Signalling {
             let task = self.tasks.spawn(async move {
                 while let Some(message) = subscription.next().await {
                     if let Message::Payload(bytes) = message {
-                        service.accept_crossing(&bytes).await;
+                        service.accept_from_channel(&bytes).await;
                     }
                 }
             });
@@ -235,9 +246,20 @@ impl Signalling {
         }
     }
 
+    /// Takes what another instance sent on a user's channel: a signal for its sockets, or a peer's
+    /// `connected` report.
+    async fn accept_from_channel(&self, bytes: &[u8]) {
+        match serde_json::from_slice::<ToUser>(bytes) {
+            Ok(ToUser::Signal(crossing)) => self.accept_crossing(crossing).await,
+            Ok(ToUser::PeerConnected { user_id, call_id }) => self.record_connected(&user_id, &call_id),
+            Err(error) => tracing::warn!(%error, "signalling.cluster: unreadable message on a user channel"),
+        }
+    }
+
     /// Hands a signal that another instance routed here to the recipient's sockets, and answers.
-    async fn accept_crossing(&self, bytes: &[u8]) {
-        let Ok(crossing) = serde_json::from_slice::<Crossing>(bytes) else { return };
+    /// The sender's instance judged it and counts its call; the broker here follows the call too
+    /// (the callee's answer and `connected` report are judged here), so it sees the signal first.
+    async fn accept_crossing(&self, crossing: Crossing) {
         let Some(event_type) = EventType::parse(&crossing.event_type) else { return };
         let signal = Signal {
             from_user: crossing.from_user,
@@ -247,7 +269,25 @@ impl Signalling {
             event_type,
             content: crossing.content,
         };
+        let verdict = {
+            let mut calls = self.calls();
+            let verdict = calls.signal_counted(self.now_ms(), &signal, Counted::Elsewhere);
+            self.drain_events(&mut calls, false);
+            verdict
+        };
+        self.calls_changed.notify_one();
+        if let Verdict::Glare(glare) = &verdict {
+            self.tell_glare(&signal, glare);
+        }
+        // Held candidates would be routed once their invite is delivered, which already happened
+        // on the sender's side: deliver them now, as every other verdict (the sender's broker,
+        // which saw the whole call, let the signal through).
         let written = self.relay(&signal, Via::Relay).await;
+        // Not written: the sender's instance sends it through Matrix, and the copy that comes back
+        // through the inbox settles the invite here.
+        if signal.event_type == EventType::Invite && written {
+            self.settle_invite(&signal.call_id, true).await;
+        }
         let answer = serde_json::to_vec(&Crossed { id: crossing.id, written }).unwrap_or_default();
         if let Err(error) = self.cluster.publish(&instance_channel(&crossing.reply_to), answer.into()).await {
             tracing::warn!(%error, "signalling.cluster: could not answer a relayed signal");
@@ -299,7 +339,7 @@ impl Signalling {
         let (answered, answer) = oneshot::channel();
         self.crossing.lock().unwrap_or_else(PoisonError::into_inner).insert(id, answered);
         let forget = || self.crossing.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-        let payload = serde_json::to_vec(&crossing).unwrap_or_default();
+        let payload = serde_json::to_vec(&ToUser::Signal(crossing)).unwrap_or_default();
         match self.cluster.publish(&user_channel(&signal.to_user), payload.into()).await {
             Ok(0) => {
                 forget();
@@ -428,8 +468,23 @@ impl Signalling {
         }
     }
 
-    /// A client reports its data channel for `call_id` open.
-    pub fn connected(&self, user_id: &str, call_id: &str) {
+    /// A client reports its data channel for `call_id` open. When the other user of the call has
+    /// no socket here, its instance (if another has it) hears of the report too.
+    pub async fn connected(&self, user_id: &str, call_id: &str) {
+        let other = self.calls().other_user(call_id, user_id);
+        self.record_connected(user_id, call_id);
+        let Some(other) = other else { return };
+        if self.hub.is_connected(&other) || !self.cluster.is_up() {
+            return;
+        }
+        let report = ToUser::PeerConnected { user_id: user_id.to_owned(), call_id: call_id.to_owned() };
+        let payload = serde_json::to_vec(&report).unwrap_or_default();
+        if let Err(error) = self.cluster.publish(&user_channel(&other), payload.into()).await {
+            tracing::warn!(%error, "signalling.cluster: could not pass a connected report on");
+        }
+    }
+
+    fn record_connected(&self, user_id: &str, call_id: &str) {
         let mut calls = self.calls();
         calls.connected(self.now_ms(), user_id, call_id);
         self.drain_events(&mut calls, false);
@@ -459,14 +514,20 @@ impl Signalling {
         while let Some(event) = calls.poll_event() {
             match event.kind {
                 EventKind::Started => {
-                    metrics.started.inc();
+                    if event.counted {
+                        metrics.started.inc();
+                    }
                 }
                 EventKind::Connected { upgrade_ms } => {
-                    metrics.connected.inc();
-                    metrics.upgrade_seconds.observe(Duration::from_millis(upgrade_ms).as_secs_f64());
+                    if event.counted {
+                        metrics.connected.inc();
+                        metrics.upgrade_seconds.observe(Duration::from_millis(upgrade_ms).as_secs_f64());
+                    }
                 }
                 EventKind::Ended { outcome } => {
-                    metrics.ended.get_or_create(&OutcomeLabel { outcome: outcome.as_str() }).inc();
+                    if event.counted {
+                        metrics.ended.get_or_create(&OutcomeLabel { outcome: outcome.as_str() }).inc();
+                    }
                     for (outbox, reference) in
                         self.held().remove(&event.call_id).into_iter().flatten().flatten()
                     {
@@ -734,22 +795,21 @@ impl Signalling {
                     };
                     incoming.signal.to_user = peer;
                 }
-                if incoming.signal.content.get(ORIGIN_KEY).and_then(Value::as_str)
-                    == Some(self.settings.origin.as_str())
-                {
+                if incoming.origin.as_deref() == Some(self.settings.origin.as_str()) {
                     self.metrics.signalling.echoes_dropped.inc();
                     continue;
                 }
-                self.dialects
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(incoming.signal.from_user.clone().into_boxed_str(), incoming.dialect);
-                let first_copy = self
-                    .from_matrix_seen
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(incoming.txn_id.clone(), ())
-                    .is_none();
+                {
+                    let mut dialects = self.dialects.lock().unwrap_or_else(PoisonError::into_inner);
+                    dialects.insert(incoming.signal.from_user.clone().into_boxed_str(), incoming.dialect);
+                    self.remembered("dialects", dialects.len());
+                }
+                let first_copy = {
+                    let mut seen = self.from_matrix_seen.lock().unwrap_or_else(PoisonError::into_inner);
+                    let first = seen.insert(incoming.txn_id.clone(), ()).is_none();
+                    self.remembered("matrix_copies", seen.len());
+                    first
+                };
                 if first_copy {
                     self.handle_matrix_signal(&incoming.signal).await;
                 }
@@ -788,16 +848,26 @@ impl Signalling {
             [peer] => Some((*peer).clone()),
             _ => None,
         };
-        self.room_peers.lock().unwrap_or_else(PoisonError::into_inner).insert(key, peer.clone());
+        let mut room_peers = self.room_peers.lock().unwrap_or_else(PoisonError::into_inner);
+        room_peers.insert(key, peer.clone());
+        self.remembered("room_peers", room_peers.len());
         peer
+    }
+
+    /// Publishes the size of one of the bounded memories.
+    fn remembered(&self, table: &'static str, len: usize) {
+        let gauge = self.metrics.signalling.remembered.get_or_create(&TableLabel { table });
+        gauge.set(i64::try_from(len).unwrap_or(i64::MAX));
     }
 
     /// A signal that arrived through Matrix: judged by the broker, then handed to the recipient's
     /// sockets here (if any). An invite that came through Matrix has reached its callee.
     async fn handle_matrix_signal(&self, signal: &Signal) {
+        // Every instance reads the inbox; the one where the callee is connected counts the call.
+        let counted = if self.hub.is_connected(&signal.to_user) { Counted::Here } else { Counted::Elsewhere };
         let verdict = {
             let mut calls = self.calls();
-            let verdict = calls.signal(self.now_ms(), signal);
+            let verdict = calls.signal_counted(self.now_ms(), signal, counted);
             if verdict == Verdict::Hold {
                 self.held().entry(signal.call_id.clone()).or_default().push_back(None);
             }

@@ -423,7 +423,7 @@ impl Session {
             ClientFrame::Unwatch { addresses } => self.unwatch(&addresses, id).await,
             ClientFrame::Connected { call_id } => {
                 self.strikes = 0;
-                self.service.connected(&self.user_id, &call_id);
+                self.service.connected(&self.user_id, &call_id).await;
                 if let Some(reference) = id {
                     self.send(&ServerFrame::Ok { reference }).await;
                 }
