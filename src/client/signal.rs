@@ -1,0 +1,1 @@
+//! The signalling WebSocket client (protocol v1) (being built).
