@@ -1,7 +1,11 @@
 //! The thin client's Matrix base layer (`switchboard::client::matrix`) against a real Synapse, with no
 //! Switchboard at all: whoami, to-device messages from one client's send to the other's `/sync`
 //! exactly once and in order, a send retried after a lost answer and a rate limit (same transaction
-//! id, delivered once), discovery through the well-known file, and a bad token as a typed error.
+//! id, delivered once), discovery through the well-known file, a bad token as a typed error, and the
+//! room fallback (`m.room.message` of joined rooms, auto-join on a peer's invite).
+//!
+//! Two tests, one Synapse each (nextest runs each test in its own process, so they cannot share
+//! one); each covers several behaviours to keep the file's time small.
 
 mod common;
 
@@ -106,8 +110,12 @@ async fn to_device_messages_reach_the_peers_sync_exactly_once_in_order_and_bad_t
     for n in 0..10 {
         assert_eq!(next_message(&mut sync).await, to_device_text(&alice, &format!("message {n}")));
     }
-    let since = sync.since();
-    assert!(since.is_some() && since.as_deref() != Some(next_batch.as_str()), "the position moved on");
+    let checkpoint = tokio::time::timeout(Duration::from_secs(10), sync.recv()).await.unwrap().unwrap();
+    let SyncEvent::Checkpoint { next_batch: last } = checkpoint else {
+        panic!("{checkpoint:?} is not a checkpoint")
+    };
+    assert_ne!(last, next_batch, "the position moved on");
+    assert!(sync.since().is_some_and(|since| since != next_batch), "the loop's position moved on too");
 
     // Several users in one send.
     let carol = synapse.register(&common::raiden_localpart()).await;
@@ -241,7 +249,8 @@ async fn forward(
 }
 
 #[tokio::test]
-async fn a_send_retried_after_a_lost_answer_and_a_rate_limit_is_delivered_once_and_discovery_finds_nothing() {
+async fn a_send_retried_after_a_lost_answer_and_a_rate_limit_is_delivered_once_room_messages_come_after_auto_join()
+ {
     let Some(synapse) = Synapse::start(&[]).await else { return };
     let alice = synapse.register(&common::raiden_localpart()).await;
     let bob = synapse.register(&common::raiden_localpart()).await;
@@ -306,6 +315,44 @@ async fn a_send_retried_after_a_lost_answer_and_a_rate_limit_is_delivered_once_a
     send_text(&client(&synapse.base_url, &alice), &bob, "after", "t-after").await;
     assert_eq!(next_message(&mut sync).await, to_device_text(&alice, "after"));
 
+    // The room fallback: Dave's loop also delivers the `m.room.message`s of others in joined rooms,
+    // and joins the rooms Alice (a peer) invites it to.
+    let dave = synapse.register(&common::raiden_localpart()).await;
+    let room_settings = SyncSettings {
+        room_messages: true,
+        auto_join_from: vec![user_id(&alice)],
+        ..SyncSettings::default()
+    };
+    let mut dave_sync = client(&synapse.base_url, &dave).spawn_sync(room_settings, cancel.clone());
+    let created = synapse
+        .call(
+            &alice,
+            http::Method::POST,
+            "/_matrix/client/v3/createRoom",
+            &json!({ "invite": [dave.user_id] }),
+        )
+        .await;
+    let room = created["room_id"].as_str().unwrap().to_owned();
+    let members = format!("/_matrix/client/v3/rooms/{}/joined_members", common::urlencode(&room));
+    common::eventually(Duration::from_secs(10), "Dave to join on Alice's invite", || async {
+        let joined = synapse.call(&alice, http::Method::GET, &members, &json!({})).await;
+        joined["joined"].get(&dave.user_id).map(|_| ())
+    })
+    .await;
+    let room_message = |event_id: String, body: &str| SyncEvent::RoomMessage {
+        room_id: ruma::OwnedRoomId::try_from(room.as_str()).unwrap(),
+        event_id: Some(ruma::OwnedEventId::try_from(event_id).unwrap()),
+        sender: user_id(&alice),
+        content: text(body),
+    };
+    let event_id = synapse.send_text(&alice, &room, "r-1", "over the room").await;
+    assert_eq!(next_message(&mut dave_sync).await, room_message(event_id, "over the room"));
+    // Dave's own message is not handed back to him.
+    synapse.send_text(&dave, &room, "r-2", "mine").await;
+    let event_id = synapse.send_text(&alice, &room, "r-3", "reply").await;
+    assert_eq!(next_message(&mut dave_sync).await, room_message(event_id, "reply"));
+
     cancel.cancel();
     sync.finish().await.unwrap();
+    dave_sync.finish().await.unwrap();
 }

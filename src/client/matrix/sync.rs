@@ -126,7 +126,8 @@ impl SyncHandle {
 
     /// The `since` token of the next `/sync`: every event before it has been put into the channel
     /// (not necessarily received yet; persist [`SyncEvent::Checkpoint`]s for exactly-once
-    /// across restarts). `None` before the first answer when started without one.
+    /// across restarts). It moves before the answer's checkpoint is sent, so once a checkpoint has
+    /// been received it is at least that checkpoint's `next_batch`. `None` before the first answer when started without one.
     pub fn since(&self) -> Option<String> {
         self.since.borrow().clone()
     }
@@ -205,18 +206,16 @@ impl MatrixClient {
                 self.auto_join(&settings, me, &answer.invites, cancel).await;
             }
             let carried_events = !answer.events.is_empty();
-            let checkpoint =
-                carried_events.then(|| SyncEvent::Checkpoint { next_batch: answer.next_batch.clone() });
-            for event in answer.events.into_iter().chain(checkpoint) {
-                tokio::select! {
-                    () = cancel.cancelled() => return Ok(()),
-                    sent = events.send(event) => if sent.is_err() {
-                        tracing::debug!("client.matrix.sync: the events are no longer wanted");
-                        return Ok(());
-                    },
+            for event in answer.events {
+                if !push(events, event, cancel).await {
+                    return Ok(());
                 }
             }
-            since.send_replace(Some(answer.next_batch));
+            since.send_replace(Some(answer.next_batch.clone()));
+            let checkpoint = SyncEvent::Checkpoint { next_batch: answer.next_batch };
+            if carried_events && !push(events, checkpoint, cancel).await {
+                return Ok(());
+            }
         }
     }
 
@@ -269,6 +268,20 @@ impl MatrixClient {
                 Ok(()) => tracing::debug!(%room_id, %inviter, "client.matrix.sync: joined on invite"),
                 Err(error) => tracing::warn!(%room_id, %inviter, %error, "client.matrix.sync: join failed"),
             }
+        }
+    }
+}
+
+/// Puts `event` into the channel, waiting while it is full; `false` when the loop must end (cancelled,
+/// or the receiver is gone).
+async fn push(events: &mpsc::Sender<SyncEvent>, event: SyncEvent, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        sent = events.send(event) => {
+            if sent.is_err() {
+                tracing::debug!("client.matrix.sync: the events are no longer wanted");
+            }
+            sent.is_ok()
         }
     }
 }
