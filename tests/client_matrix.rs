@@ -91,7 +91,9 @@ async fn to_device_messages_reach_the_peers_sync_exactly_once_in_order_and_bad_t
     assert_eq!(alice_client.discover_switchboard().await.unwrap(), discovered);
 
     let cancel = CancellationToken::new();
-    let mut sync = bob_client.spawn_sync(SyncSettings::default(), cancel.clone());
+    // A channel of one event: the loop waits for the test to take each (backpressure), drops none.
+    let mut sync = bob_client
+        .spawn_sync(SyncSettings { channel_capacity: 1, ..SyncSettings::default() }, cancel.clone());
 
     // One message: received once, with its sender, type and content, then a checkpoint.
     send_text(&alice_client, &bob, "{\"type\":\"Processed\"}", "t-1").await;
@@ -174,7 +176,8 @@ enum Fault {
 }
 
 /// A reverse proxy in front of Synapse that applies scripted faults to `sendToDevice` requests,
-/// records each one's path with the (stepped) clock's time, and serves no well-known file.
+/// answers the first `failing_syncs` `/sync` requests with `503`, records the path of each such
+/// request with the (stepped) clock's time, and serves no well-known file.
 struct Proxy {
     url: String,
     state: Arc<ProxyState>,
@@ -186,16 +189,20 @@ struct ProxyState {
     clock: Clock,
     faults: Mutex<VecDeque<Fault>>,
     sends: Mutex<Vec<(String, Instant)>>,
+    failing_syncs: Mutex<u32>,
+    syncs: Mutex<Vec<(String, Instant)>>,
 }
 
 impl Proxy {
-    async fn start(upstream: &str, clock: Clock, faults: Vec<Fault>) -> Proxy {
+    async fn start(upstream: &str, clock: Clock, faults: Vec<Fault>, failing_syncs: u32) -> Proxy {
         let state = Arc::new(ProxyState {
             upstream: upstream.to_owned(),
             http: reqwest::Client::new(),
             clock,
             faults: Mutex::new(faults.into()),
             sends: Mutex::new(Vec::new()),
+            failing_syncs: Mutex::new(failing_syncs),
+            syncs: Mutex::new(Vec::new()),
         });
         let app = axum::Router::new().fallback(forward).with_state(Arc::clone(&state));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -206,6 +213,10 @@ impl Proxy {
 
     fn sends(&self) -> Vec<(String, Instant)> {
         self.state.sends.lock().unwrap().clone()
+    }
+
+    fn syncs(&self) -> Vec<(String, Instant)> {
+        self.state.syncs.lock().unwrap().clone()
     }
 }
 
@@ -219,6 +230,14 @@ async fn forward(
     let path = request.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
     if path.starts_with("/.well-known/") {
         return http::StatusCode::NOT_FOUND.into_response();
+    }
+    if path.starts_with("/_matrix/client/v3/sync") {
+        state.syncs.lock().unwrap().push((path.clone(), state.clock.now()));
+        let mut failing = state.failing_syncs.lock().unwrap();
+        if *failing > 0 {
+            *failing -= 1;
+            return (http::StatusCode::SERVICE_UNAVAILABLE, "try again").into_response();
+        }
     }
     let headers = request.headers().clone();
     let body = axum::body::to_bytes(request.into_body(), 1 << 20).await.unwrap();
@@ -260,15 +279,15 @@ async fn a_send_retried_after_a_lost_answer_and_a_rate_limit_is_delivered_once_r
     let homeserver = Url::parse(&synapse.base_url).unwrap();
     assert_eq!(matrix::discover_switchboard(&homeserver).await.unwrap(), None);
     let clock = common::stepped_clock();
-    let proxy =
-        Proxy::start(&synapse.base_url, clock.clone(), vec![Fault::LoseAnswer, Fault::RateLimit(5000)]).await;
+    let faults = vec![Fault::LoseAnswer, Fault::RateLimit(5000)];
+    let proxy = Proxy::start(&synapse.base_url, clock.clone(), faults, 2).await;
     assert_eq!(matrix::discover_switchboard(&Url::parse(&proxy.url).unwrap()).await.unwrap(), None);
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
     let error =
         matrix::discover_switchboard(&Url::parse(&format!("http://{closed}")).unwrap()).await.unwrap_err();
     assert!(matches!(error, MatrixError::Transport(_)), "{error:?}");
 
-    // Alice sends through the proxy, on the stepped clock; Bob syncs from Synapse.
+    // Alice sends, and Bob syncs, through the proxy, on the stepped clock.
     let settings = Settings {
         retry: Retry { initial_backoff: Duration::from_secs(1), ..Retry::default() },
         ..Settings::default()
@@ -280,7 +299,13 @@ async fn a_send_retried_after_a_lost_answer_and_a_rate_limit_is_delivered_once_r
         clock.clone(),
     )
     .unwrap();
-    let bob_client = client(&synapse.base_url, &bob);
+    let bob_client = MatrixClient::with_clock(
+        &Url::parse(&proxy.url).unwrap(),
+        &bob.access_token,
+        Settings::default(),
+        clock.clone(),
+    )
+    .unwrap();
     let cancel = CancellationToken::new();
     let mut sync = bob_client.spawn_sync(SyncSettings::default(), cancel.clone());
 
@@ -288,18 +313,17 @@ async fn a_send_retried_after_a_lost_answer_and_a_rate_limit_is_delivered_once_r
         let (alice_client, bob) = (alice_client.clone(), bob.clone());
         async move { send_text(&alice_client, &bob, "exactly once", "t-retried").await }
     });
-    // Step the clock 100 ms every 10 ms of real time until the send is done (at most 20 s).
+    // Step the clock 100 ms every 10 ms of real time, for the rest of the test (at most 60 s).
     let stepper = tokio::spawn({
         let clock = clock.clone();
         async move {
-            for _ in 0..2000 {
+            for _ in 0..6000 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 clock.advance(Duration::from_millis(100));
             }
         }
     });
     tokio::time::timeout(Duration::from_secs(20), send).await.expect("the send ends").unwrap();
-    stepper.abort();
 
     let sends = proxy.sends();
     assert_eq!(sends.len(), 3, "lost answer, rate limited, accepted: {sends:?}");
@@ -314,6 +338,12 @@ async fn a_send_retried_after_a_lost_answer_and_a_rate_limit_is_delivered_once_r
     assert_eq!(next_message(&mut sync).await, to_device_text(&alice, "exactly once"));
     send_text(&client(&synapse.base_url, &alice), &bob, "after", "t-after").await;
     assert_eq!(next_message(&mut sync).await, to_device_text(&alice, "after"));
+    // Bob's loop came through two failed `/sync`s, backing off 500 ms, then 1 s, with no `since` yet.
+    let syncs = proxy.syncs();
+    assert!(syncs.len() >= 3, "{syncs:?}");
+    assert!(syncs[..3].iter().all(|(path, _)| !path.contains("since=")), "{syncs:?}");
+    assert!(syncs[1].1 - syncs[0].1 >= Duration::from_millis(500), "{syncs:?}");
+    assert!(syncs[2].1 - syncs[1].1 >= Duration::from_secs(1), "{syncs:?}");
 
     // The room fallback: Dave's loop also delivers the `m.room.message`s of others in joined rooms,
     // and joins the rooms Alice (a peer) invites it to.
@@ -355,4 +385,5 @@ async fn a_send_retried_after_a_lost_answer_and_a_rate_limit_is_delivered_once_r
     cancel.cancel();
     sync.finish().await.unwrap();
     dave_sync.finish().await.unwrap();
+    stepper.abort();
 }

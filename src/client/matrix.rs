@@ -368,9 +368,15 @@ impl MatrixClient {
     /// Who the access token belongs to (`GET /_matrix/client/v3/account/whoami`), retried on
     /// transport failures, `429` and `5xx`. An invalid token gives
     /// [`MatrixError::Homeserver`] with [`Errcode::UnknownToken`] at once.
+    #[tracing::instrument(name = "client.matrix.whoami", skip_all)]
     pub async fn whoami(&self) -> Result<WhoAmI, MatrixError> {
+        self.with_retry(|| self.whoami_once()).await
+    }
+
+    /// One `whoami` request, not retried (the sync loop retries it its own way).
+    async fn whoami_once(&self) -> Result<WhoAmI, MatrixError> {
         let url = self.url(&["_matrix", "client", "v3", "account", "whoami"]);
-        let body = self.with_retry(|| self.request_json(reqwest::Method::GET, url.clone(), None)).await?;
+        let body = self.request_json(reqwest::Method::GET, url, None).await?;
         let body: WhoAmIBody =
             serde_json::from_value(body).map_err(|e| MatrixError::InvalidResponse(format!("whoami: {e}")))?;
         Ok(WhoAmI { user_id: body.user_id, device_id: body.device_id })
@@ -399,7 +405,13 @@ impl MatrixClient {
     /// and bounds from [`Settings::retry`], always with the same `txn_id`: the homeserver delivers
     /// a transaction id it has already accepted from this device once, however often it is sent.
     /// So a caller retrying after an error must reuse `txn_id` too, and must not reuse it for
-    /// different content.
+    /// different content. Transaction ids are scoped to the access token (its device): after a new
+    /// login, a resend with an old transaction id is a new message.
+    #[tracing::instrument(
+        name = "client.matrix.send_to_device",
+        skip_all,
+        fields(event_type, txn_id = txn_id.as_str(), users = messages.len())
+    )]
     pub async fn send_to_device_batch(
         &self,
         event_type: &str,
@@ -408,17 +420,12 @@ impl MatrixClient {
     ) -> Result<(), MatrixError> {
         let url = self.url(&["_matrix", "client", "v3", "sendToDevice", event_type, txn_id.as_str()]);
         let body = json!({ "messages": messages });
-        tracing::debug!(
-            event_type,
-            txn_id = txn_id.as_str(),
-            users = messages.len(),
-            "client.matrix.send_to_device"
-        );
         self.with_retry(|| self.request_json(reqwest::Method::PUT, url.clone(), Some(&body))).await?;
         Ok(())
     }
 
     /// Switchboard's base URL from this homeserver's well-known file; see [`discover_switchboard`].
+    #[tracing::instrument(name = "client.matrix.discover", skip_all)]
     pub async fn discover_switchboard(&self) -> Result<Option<Url>, MatrixError> {
         discover_with(&self.inner.http, &self.inner.base).await
     }
@@ -502,7 +509,7 @@ impl MatrixClient {
             if attempts >= retry.max_attempts.max(1) || elapsed + delay > retry.max_total {
                 return Err(MatrixError::GaveUp { attempts, elapsed, last: Box::new(error) });
             }
-            tracing::debug!(attempts, ?delay, %error, "client.matrix.retry");
+            tracing::debug!(attempts, ?delay, %error, "retrying");
             clock.sleep(delay).await;
         }
     }
@@ -522,6 +529,7 @@ impl MatrixClient {
 ///   worth reporting).
 ///
 /// One attempt, with the default request timeout; redirects are followed (at most 10).
+#[tracing::instrument(name = "client.matrix.discover", skip_all)]
 pub async fn discover_switchboard(homeserver_url: &Url) -> Result<Option<Url>, MatrixError> {
     let base = base_url(homeserver_url)?;
     let http = http_client(&Settings::default())?;
@@ -540,11 +548,11 @@ async fn discover_with(http: &reqwest::Client, base: &Url) -> Result<Option<Url>
         return Err(error_from_answer(status.as_u16(), &bytes, None));
     }
     if !status.is_success() {
-        tracing::debug!(status = status.as_u16(), "client.matrix.discover: no well-known file");
+        tracing::debug!(status = status.as_u16(), "no well-known file");
         return Ok(None);
     }
     let Ok(Value::Object(file)) = serde_json::from_slice::<Value>(&bytes) else {
-        tracing::warn!("client.matrix.discover: the well-known file is not a JSON object");
+        tracing::warn!("the well-known file is not a JSON object");
         return Ok(None);
     };
     let Some(entry) = file.get(WELL_KNOWN_KEY) else {

@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::{MatrixClient, MatrixError};
 
@@ -158,8 +159,10 @@ impl MatrixClient {
         let (events_tx, events) = mpsc::channel(settings.channel_capacity.max(1));
         let (since_tx, since) = watch::channel(settings.since.clone());
         let client = self.clone();
-        let task =
-            tokio::spawn(async move { client.run_sync(settings, &events_tx, &since_tx, &cancel).await });
+        let span = tracing::info_span!("client.matrix.sync", room_messages = settings.room_messages);
+        let task = tokio::spawn(
+            async move { client.run_sync(settings, &events_tx, &since_tx, &cancel).await }.instrument(span),
+        );
         SyncHandle { events, since, task }
     }
 
@@ -191,14 +194,14 @@ impl MatrixClient {
                         let exponent = (failures - 1).min(20);
                         settings.initial_backoff.saturating_mul(1 << exponent).min(settings.max_backoff)
                     });
-                    tracing::warn!(failures, ?delay, %error, "client.matrix.sync: retrying");
+                    tracing::warn!(failures, ?delay, %error, "retrying");
                     tokio::select! {
                         () = cancel.cancelled() => return Ok(()),
                         () = clock.sleep(delay) => continue,
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "client.matrix.sync: stopped");
+                    tracing::warn!(%error, "stopped");
                     return Err(error);
                 }
             };
@@ -227,7 +230,7 @@ impl MatrixClient {
         me: &mut Option<OwnedUserId>,
     ) -> Result<Answer, MatrixError> {
         if settings.room_messages && me.is_none() {
-            *me = Some(self.whoami().await?.user_id);
+            *me = Some(self.whoami_once().await?.user_id);
         }
         let filter = filter(settings, me.as_ref());
         let mut url = self.url(&["_matrix", "client", "v3", "sync"]);
@@ -265,8 +268,8 @@ impl MatrixClient {
                 joined = self.join_room(room_id) => joined,
             };
             match joined {
-                Ok(()) => tracing::debug!(%room_id, %inviter, "client.matrix.sync: joined on invite"),
-                Err(error) => tracing::warn!(%room_id, %inviter, %error, "client.matrix.sync: join failed"),
+                Ok(()) => tracing::debug!(%room_id, %inviter, "joined on invite"),
+                Err(error) => tracing::warn!(%room_id, %inviter, %error, "join failed"),
             }
         }
     }
@@ -279,7 +282,7 @@ async fn push(events: &mpsc::Sender<SyncEvent>, event: SyncEvent, cancel: &Cance
         () = cancel.cancelled() => false,
         sent = events.send(event) => {
             if sent.is_err() {
-                tracing::debug!("client.matrix.sync: the events are no longer wanted");
+                tracing::debug!("the events are no longer wanted");
             }
             sent.is_ok()
         }
@@ -384,7 +387,7 @@ impl Answer {
                     event_type: event.event_type,
                     content: event.content,
                 }),
-                _ => tracing::debug!("client.matrix.sync: a malformed to-device event skipped"),
+                _ => tracing::debug!("a malformed to-device event skipped"),
             }
         }
         let mut invites = Vec::new();
@@ -392,7 +395,7 @@ impl Answer {
             for (room_id, room) in response.rooms.join {
                 let Ok(room_id) = RoomId::parse(&room_id) else { continue };
                 if room.timeline.limited {
-                    tracing::debug!(%room_id, "client.matrix.sync: timeline limited; older messages not fetched");
+                    tracing::debug!(%room_id, "timeline limited; older messages not fetched");
                 }
                 for raw in room.timeline.events {
                     let Ok(event) = serde_json::from_value::<RawEvent>(raw) else { continue };
