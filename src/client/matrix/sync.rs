@@ -154,7 +154,7 @@ impl SyncHandle {
 impl MatrixClient {
     /// Starts the sync loop on the current Tokio runtime; it runs until `cancel` is cancelled, the
     /// [`SyncHandle`] is dropped (its channel closed) or an error that retrying cannot fix. Run at
-    /// most one per device (see the [module docs](self::sync)).
+    /// most one per device (see the [module docs](crate::client::matrix::sync)).
     pub fn spawn_sync(&self, settings: SyncSettings, cancel: CancellationToken) -> SyncHandle {
         let (events_tx, events) = mpsc::channel(settings.channel_capacity.max(1));
         let (since_tx, since) = watch::channel(settings.since.clone());
