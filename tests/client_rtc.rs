@@ -71,7 +71,8 @@ fn drive(
                 event = signals.next() => match event {
                     Some(SignalEvent::Signal(signal)) if signal.call_id == link.call_id() => {
                         if let Err(error) = link.handle_signal(signal.event_type, &signal.content).await {
-                            panic!("the peer's {:?}: {error}", signal.event_type);
+                            let _ = out.send(LinkEvent::Failed(format!("the peer's {:?}: {error}", signal.event_type)));
+                            return;
                         }
                     }
                     Some(SignalEvent::Closed(_)) | None => return,
@@ -80,7 +81,10 @@ fn drive(
                 event = link_events.next() => match event {
                     Some(LinkEvent::Signal(signal)) => {
                         let sent = connection.send_signal(&to, &signal.call_id, signal.event_type, signal.content).await;
-                        assert!(sent.is_ok(), "{:?} to the peer: {sent:?}", signal.event_type);
+                        if let Err(error) = sent {
+                            let _ = out.send(LinkEvent::Failed(format!("{:?} to the peer: {error}", signal.event_type)));
+                            return;
+                        }
                     }
                     Some(event) => {
                         let last = matches!(event, LinkEvent::Closed | LinkEvent::Failed(_));
@@ -97,11 +101,14 @@ fn drive(
     events
 }
 
-/// Sends every message of `side` over `link`.
-async fn send_all(link: PeerLink, side: u8) {
+/// Sends every message of `side` over `link`; the most the channel buffered after a send.
+async fn send_all(link: PeerLink, side: u8) -> usize {
+    let mut most = 0;
     for index in 0..MESSAGES {
         link.send(message(side, index)).await.unwrap_or_else(|error| panic!("send {index}: {error}"));
+        most = most.max(link.buffered_amount().await);
     }
+    most
 }
 
 /// Reads `MESSAGES` messages from the peer `side` and checks each arrived once and intact (the
@@ -165,15 +172,18 @@ async fn a_relay_only_data_channel_opens_through_the_signalling_relay_and_carrie
     }
     assert!(verified, "bob's address verified among 200 events");
 
+    // Alice's sends wait while her channel buffers more than 8 KiB (bob's: the default 1 MiB).
+    let high = 8 * 1024;
     let config = |connection: &SignalConnection| RtcConfig {
         ice_servers: connection.ice_servers(),
         relay_only: true,
         ..RtcConfig::default()
     };
+    let a_config = RtcConfig { buffered_high: high, buffered_low: 4 * 1024, ..config(&a) };
     let clock = Clock::system();
     let started = clock.now();
     let a_party = a.ready().device_id.as_ref().unwrap().to_string();
-    let (a_link, a_link_events, invite) = PeerLink::call(config(&a), &a_party).await.unwrap();
+    let (a_link, a_link_events, invite) = PeerLink::call(a_config, &a_party).await.unwrap();
     let via = a.send_signal(&bob.address, &invite.call_id, invite.event_type, invite.content.clone()).await;
     assert_eq!(via.unwrap(), Via::Relay);
 
@@ -206,8 +216,10 @@ async fn a_relay_only_data_channel_opens_through_the_signalling_relay_and_carrie
     let sending = tokio::spawn(send_all(a_link.clone(), 1));
     let answering = tokio::spawn(send_all(b_link.clone(), 2));
     tokio::join!(receive_all(&mut b_out, 1), receive_all(&mut a_out, 2));
-    sending.await.unwrap();
-    answering.await.unwrap();
+    let a_most = sending.await.unwrap();
+    let b_most = answering.await.unwrap();
+    println!("most buffered after a send: alice {a_most} bytes (bound {high}), bob {b_most} bytes");
+    assert!(a_most <= high + MESSAGE_BYTES, "alice's sends waited for the buffer to drain: {a_most}");
 
     // The broker saw the call established; the relay carried every message.
     let metrics = running.metrics().await;
@@ -218,6 +230,7 @@ async fn a_relay_only_data_channel_opens_through_the_signalling_relay_and_carrie
         r#"switchboard_turn_relayed_bytes_total{transport="udp",direction="to_peer"}"#,
     );
     let payload = u64::try_from(2 * MESSAGES * MESSAGE_BYTES).unwrap();
+    println!("relayed to peers: {relayed} bytes for {payload} bytes of messages");
     assert!(relayed >= payload, "the relay carried {relayed} bytes to peers, the messages are {payload}");
 
     // Alice hangs up: bob's link closes.

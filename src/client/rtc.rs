@@ -868,6 +868,84 @@ mod tests {
         assert!(matches!(Invite::parse("c1", &Map::new()), Err(RtcError::Malformed(_))));
     }
 
+    /// `content` with only its loopback candidates (and the end-of-candidates marker), so that ICE
+    /// sends nothing beyond 127.0.0.1.
+    fn loopback_only(content: &Map<String, Value>) -> Map<String, Value> {
+        let mut content = content.clone();
+        if let Some(Value::Array(list)) = content.get_mut("candidates") {
+            list.retain(|c| {
+                c["candidate"].as_str().is_some_and(|c| c.is_empty() || c.contains(" 127.0.0.1 "))
+            });
+        }
+        content
+    }
+
+    fn ends_candidates(content: &Map<String, Value>) -> bool {
+        content["candidates"].as_array().is_some_and(|list| list.iter().any(|c| c["candidate"] == ""))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn candidates_before_the_answer_are_kept_and_a_loopback_pair_is_direct() {
+        let config = RtcConfig { include_loopback: true, ..RtcConfig::default() };
+        let (a, mut a_events, invite) = PeerLink::call(config.clone(), "A").await.unwrap();
+        let invite = Invite::parse(&invite.call_id, &invite.content).unwrap();
+        let (b, mut b_events, answer) = PeerLink::answer(config, "B", &invite).await.unwrap();
+        let step = Duration::from_secs(10);
+
+        // Every candidate of bob's reaches alice before his answer.
+        for _ in 0..64 {
+            let event = tokio::time::timeout(step, b_events.next()).await.expect("bob's candidates");
+            let Some(LinkEvent::Signal(signal)) = event else { panic!("{event:?}") };
+            assert_eq!(
+                (signal.event_type, signal.content["party_id"].as_str()),
+                (EventType::Candidates, Some("B"))
+            );
+            a.handle_signal(EventType::Candidates, &loopback_only(&signal.content)).await.unwrap();
+            if ends_candidates(&signal.content) {
+                break;
+            }
+        }
+        a.handle_signal(EventType::Answer, &answer.content).await.unwrap();
+
+        let (mut a_path, mut b_path) = (None, None);
+        for _ in 0..256 {
+            if a_path.is_some() && b_path.is_some() {
+                break;
+            }
+            let event = tokio::time::timeout(step, async {
+                tokio::select! {
+                    event = a_events.next() => (true, event),
+                    event = b_events.next() => (false, event),
+                }
+            })
+            .await
+            .expect("the channel opens");
+            match event {
+                (true, Some(LinkEvent::Signal(signal))) => {
+                    b.handle_signal(signal.event_type, &loopback_only(&signal.content)).await.unwrap();
+                }
+                (true, Some(LinkEvent::Open { path })) => a_path = Some(path),
+                (false, Some(LinkEvent::Open { path })) => b_path = Some(path),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((a_path, b_path), (Some(Path::Direct), Some(Path::Direct)));
+
+        a.send(Bytes::from_static(b"over loopback")).await.unwrap();
+        let event = tokio::time::timeout(step, b_events.next()).await.expect("the message");
+        assert!(
+            matches!(event, Some(LinkEvent::Message(ref bytes)) if bytes == "over loopback"),
+            "{event:?}"
+        );
+        // Alice hangs up; bob's link closes on her hangup signal.
+        let hangup = a.hangup("user_hangup").await;
+        assert_eq!(hangup.content["reason"], "user_hangup");
+        b.handle_signal(hangup.event_type, &hangup.content).await.unwrap();
+        let event = tokio::time::timeout(step, b_events.next()).await.expect("bob's end");
+        assert!(matches!(event, Some(LinkEvent::Closed)), "{event:?}");
+        assert!(matches!(b.send(Bytes::from_static(b"late")).await, Err(RtcError::NotOpen)));
+    }
+
     #[tokio::test]
     async fn relay_only_without_a_turn_server_is_refused() {
         let config = RtcConfig { relay_only: true, ..RtcConfig::default() };

@@ -54,7 +54,7 @@ const MAX_PENDING: usize = 1024;
 pub struct SignalOptions {
     /// Where time comes from (keepalive, timeouts, the frame rate).
     pub clock: Clock,
-    /// How long to wait for the `ready` frame after the upgrade. Default 10 s.
+    /// How long the handshake may take, and then how long to wait for `ready`. Default 10 s.
     pub ready_timeout: Duration,
     /// How long a request waits for its answer. Default 30 s (a `signal` may wait up to 5 s for
     /// the peer's socket, then as long as the homeserver takes).
@@ -297,7 +297,7 @@ pub enum SignalError {
     /// The WebSocket could not be opened (connection refused, TLS, a bad handshake).
     #[error("WebSocket: {0}")]
     Connect(#[source] Box<tungstenite::Error>),
-    /// No `ready` frame within [`SignalOptions::ready_timeout`].
+    /// The handshake, or then the `ready` frame, took longer than [`SignalOptions::ready_timeout`].
     #[error("no ready frame in time")]
     NoReady,
     /// The server sent something this client cannot read where it needed to (a malformed `ready`).
@@ -480,7 +480,7 @@ impl SignalConnection {
 
     /// Sends a Matrix VoIP signal to `to` (an address or a user id) and waits until the server has
     /// delivered it (to the peer's socket, or to the homeserver) or refused it.
-    #[tracing::instrument(name = "signal.send", skip_all, fields(call_id, event_type = event_type.as_str()))]
+    #[tracing::instrument(name = "signal.send", skip_all, fields(call_id = %call_id, event_type = event_type.as_str()))]
     pub async fn send_signal(
         &self,
         to: &str,
