@@ -309,7 +309,7 @@ pub enum SignalError {
     /// No answer within [`SignalOptions::request_timeout`].
     #[error("no answer in time")]
     Timeout,
-    /// [`MAX_PENDING`] requests are waiting for their answers.
+    /// 1,024 requests are waiting for their answers (the server answers in order: it is stuck).
     #[error("too many requests waiting for an answer")]
     TooManyPending,
     /// A frame over the server's `max_frame_bytes`.
@@ -1177,6 +1177,18 @@ mod tests {
         };
         let (reason, ()) = tokio::join!(closing, answering);
         assert_eq!(reason, CloseReason::Local);
+    }
+
+    #[test]
+    fn the_frame_rate_allows_twice_the_rate_in_a_burst_then_one_frame_per_interval() {
+        let start = Instant::now();
+        let mut bucket = Bucket::new(2, start);
+        for _ in 0..4 {
+            assert_eq!(bucket.take(start), Ok(()));
+        }
+        assert_eq!(bucket.take(start), Err(Duration::from_millis(500)));
+        assert_eq!(bucket.take(start + Duration::from_millis(500)), Ok(()));
+        assert!(bucket.take(start + Duration::from_millis(500)).is_err());
     }
 
     #[test]
