@@ -262,7 +262,8 @@ struct Inner {
     /// The `a=mid` of our description, for our candidates' `sdpMid`.
     mid: SyncMutex<String>,
     events: mpsc::Sender<LinkEvent>,
-    /// True once [`LinkEvent::Open`] is queued; messages wait for it, so they never come first.
+    /// True once [`LinkEvent::Open`] is queued (or the link ended); messages wait for it, so they
+    /// never come first.
     open: watch::Sender<bool>,
     /// Set once the terminal event is queued.
     ended: AtomicBool,
@@ -696,6 +697,8 @@ fn end(inner: &Inner, event: LinkEvent) {
         return;
     }
     inner.drained.notify_waiters();
+    // Messages waiting for an `Open` that will never come give up.
+    inner.open.send_replace(true);
     queue(inner, event);
 }
 
@@ -742,7 +745,10 @@ fn wire_channel(inner: &Arc<Inner>, channel: &Arc<RTCDataChannel>) {
             let Some(inner) = weak.upgrade() else { return };
             let mut open = inner.open.subscribe();
             let _ = open.wait_for(|open| *open).await;
-            let _ = inner.events.send(LinkEvent::Message(message.data)).await;
+            // An ended link releases the waiters (see `end`); what comes after its end is dropped.
+            if !inner.ended.load(Ordering::SeqCst) {
+                let _ = inner.events.send(LinkEvent::Message(message.data)).await;
+            }
         })
     }));
     let weak = Arc::downgrade(inner);
