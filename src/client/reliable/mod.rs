@@ -226,6 +226,9 @@ impl Peer {
 
     /// A data channel to the peer opened: the next [`Peer::poll_dc`] starts with our HELLO.
     pub fn on_channel_open(&mut self, now: Instant) {
+        if self.channel.is_some() {
+            self.on_channel_lost();
+        }
         self.incoming.on_channel_lost();
         self.channel = Some(Channel {
             opened: now,
@@ -267,7 +270,8 @@ impl Peer {
     }
 
     /// A binary message from the data channel: the messages now deliverable, in order. An
-    /// unknown frame type is `Err(UnknownType)`: ignore it.
+    /// unknown frame type is `Err(UnknownType)`: ignore it. Without an open channel
+    /// ([`Peer::on_channel_open`]) frames are ignored.
     pub fn receive_dc(&mut self, now: Instant, frame: &Bytes) -> Result<Vec<Bytes>, FrameError> {
         let frame = Frame::decode(frame)?;
         let Some(ch) = self.channel.as_mut() else { return Ok(Vec::new()) };
@@ -276,10 +280,10 @@ impl Peer {
                 self.incoming.receive_dc_data(now, seq, Line { more, payload })
             }
             Frame::Ack { seq } => {
-                if ch.peer_hello {
-                    let stream = self.outgoing.stream();
-                    self.outgoing.on_ack(now, Ack { stream, seq });
-                }
+                // Always of our current stream (a channel does not outlive a run of ours); it may
+                // overtake the peer's HELLO on an unordered channel.
+                let stream = self.outgoing.stream();
+                self.outgoing.on_ack(now, Ack { stream, seq });
                 Vec::new()
             }
             Frame::Ping { nonce } => {

@@ -249,11 +249,18 @@ impl Outgoing {
     /// rounds of the resend timer). Send it to the peer's devices `*`, retrying with the same txn id,
     /// then call [`Outgoing::on_homeserver_accepted`] (or [`Outgoing::on_matrix_failed`]).
     pub fn take_matrix_batch(&mut self, now: Instant, ack: Option<Ack>) -> Option<ToDevice> {
+        // `pending` only ever holds buffered seqs; skip any that is not, defensively.
+        while let Some(&first) = self.pending.first() {
+            if self.buffer.contains_key(&first) {
+                break;
+            }
+            self.pending.remove(&first);
+        }
         let first = *self.pending.first()?;
         let mut lines = Vec::new();
         let mut body = 0;
         let mut seq = first;
-        while lines.len() < self.limits.batch_lines && self.pending.contains(&seq) {
+        while (lines.is_empty() || lines.len() < self.limits.batch_lines) && self.pending.contains(&seq) {
             let Some(fragment) = self.buffer.get(&seq) else { break };
             let (_, _, size) = codec::line_text(&fragment.payload);
             let size = size + usize::from(!lines.is_empty()) * 2;
@@ -263,11 +270,6 @@ impl Outgoing {
             body += size;
             lines.push(Line { more: fragment.more, payload: fragment.payload.clone() });
             seq += 1;
-        }
-        if lines.is_empty() {
-            // A pending seq that is no longer buffered (released meanwhile): forget it.
-            self.pending.remove(&first);
-            return self.take_matrix_batch(now, ack);
         }
         for s in first..seq {
             self.hand_out(now, s);
