@@ -55,12 +55,18 @@ pub struct OutgoingCounters {
 /// Invariants: `buffer` holds every fragment not yet released, and its lowest seq (the *base*) is
 /// always the first fragment of a message (releases stop at message ends); `pending` ⊆ keys of
 /// `buffer` is what the next drain hands out, lowest seq first.
+///
+/// Restored from a store, every held fragment the homeserver has not accepted is pending again
+/// (what was in flight on a channel when the state was saved may be lost).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "Stored")]
 pub struct Outgoing {
     stream: StreamId,
     next_seq: u64,
     buffer: BTreeMap<u64, Fragment>,
+    #[serde(skip)]
     buffered_bytes: usize,
+    #[serde(skip)]
     pending: BTreeSet<u64>,
     /// Highest cumulative ack received.
     acked: u64,
@@ -77,6 +83,39 @@ pub struct Outgoing {
     /// Current resend timeout (transient; `None` = `limits.resend_timeout`).
     #[serde(skip)]
     rto: Option<Duration>,
+}
+
+/// The stored form of [`Outgoing`] (its serialised fields).
+#[derive(Deserialize)]
+struct Stored {
+    stream: StreamId,
+    next_seq: u64,
+    buffer: BTreeMap<u64, Fragment>,
+    acked: u64,
+    peer_speaks: bool,
+    round: u32,
+    limits: Limits,
+    counters: OutgoingCounters,
+}
+
+impl From<Stored> for Outgoing {
+    fn from(s: Stored) -> Self {
+        let pending = s.buffer.iter().filter(|(_, f)| !f.accepted).map(|(&seq, _)| seq).collect();
+        Self {
+            stream: s.stream,
+            next_seq: s.next_seq,
+            buffered_bytes: s.buffer.values().map(|f| f.payload.len()).sum(),
+            buffer: s.buffer,
+            pending,
+            acked: s.acked,
+            peer_speaks: s.peer_speaks,
+            round: s.round,
+            limits: s.limits,
+            counters: s.counters,
+            timer: None,
+            rto: None,
+        }
+    }
 }
 
 impl Outgoing {

@@ -502,26 +502,33 @@ fn out_of_order_buffer_is_bounded_and_recovers_by_resend() {
 #[test]
 fn stored_state_continues_delivery_after_a_restart() {
     let mut sim = Sim::new(&Limits::default());
+    sim.handshake();
     let sent: Vec<Bytes> = (0..30).map(raiden).collect();
     for m in &sent[..20] {
         sim.a.push(sim.now, m.clone()).expect("room");
     }
-    // Half goes out, nothing is acked yet.
-    assert!(sim.poll_matrix(Side::A, true));
-    sim.deliver_matrix(Side::B, false);
-    let delivered = sim.got_b.len();
-    assert!(delivered > 0);
-    // Both restart from their stores.
+    // Part goes over the channel, nothing is acked yet; then both restart from their stores and
+    // the channel is gone with what it carried.
+    sim.poll_dc(Side::A);
+    for _ in 0..5 {
+        sim.deliver_dc(Side::B, 0, false);
+    }
+    assert_eq!(sim.got_b, sent[..5]);
     let a: Peer = serde_json::from_str(&serde_json::to_string(&sim.a).expect("ser")).expect("de");
     let b: Peer = serde_json::from_str(&serde_json::to_string(&sim.b).expect("ser")).expect("de");
     sim.a = a;
     sim.b = b;
-    sim.mx_to_b.clear();
+    sim.dc_to_a.clear();
+    sim.dc_to_b.clear();
+    assert_eq!(sim.a.dc_state(sim.now), DcState::Closed);
+    sim.settle();
+    assert_eq!(sim.got_b, sent[..20], "what was held is sent again, through Matrix");
     for m in &sent[20..] {
         sim.a.push(sim.now, m.clone()).expect("room");
     }
     sim.settle();
     assert_eq!(sim.got_b, sent, "once each, in order, across the restart");
+    assert_eq!(sim.b.counters().incoming.duplicates_dropped, 5);
 }
 
 #[test]
