@@ -10,6 +10,8 @@
 //! - [`signalling`]: the client WebSocket (protocol v1): signals relayed between connected
 //!   clients, bridged to Matrix (to-device) for the others, presence pushed to watchers.
 //! - [`calls`]: the call broker, a sans-IO state machine per call.
+//! - `client` (feature `client`, on by default): the thin client, data channels with Matrix as the
+//!   base layer, exactly once and in order.
 //! - [`turn`]: TURN/STUN: credentials for Synapse, coturn and the embedded relay, which runs one
 //!   shard per core.
 //! - [`cluster`]: fan-out between instances (Redis pub/sub, or in-process alone): inbox wakes and
@@ -24,6 +26,8 @@
 
 pub mod appservice;
 pub mod calls;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod clock;
 pub mod cluster;
 pub mod config;

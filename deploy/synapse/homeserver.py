@@ -6,6 +6,7 @@ Run with the Synapse venv's python (PyYAML is needed):
     homeserver.py --dir DIR --server-name NAME --port PORT
                   [--registration FILE ...] [--turn-uri URI ...] [--turn-shared-secret S]
                   [--turn-user-lifetime 1h] [--registration-shared-secret S] [--database sqlite]
+                  [--extra-well-known-client JSON]
 
 Writes DIR/homeserver.yaml, DIR/log.yaml, DIR/signing.key and DIR/media_store/.
 Re-running over an existing DIR keeps the signing key and any secrets not given on the command line,
@@ -126,6 +127,10 @@ def parse_args(argv):
     p.add_argument("--registration-shared-secret",
                    help="secret for the shared-secret registration API (random if omitted)")
     p.add_argument("--database", choices=["sqlite"], default="sqlite")
+    p.add_argument("--extra-well-known-client", metavar="JSON",
+                   help="a JSON object merged into /.well-known/matrix/client"
+                        " (extra_well_known_client_content), such as"
+                        ' \'{"org.switchboard.client": {"base_url": "http://127.0.0.1:8009"}}\'')
     return p.parse_args(argv)
 
 
@@ -194,6 +199,13 @@ def main(argv) -> int:
             "turn_user_lifetime": args.turn_user_lifetime,
             "turn_allow_guests": False,
         })
+
+    if args.extra_well_known_client:
+        extra = json.loads(args.extra_well_known_client)
+        if not isinstance(extra, dict):
+            print("homeserver.py: --extra-well-known-client must be a JSON object", file=sys.stderr)
+            return 2
+        config["extra_well_known_client_content"] = extra
 
     tmp = config_path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
