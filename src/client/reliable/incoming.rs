@@ -155,20 +155,10 @@ impl Incoming {
         self.dc_stream
     }
 
-    /// What our HELLO says of the peer: its newest stream and what we delivered of it. Counts as an
-    /// ack of that much.
-    pub fn hello_fields(&mut self) -> (Option<StreamId>, u64) {
-        match self.streams.last_mut() {
-            Some(s) => {
-                s.acked_sent = s.acked_sent.max(s.delivered);
-                if s.delivered == s.acked_sent {
-                    s.ack_forced = false;
-                    s.ack_since = None;
-                }
-                (Some(s.id), s.delivered)
-            }
-            None => (None, 0),
-        }
+    /// What our HELLO says of the peer: its newest stream and what we delivered of it. An ack owed
+    /// stays owed (the HELLO may be lost with the channel); the peer takes the repeat as a no-op.
+    pub fn hello_fields(&self) -> (Option<StreamId>, u64) {
+        self.streams.last().map_or((None, 0), |s| (Some(s.id), s.delivered))
     }
 
     fn index(&mut self, id: StreamId, start: u64) -> usize {
@@ -365,6 +355,16 @@ impl Incoming {
     pub fn take_ack(&mut self) -> Option<Ack> {
         let stream = self.streams.iter_mut().rev().find(|s| s.ack_pending())?;
         Some(Self::mark_acked(stream))
+    }
+
+    /// A send carrying `ack` failed: the ack is owed again.
+    pub fn ack_lost(&mut self, now: Instant, ack: Ack) {
+        if let Some(stream) = self.streams.iter_mut().find(|s| s.id == ack.stream) {
+            // Owed in the stored state too (a forced ack is not kept).
+            stream.acked_sent = stream.acked_sent.min(ack.seq.saturating_sub(1));
+            stream.ack_forced = true;
+            stream.owe_ack(now);
+        }
     }
 
     fn mark_acked(stream: &mut InStream) -> Ack {

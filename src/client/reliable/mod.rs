@@ -122,6 +122,8 @@ pub struct ToDevice {
     pub content: Value,
     /// For a batch: its first seq and line count, for [`Peer::on_homeserver_accepted`].
     pub lines: Option<(u64, usize)>,
+    /// The ack it carries (piggybacked or alone), owed again if the send fails.
+    pub ack: Option<Ack>,
 }
 
 /// Where the data channel stands, for the integrator's choice of transport.
@@ -365,6 +367,7 @@ impl Peer {
             txn_id: format!("sb-ack.{}.{}", ack.stream, ack.seq),
             content: encode_ack(ack),
             lines: None,
+            ack: Some(ack),
         })
     }
 
@@ -373,9 +376,15 @@ impl Peer {
         self.outgoing.on_homeserver_accepted(first_seq, lines);
     }
 
-    /// A batch send was given up: its lines are pending again.
-    pub fn on_matrix_failed(&mut self, first_seq: u64, lines: usize) {
-        self.outgoing.on_matrix_failed(first_seq, lines);
+    /// A to-device send was given up (after its retries): its lines are pending again and its ack
+    /// is owed again.
+    pub fn on_matrix_failed(&mut self, now: Instant, send: &ToDevice) {
+        if let Some((first_seq, lines)) = send.lines {
+            self.outgoing.on_matrix_failed(first_seq, lines);
+        }
+        if let Some(ack) = send.ack {
+            self.incoming.ack_lost(now, ack);
+        }
     }
 
     /// An `m.room.message` to-device content from the peer: the messages now deliverable, in
@@ -418,7 +427,7 @@ impl Peer {
         } else {
             self.incoming.next_ack_deadline(Transport::Matrix)
         };
-        [self.outgoing.poll_timeout(), acks, channel].into_iter().flatten().min()
+        [self.outgoing.poll_timeout(now), acks, channel].into_iter().flatten().min()
     }
 
     /// Runs the timers due at `now`: the resend timer, and a channel turning `Stalled` (what it
