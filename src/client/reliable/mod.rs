@@ -6,18 +6,20 @@
 //! channel and the Matrix sends and does this:
 //!
 //! ```text
-//! application send                ──▶ push(now, message)            (Err(Full): wait, has_room tells)
-//! data channel opened             ──▶ on_channel_open(now)
-//! data channel message            ──▶ receive_dc(now, bytes)   ──▶ messages for the application
-//! data channel closed / Dead      ──▶ on_channel_lost()
-//! m.room.message to-device        ──▶ receive_matrix(now, content)      ──▶ messages
-//! org.switchboard.ack to-device   ──▶ receive_matrix_ack(now, content)
-//! dc_state(now) == Alive          ──▶ poll_dc(now, room) frames onto the channel
-//! otherwise                       ──▶ poll_dc(now, room) (handshake, pings), and
-//!                                     poll_matrix(now) to-device sends to the peer's devices `*`
-//! homeserver answered 200         ──▶ on_homeserver_accepted(first_seq, lines)
-//! sleep until poll_timeout()      ──▶ handle_timeout(now), then poll again
+//! application send               ──▶ push(now, message)   (Err(Full): wait; has_room(len) tells when)
+//! data channel opened            ──▶ on_channel_open(now)
+//! data channel binary message    ──▶ receive_dc(now, bytes)          ──▶ messages for the application
+//! data channel closed / Dead     ──▶ on_channel_lost()
+//! m.room.message to-device       ──▶ receive_matrix(now, content)    ──▶ messages
+//! org.switchboard.ack to-device  ──▶ receive_matrix_ack(now, content)
+//! a channel is open              ──▶ poll_dc(now, room): HELLO, PONG, ACK, PING, and DATA when Alive
+//! dc_state(now) != Alive         ──▶ poll_matrix(now): to-device sends for the peer's devices `*`
+//! homeserver answered 200        ──▶ on_homeserver_accepted(first_seq, lines)   (ToDevice::lines)
+//! send given up after retries    ──▶ on_matrix_failed(now, &send)
+//! sleep until poll_timeout(now)  ──▶ handle_timeout(now), then poll again
 //! ```
+//!
+//! Every call that changes state may make something new to send: poll after each.
 //!
 //! Guarantee: each message pushed reaches the peer's application once and in push order, whichever
 //! transport carried which fragment, as long as neither side loses its state (see the protocol
