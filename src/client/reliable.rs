@@ -1,1 +1,0 @@
-//! Sans-IO exactly-once, in-order delivery across a data channel and Matrix (being built).
