@@ -8,6 +8,7 @@
 //! sans-IO, so its rules are tested without a network. The wire format between clients is in
 //! docs/protocol.md ("Messages between clients").
 
+pub mod identity;
 pub mod matrix;
 pub mod reliable;
 pub mod rtc;
