@@ -618,6 +618,6 @@ async fn main() {
     drop((server, synapse));
 
     if std::env::var("SWITCHBOARD_BENCH_CROSS").as_deref() != Ok("0") {
-        cross_instance(runs, signals, pair_count, secs).await;
+        Box::pin(cross_instance(runs, signals, pair_count, secs)).await;
     }
 }

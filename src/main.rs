@@ -54,6 +54,12 @@ enum Command {
         #[arg(short, long, env = "SWITCHBOARD_CONFIG", default_value = "switchboard.toml")]
         config: PathBuf,
     },
+    /// Raiden identities for the thin client and `deploy/local/up`'s demo peers.
+    #[cfg(feature = "client")]
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
     /// Run the service.
     Serve {
         #[arg(short, long, env = "SWITCHBOARD_CONFIG", default_value = "switchboard.toml")]
@@ -61,6 +67,32 @@ enum Command {
         /// Do not apply pending migrations at start.
         #[arg(long)]
         no_migrate: bool,
+    },
+}
+
+#[cfg(feature = "client")]
+#[derive(Subcommand)]
+enum IdentityCommand {
+    /// Generate a secp256k1 key into a new file (mode 0600, never overwritten) and print the Matrix
+    /// localpart a Raiden node registers under: `0x` and the lower-case address.
+    New {
+        #[arg(long)]
+        key_file: PathBuf,
+    },
+    /// Publish the key's Raiden profile for the user of an access token: the displayname that
+    /// proves the address (personal_sign of the user id) and the capabilities; print the user id.
+    Publish {
+        /// The homeserver's client API, e.g. http://127.0.0.1:8008.
+        #[arg(long)]
+        homeserver: url::Url,
+        #[arg(long)]
+        key_file: PathBuf,
+        /// A file holding the user's access token (else SWITCHBOARD_PEER_TOKEN).
+        #[arg(long)]
+        access_token_file: Option<PathBuf>,
+        /// The capabilities to announce, as Raiden writes them in its avatar URL.
+        #[arg(long, default_value = switchboard::client::identity::DEFAULT_CAPABILITIES)]
+        capabilities: String,
     },
 }
 
@@ -117,6 +149,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             println!("migrations applied");
             Ok(())
         }
+        #[cfg(feature = "client")]
+        Command::Identity { command } => identity(command),
         Command::Serve { config, no_migrate } => {
             let mut config = Config::load(&config)?;
             if no_migrate {
@@ -170,6 +204,44 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     }
     tracing::warn!("switchboard.stop: second signal; exiting without waiting");
     std::process::exit(EXIT_INTERRUPTED);
+}
+
+#[cfg(feature = "client")]
+fn identity(command: IdentityCommand) -> anyhow::Result<()> {
+    use switchboard::client::{identity, matrix};
+    match command {
+        IdentityCommand::New { key_file } => {
+            let key = identity::RaidenKey::create(&key_file)?;
+            eprintln!("wrote the key of {} to {}", key.address().to_checksum(), key_file.display());
+            println!("{}", key.localpart());
+            Ok(())
+        }
+        IdentityCommand::Publish { homeserver, key_file, access_token_file, capabilities } => {
+            let key = identity::RaidenKey::load(&key_file)?;
+            let token = access_token(access_token_file.as_deref())?;
+            let client = matrix::MatrixClient::new(&homeserver, token, matrix::Settings::default())?;
+            let user_id = runtime()?.block_on(identity::publish(&client, &key, &capabilities))?;
+            println!("{user_id}");
+            Ok(())
+        }
+    }
+}
+
+/// The access token from `file` (its first line), else from `SWITCHBOARD_PEER_TOKEN`; never from
+/// the command line, where other users of the machine could read it.
+#[cfg(feature = "client")]
+fn access_token(file: Option<&Path>) -> anyhow::Result<String> {
+    let token = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the access token from {}", path.display()))?,
+        None => std::env::var("SWITCHBOARD_PEER_TOKEN")
+            .context("no access token: give --access-token-file or set SWITCHBOARD_PEER_TOKEN")?,
+    };
+    let token = token.lines().next().unwrap_or_default().trim().to_owned();
+    if token.is_empty() {
+        bail!("the access token is empty");
+    }
+    Ok(token)
 }
 
 fn init(server_name: &str, homeserver_url: &str, dir: &Path) -> anyhow::Result<()> {

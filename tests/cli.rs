@@ -1,4 +1,4 @@
-//! The command line: init, registration, config check/example, migrate.
+//! The command line: init, registration, config check/example, migrate, identity.
 
 mod common;
 
@@ -128,4 +128,69 @@ fn migrate_creates_the_sqlite_database_and_is_idempotent() {
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
     assert!(db.exists(), "the SQLite file is created when missing");
+}
+
+#[tokio::test]
+async fn identity_new_writes_a_private_key_and_publish_proves_it_on_a_real_synapse() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("alice.key");
+    let key_arg = key_file.to_str().unwrap();
+    let created = switchboard(&["identity", "new", "--key-file", key_arg], &[]);
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let localpart = text(&created.stdout).trim().to_owned();
+    assert!(localpart.starts_with("0x") && localpart.len() == 42, "{localpart}");
+    let again = switchboard(&["identity", "new", "--key-file", key_arg], &[]);
+    assert!(!again.status.success(), "an existing key file is never overwritten");
+    assert!(text(&again.stderr).contains("alice.key"), "{}", text(&again.stderr));
+
+    // No token: a clear error, not a prompt or a panic.
+    let no_token = switchboard(
+        &["identity", "publish", "--homeserver", "http://127.0.0.1:9", "--key-file", key_arg],
+        &[("SWITCHBOARD_PEER_TOKEN", "")],
+    );
+    assert!(!no_token.status.success());
+    assert!(text(&no_token.stderr).contains("access token"), "{}", text(&no_token.stderr));
+
+    let Some(synapse) = common::Synapse::start(&[]).await else { return };
+    let user = synapse.register(&localpart).await;
+    let token_file = dir.path().join("alice.token");
+    std::fs::write(&token_file, format!("{}\n", user.access_token)).unwrap();
+    let published = tokio::task::spawn_blocking({
+        let (base_url, key, token) = (synapse.base_url.clone(), key_arg.to_owned(), token_file.clone());
+        move || {
+            let token = token.to_str().unwrap().to_owned();
+            let args = [
+                "identity",
+                "publish",
+                "--homeserver",
+                &base_url,
+                "--key-file",
+                &key,
+                "--access-token-file",
+                &token,
+            ];
+            switchboard(&args, &[])
+        }
+    })
+    .await
+    .unwrap();
+    assert!(published.status.success(), "{}", text(&published.stderr));
+    assert_eq!(text(&published.stdout).trim(), user.user_id);
+    let profile: serde_json::Value = reqwest::get(format!(
+        "{}/_matrix/client/v3/profile/{}",
+        synapse.base_url,
+        common::urlencode(&user.user_id)
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let displayname = profile["displayname"].as_str().unwrap();
+    let proven = switchboard::directory::identity::verify_displayname(&user.user_id, displayname).unwrap();
+    assert_eq!(proven.to_lower_hex(), localpart);
+    assert_eq!(
+        profile["avatar_url"],
+        format!("mxc://raiden.network/cap?{}", switchboard::client::identity::DEFAULT_CAPABILITIES)
+    );
 }

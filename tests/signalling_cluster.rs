@@ -1,4 +1,4 @@
-//! Two Switchboard instances (one in the test process, one a `switchboard serve` child process) on
+//! Two Switchboard instances (two `switchboard serve` processes) on
 //! one PostgreSQL and one Redis, with a real Synapse: a signal for a
 //! peer connected to the other instance crosses through Redis and is `delivered` over the relay;
 //! with Redis stopped, it goes through Matrix instead (counted), and the peer's instance still
@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use common::ws::Socket;
 use serde_json::json;
-use switchboard::config::Secret;
 
 const CAPS: &str = "webRTC=1&toDevice=1&switchboard=1";
 
@@ -19,29 +18,40 @@ const CAPS: &str = "webRTC=1&toDevice=1&switchboard=1";
 async fn a_signal_crosses_instances_through_redis_and_through_matrix_when_redis_is_down() {
     let Some(database) = common::fresh_postgres().await else { return };
     let Some(mut redis) = common::Redis::start().await else { return };
-    let cluster = |config: &mut switchboard::config::Config, instance: &str| {
-        instance.clone_into(&mut config.database.instance_name);
-        config.cluster.redis_url = Some(Secret::new(redis.url()));
+    let in_cluster = |toml: &str, instance: &str| {
+        toml.replace(
+            "[database]\n",
+            &format!(
+                "[cluster]\nredis_url = \"{}\"\n[database]\ninstance_name = \"{instance}\"\n",
+                redis.url()
+            ),
+        )
     };
-    // Instance a is the one registered with Synapse; b shares its database and Redis.
-    let clock = switchboard::clock::Clock::system();
-    let Some((synapse, a)) = common::with_synapse_on(&database, None, |c| cluster(c, "a"), clock).await
+    // Two `switchboard serve` processes: a is the one registered with Synapse; b shares its
+    // database and Redis.
+    let dir_a = tempfile::tempdir().unwrap();
+    let Some((synapse, mut a)) =
+        common::synapse_and_process(dir_a.path(), &database, |toml| in_cluster(&toml, "a")).await
     else {
         return;
     };
+    a.wait_for("/health").await;
     let dir_b = tempfile::tempdir().unwrap();
-    let toml_b = common::config_toml(&database, &synapse.base_url, common::ANY_PORTS).replace(
-        "[database]\n",
-        &format!("[cluster]\nredis_url = \"{}\"\n[database]\ninstance_name = \"b\"\n", redis.url()),
-    );
-    let mut b = common::Process::start(dir_b.path(), &toml_b, common::ANY_PORTS);
+    let toml_b = common::config_toml(&database, &synapse.base_url, common::ANY_PORTS);
+    let mut b = common::Process::start(dir_b.path(), &in_cluster(&toml_b, "b"), common::ANY_PORTS);
     b.wait_for("/health").await;
-    let b_client: std::net::SocketAddr = format!("127.0.0.1:{}", b.ports[1]).parse().unwrap();
+    let client_of = |process: &common::Process| -> std::net::SocketAddr {
+        format!("127.0.0.1:{}", process.ports[1]).parse().unwrap()
+    };
+    let metrics_of = |process: &common::Process| {
+        let url = format!("http://127.0.0.1:{}/metrics", process.ports[2]);
+        async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
+    };
 
     let alice = synapse.register_raiden(CAPS).await;
     let bob = synapse.register_raiden(CAPS).await;
-    let (mut on_a, _) = Socket::ready(a.client, &alice.user.access_token).await;
-    let (mut on_b, _) = Socket::ready(b_client, &bob.user.access_token).await;
+    let (mut on_a, _) = Socket::ready(client_of(&a), &alice.user.access_token).await;
+    let (mut on_b, _) = Socket::ready(client_of(&b), &bob.user.access_token).await;
 
     let invite = |id: u64, call_id: &str| {
         json!({
@@ -70,19 +80,15 @@ async fn a_signal_crosses_instances_through_redis_and_through_matrix_when_redis_
     on_b.send(&json!({ "type": "connected", "id": 12, "call_id": "across-1" })).await;
     assert_eq!(on_a.next_of("ok").await["ref"], 11);
     assert_eq!(on_b.next_of("ok").await["ref"], 12);
-    let b_metrics = || async {
-        let url = format!("http://127.0.0.1:{}/metrics", b.ports[2]);
-        reqwest::get(url).await.unwrap().text().await.unwrap()
-    };
     common::eventually(Duration::from_secs(10), "both brokers to see the call established", || async {
-        let (on_a, on_b) = (a.metrics().await, b_metrics().await);
+        let (on_a, on_b) = (metrics_of(&a).await, metrics_of(&b).await);
         let established = |m: &str| common::metric(m, "switchboard_calls_established ");
         let live = |m: &str| common::metric(m, "switchboard_calls_live ");
         (established(&on_a) == 1 && established(&on_b) == 1 && live(&on_a) == 0 && live(&on_b) == 0)
             .then_some(())
     })
     .await;
-    let (metrics_a, metrics_b) = (a.metrics().await, b_metrics().await);
+    let (metrics_a, metrics_b) = (metrics_of(&a).await, metrics_of(&b).await);
     for (metrics, counted) in [(&metrics_a, 1), (&metrics_b, 0)] {
         assert_eq!(common::metric(metrics, "switchboard_calls_started_total"), counted, "{metrics}");
         assert_eq!(common::metric(metrics, "switchboard_calls_connected_total"), counted, "{metrics}");
@@ -93,18 +99,18 @@ async fn a_signal_crosses_instances_through_redis_and_through_matrix_when_redis_
     // hands it to bob's socket.
     redis.stop();
     common::eventually(Duration::from_secs(10), "instance a to see Redis gone", || async {
-        (common::metric(&a.metrics().await, "switchboard_cluster_up ") == 0).then_some(())
+        (common::metric(&metrics_of(&a).await, "switchboard_cluster_up ") == 0).then_some(())
     })
     .await;
     on_a.send(&invite(2, "across-2")).await;
     assert_eq!(on_a.next_of("delivered").await, json!({ "type": "delivered", "ref": 2, "via": "matrix" }));
     let got = on_b.next_of("signal").await;
     assert_eq!((got["call_id"].as_str(), got["via"].as_str()), (Some("across-2"), Some("matrix")));
-    let metrics = a.metrics().await;
+    let metrics = metrics_of(&a).await;
     assert_eq!(common::metric(&metrics, "switchboard_signalling_cluster_fallbacks_total"), 1);
     // Exactly once: nothing else arrives before the answer to a ping.
     on_b.send(&json!({ "type": "ping", "id": "p" })).await;
     assert_eq!(on_b.next().await.unwrap(), json!({ "type": "pong", "ref": "p" }));
     assert_eq!(b.terminate().await.code(), Some(0));
-    a.stop().await.unwrap();
+    assert_eq!(a.terminate().await.code(), Some(0));
 }

@@ -6,7 +6,7 @@
 #   .local/stack/switchboard/   switchboard.toml, registration.yaml, switchboard.db
 #   .local/stack/logs/          stdout/stderr of both processes
 #   .local/stack/run/           pid files
-#   .local/stack/demo.*         the demo user's password and access token
+#   .local/stack/{alice,bob}.*  the demo peers: key, localpart, password, access token, user id
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 STATE="$REPO/.local/stack"

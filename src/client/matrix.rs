@@ -430,6 +430,20 @@ impl MatrixClient {
         discover_with(&self.inner.http, &self.inner.base).await
     }
 
+    /// Sets one field of `user_id`'s profile (`PUT /_matrix/client/v3/profile/{userId}/{field}`
+    /// with `{field: value}`), retried like a send.
+    pub async fn set_profile_field(
+        &self,
+        user_id: &ruma::UserId,
+        field: &str,
+        value: &Value,
+    ) -> Result<(), MatrixError> {
+        let url = self.url(&["_matrix", "client", "v3", "profile", user_id.as_str(), field]);
+        let body = json!({ field: value });
+        self.with_retry(|| self.request_json(reqwest::Method::PUT, url.clone(), Some(&body))).await?;
+        Ok(())
+    }
+
     /// Joins a room (`POST /_matrix/client/v3/join/{room_id}`), retried like a send.
     pub async fn join_room(&self, room_id: &ruma::RoomId) -> Result<(), MatrixError> {
         let url = self.url(&["_matrix", "client", "v3", "join", room_id.as_str()]);

@@ -30,6 +30,7 @@
 //!   reach it through Matrix; a peer without Switchboard cannot offer a data channel anyway).
 
 mod driver;
+pub mod identity;
 pub mod matrix;
 pub mod reliable;
 pub mod rtc;

@@ -85,7 +85,7 @@ impl Address {
     }
 
     /// The address of an uncompressed secp256k1 public key: the last 20 bytes of its keccak256.
-    fn of_key(key: &VerifyingKey) -> Self {
+    pub fn of_key(key: &VerifyingKey) -> Self {
         let point = key.to_encoded_point(false);
         let hash = Keccak256::digest(&point.as_bytes()[1..]);
         let mut bytes = [0; 20];
@@ -162,6 +162,17 @@ pub fn recover_signer(message: &[u8], signature: &str) -> Result<Address, Signat
     let key = VerifyingKey::recover_from_prehash(&personal_message_hash(message), &signature, recovery_id)
         .map_err(|_| SignatureError::Unrecoverable)?;
     Ok(Address::of_key(&key))
+}
+
+/// Ethereum's `personal_sign` of `message` with `key`: `0x` + r ‖ s ‖ v (v = 27 or 28), as Raiden
+/// signs its displayname; [`recover_signer`] reads it back.
+pub fn personal_sign(key: &k256::ecdsa::SigningKey, message: &[u8]) -> String {
+    // A 32-byte digest is always a valid prehash for secp256k1; signing it cannot fail.
+    let (signature, recovery) =
+        key.sign_prehash_recoverable(&personal_message_hash(message)).expect("a 32-byte prehash signs");
+    let mut bytes = signature.to_bytes().to_vec();
+    bytes.push(27 + recovery.to_byte());
+    format!("0x{}", hex::encode(bytes))
 }
 
 /// Checks that `displayname` is a signature of `user_id` by the address `user_id` claims.
