@@ -257,9 +257,10 @@ fn read_u64(bytes: &[u8]) -> u64 {
 }
 
 /// One line of a Matrix batch: one fragment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Line {
     pub more: bool,
+    #[serde(with = "super::serde_b64")]
     pub payload: Bytes,
 }
 

@@ -28,18 +28,10 @@ pub struct IncomingCounters {
     pub streams_forgotten: u64,
 }
 
-/// What is kept of a stream across a restart: its id and what was delivered (and acked). The
-/// out-of-order buffer and a half-reassembled message are not kept: the sender still holds them
-/// (acks only ever cover whole messages).
-#[derive(Serialize, Deserialize)]
-struct StoredStream {
-    id: StreamId,
-    delivered: u64,
-    acked_sent: u64,
-}
-
+/// One stream as received so far. All of it is kept in a stored state, the out-of-order buffer
+/// and a half-reassembled message included: the sender may have released those fragments unacked
+/// (a peer it did not know to speak the protocol), so they may never come again.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(from = "StoredStream", into = "StoredStream")]
 struct InStream {
     id: StreamId,
     /// The next seq to consume.
@@ -49,27 +41,18 @@ struct InStream {
     /// What the last ack sent said.
     acked_sent: u64,
     /// A duplicate arrived: the sender may have missed our ack, send it again.
+    #[serde(default)]
     ack_forced: bool,
-    /// Since when an ack is owed.
+    /// Since when an ack is owed (transient: after a restore an owed ack is due at once).
+    #[serde(skip)]
     ack_since: Option<Instant>,
+    #[serde(default)]
     reorder: BTreeMap<u64, Line>,
+    #[serde(default, with = "super::serde_b64_vec")]
     partial: Vec<u8>,
     /// Skipping the rest of a message that grew past `max_message_bytes`.
+    #[serde(default)]
     discarding: bool,
-}
-
-impl From<StoredStream> for InStream {
-    fn from(s: StoredStream) -> Self {
-        let mut stream = InStream::new(s.id, s.delivered.saturating_add(1));
-        stream.acked_sent = s.acked_sent.min(s.delivered);
-        stream
-    }
-}
-
-impl From<InStream> for StoredStream {
-    fn from(s: InStream) -> Self {
-        Self { id: s.id, delivered: s.delivered, acked_sent: s.acked_sent }
-    }
 }
 
 impl InStream {
@@ -99,6 +82,7 @@ impl InStream {
 
 /// The receiver's state for one peer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "Stored")]
 pub struct Incoming {
     /// Oldest first; at most `limits.streams_per_peer`.
     streams: Vec<InStream>,
@@ -113,6 +97,28 @@ pub struct Incoming {
     held_bytes: usize,
     limits: Limits,
     counters: IncomingCounters,
+}
+
+/// The stored form of [`Incoming`] (its serialised fields).
+#[derive(Deserialize)]
+struct Stored {
+    streams: Vec<InStream>,
+    limits: Limits,
+    counters: IncomingCounters,
+}
+
+impl From<Stored> for Incoming {
+    fn from(s: Stored) -> Self {
+        let held_bytes = s.streams.iter().flat_map(|st| st.reorder.values()).map(held_cost).sum();
+        Self {
+            streams: s.streams,
+            dc_stream: None,
+            early: Vec::new(),
+            held_bytes,
+            limits: s.limits,
+            counters: s.counters,
+        }
+    }
 }
 
 impl Incoming {
@@ -155,20 +161,10 @@ impl Incoming {
         self.dc_stream
     }
 
-    /// What our HELLO says of the peer: its newest stream and what we delivered of it. Counts as an
-    /// ack of that much.
-    pub fn hello_fields(&mut self) -> (Option<StreamId>, u64) {
-        match self.streams.last_mut() {
-            Some(s) => {
-                s.acked_sent = s.acked_sent.max(s.delivered);
-                if s.delivered == s.acked_sent {
-                    s.ack_forced = false;
-                    s.ack_since = None;
-                }
-                (Some(s.id), s.delivered)
-            }
-            None => (None, 0),
-        }
+    /// What our HELLO says of the peer: its newest stream and what we delivered of it. An ack owed
+    /// stays owed (the HELLO may be lost with the channel); the peer takes the repeat as a no-op.
+    pub fn hello_fields(&self) -> (Option<StreamId>, u64) {
+        self.streams.last().map_or((None, 0), |s| (Some(s.id), s.delivered))
     }
 
     fn index(&mut self, id: StreamId, start: u64) -> usize {
@@ -198,34 +194,42 @@ impl Incoming {
     /// The numbered lines of a Matrix batch. A stream without state starts at `base`; a known
     /// stream whose next expected seq is below `base` moves up to it (the sender no longer holds
     /// anything below, and what it released unacked was sent through Matrix before this batch, so
-    /// it has already arrived).
+    /// it has already arrived: to-device messages from one device arrive in order).
     pub fn receive_batch(&mut self, now: Instant, batch: Batch) -> Vec<Bytes> {
         let i = self.index(batch.stream, batch.base);
         let mut out = Vec::new();
-        if self.streams[i].next < batch.base {
-            let stream = &mut self.streams[i];
-            let kept = stream.reorder.split_off(&batch.base);
-            let dropped = std::mem::replace(&mut stream.reorder, kept);
-            self.held_bytes -= dropped.values().map(held_cost).sum::<usize>();
-            stream.partial.clear();
-            stream.discarding = false;
-            stream.next = batch.base;
-            stream.delivered = batch.base - 1;
-            stream.acked_sent = stream.acked_sent.min(stream.delivered);
-            self.drain_reorder(now, i, &mut out);
-        }
+        self.move_up(now, i, batch.base, &mut out);
         for (seq, line) in (batch.seq..).zip(batch.lines) {
             self.accept(now, i, seq, line, &mut out);
         }
         out
     }
 
-    /// The peer's HELLO on a new data channel: its stream is the channel's from now on (a stream
-    /// without state starts at the HELLO's first unacked seq). DATA that came before it is taken now.
+    /// Moves stream `i` up to `base` if it is behind (the sender holds nothing below).
+    fn move_up(&mut self, now: Instant, i: usize, base: u64, out: &mut Vec<Bytes>) {
+        let stream = &mut self.streams[i];
+        if stream.next >= base {
+            return;
+        }
+        let kept = stream.reorder.split_off(&base);
+        let dropped = std::mem::replace(&mut stream.reorder, kept);
+        self.held_bytes -= dropped.values().map(held_cost).sum::<usize>();
+        stream.partial.clear();
+        stream.discarding = false;
+        stream.next = base;
+        stream.delivered = base - 1;
+        stream.acked_sent = stream.acked_sent.min(stream.delivered);
+        self.drain_reorder(now, i, out);
+    }
+
+    /// The peer's HELLO on a new data channel: its stream is the channel's from now on; a stream
+    /// without state starts at the HELLO's first unacked seq, a known one behind it moves up to it
+    /// (e.g. restored from a state saved a while ago). DATA that came before it is taken now.
     pub fn on_hello(&mut self, now: Instant, hello: &Hello) -> Vec<Bytes> {
         self.dc_stream = Some(hello.stream);
         let i = self.index(hello.stream, hello.first_unacked);
         let mut out = Vec::new();
+        self.move_up(now, i, hello.first_unacked, &mut out);
         for (seq, line) in std::mem::take(&mut self.early) {
             self.held_bytes -= held_cost(&line);
             self.accept(now, i, seq, line, &mut out);
@@ -365,6 +369,16 @@ impl Incoming {
     pub fn take_ack(&mut self) -> Option<Ack> {
         let stream = self.streams.iter_mut().rev().find(|s| s.ack_pending())?;
         Some(Self::mark_acked(stream))
+    }
+
+    /// A send carrying `ack` failed: the ack is owed again.
+    pub fn ack_lost(&mut self, now: Instant, ack: Ack) {
+        if let Some(stream) = self.streams.iter_mut().find(|s| s.id == ack.stream) {
+            // Owed in the stored state too (a forced ack is not kept).
+            stream.acked_sent = stream.acked_sent.min(ack.seq.saturating_sub(1));
+            stream.ack_forced = true;
+            stream.owe_ack(now);
+        }
     }
 
     fn mark_acked(stream: &mut InStream) -> Ack {

@@ -6,18 +6,20 @@
 //! channel and the Matrix sends and does this:
 //!
 //! ```text
-//! application send                ──▶ push(now, message)            (Err(Full): wait, has_room tells)
-//! data channel opened             ──▶ on_channel_open(now)
-//! data channel message            ──▶ receive_dc(now, bytes)   ──▶ messages for the application
-//! data channel closed / Dead      ──▶ on_channel_lost()
-//! m.room.message to-device        ──▶ receive_matrix(now, content)      ──▶ messages
-//! org.switchboard.ack to-device   ──▶ receive_matrix_ack(now, content)
-//! dc_state(now) == Alive          ──▶ poll_dc(now, room) frames onto the channel
-//! otherwise                       ──▶ poll_dc(now, room) (handshake, pings), and
-//!                                     poll_matrix(now) to-device sends to the peer's devices `*`
-//! homeserver answered 200         ──▶ on_homeserver_accepted(first_seq, lines)
-//! sleep until poll_timeout()      ──▶ handle_timeout(now), then poll again
+//! application send               ──▶ push(now, message)   (Err(Full): wait; has_room(len) tells when)
+//! data channel opened            ──▶ on_channel_open(now)
+//! data channel binary message    ──▶ receive_dc(now, bytes)          ──▶ messages for the application
+//! data channel closed / Dead     ──▶ on_channel_lost()
+//! m.room.message to-device       ──▶ receive_matrix(now, content)    ──▶ messages
+//! org.switchboard.ack to-device  ──▶ receive_matrix_ack(now, content)
+//! a channel is open              ──▶ poll_dc(now, room): HELLO, PONG, ACK, PING, and DATA when Alive
+//! dc_state(now) != Alive         ──▶ poll_matrix(now): to-device sends for the peer's devices `*`
+//! homeserver answered 200        ──▶ on_homeserver_accepted(first_seq, lines)   (ToDevice::lines)
+//! send given up after retries    ──▶ on_matrix_failed(now, &send)
+//! sleep until poll_timeout(now)  ──▶ handle_timeout(now), then poll again
 //! ```
+//!
+//! Every call that changes state may make something new to send: poll after each.
 //!
 //! Guarantee: each message pushed reaches the peer's application once and in push order, whichever
 //! transport carried which fragment, as long as neither side loses its state (see the protocol
@@ -122,6 +124,8 @@ pub struct ToDevice {
     pub content: Value,
     /// For a batch: its first seq and line count, for [`Peer::on_homeserver_accepted`].
     pub lines: Option<(u64, usize)>,
+    /// The ack it carries (piggybacked or alone), owed again if the send fails.
+    pub ack: Option<Ack>,
 }
 
 /// Where the data channel stands, for the integrator's choice of transport.
@@ -365,6 +369,7 @@ impl Peer {
             txn_id: format!("sb-ack.{}.{}", ack.stream, ack.seq),
             content: encode_ack(ack),
             lines: None,
+            ack: Some(ack),
         })
     }
 
@@ -373,9 +378,15 @@ impl Peer {
         self.outgoing.on_homeserver_accepted(first_seq, lines);
     }
 
-    /// A batch send was given up: its lines are pending again.
-    pub fn on_matrix_failed(&mut self, first_seq: u64, lines: usize) {
-        self.outgoing.on_matrix_failed(first_seq, lines);
+    /// A to-device send was given up (after its retries): its lines are pending again and its ack
+    /// is owed again.
+    pub fn on_matrix_failed(&mut self, now: Instant, send: &ToDevice) {
+        if let Some((first_seq, lines)) = send.lines {
+            self.outgoing.on_matrix_failed(first_seq, lines);
+        }
+        if let Some(ack) = send.ack {
+            self.incoming.ack_lost(now, ack);
+        }
     }
 
     /// An `m.room.message` to-device content from the peer: the messages now deliverable, in
@@ -418,7 +429,7 @@ impl Peer {
         } else {
             self.incoming.next_ack_deadline(Transport::Matrix)
         };
-        [self.outgoing.poll_timeout(), acks, channel].into_iter().flatten().min()
+        [self.outgoing.poll_timeout(now), acks, channel].into_iter().flatten().min()
     }
 
     /// Runs the timers due at `now`: the resend timer, and a channel turning `Stalled` (what it
@@ -449,5 +460,21 @@ mod serde_b64 {
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
         let text = std::borrow::Cow::<str>::deserialize(deserializer)?;
         STANDARD.decode(text.as_bytes()).map(Bytes::from).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `Vec<u8>` in a stored state as base64 text.
+mod serde_b64_vec {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        STANDARD.decode(text.as_bytes()).map_err(serde::de::Error::custom)
     }
 }

@@ -324,6 +324,7 @@ impl Outgoing {
             txn_id,
             content: codec::encode_batch(&batch),
             lines: Some((first, count)),
+            ack,
         })
     }
 
@@ -418,28 +419,41 @@ impl Outgoing {
 
     /// When the resend timer fires, if it runs: the peer speaks this protocol and fragments were
     /// sent without an ack for the resend timeout (doubling up to `max_resend_timeout` while
-    /// nothing is acked).
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    /// nothing is acked). `now` when the timer is to be started (after a restore: sent fragments
+    /// held, no timer yet), so that [`Outgoing::handle_timeout`] starts it.
+    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
         if !self.peer_speaks {
             return None;
         }
-        Some(self.timer? + self.rto.unwrap_or(self.limits.resend_timeout))
+        match self.timer {
+            Some(start) => Some(start + self.rto.unwrap_or(self.limits.resend_timeout)),
+            None => self.buffer.values().any(|f| f.sent).then_some(now),
+        }
     }
 
     /// Fires the resend timer if it is due: every held fragment is pending again (sent on the
     /// channel if alive, else over Matrix in a new round).
     pub fn handle_timeout(&mut self, now: Instant) {
-        let Some(due) = self.poll_timeout() else { return };
-        if now < due || self.buffer.is_empty() {
-            if self.buffer.is_empty() {
-                self.timer = None;
+        if self.buffer.is_empty() {
+            self.timer = None;
+            return;
+        }
+        if !self.peer_speaks {
+            return;
+        }
+        let Some(start) = self.timer else {
+            if self.buffer.values().any(|f| f.sent) {
+                self.timer = Some(now);
             }
+            return;
+        };
+        let rto = self.rto.unwrap_or(self.limits.resend_timeout);
+        if now < start + rto {
             return;
         }
         self.counters.resend_timeouts += 1;
         self.round += 1;
         self.pending = self.buffer.keys().copied().collect();
-        let rto = self.rto.unwrap_or(self.limits.resend_timeout);
         self.rto = Some((rto * 2).min(self.limits.max_resend_timeout));
         self.timer = Some(now);
     }
