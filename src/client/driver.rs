@@ -31,6 +31,7 @@ use url::Url;
 use super::matrix::{MatrixClient, MatrixError, SyncEvent, SyncHandle, SyncSettings, WhoAmI};
 use super::reliable::{self, DcState, Peer, PushError, StreamId, ToDevice};
 use super::rtc::{Invite, LinkEvent, LinkEvents, OutgoingSignal, Path, PeerLink, RtcConfig, RtcError};
+use super::signal::Via;
 use super::signal::{
     IncomingSignal, SignalConnection, SignalError, SignalEvent, SignalEvents, SignalOptions,
 };
@@ -51,6 +52,8 @@ const SIGNAL_QUEUE: usize = 64;
 const EARLY_SIGNALS: usize = 64;
 /// A call whose channel is not open this long after it started is given up (and retried).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Signals held while Switchboard is not connected are answered if they are younger than this.
+const HELD_SIGNALS_FOR: Duration = Duration::from_secs(30);
 /// Addresses watched at most (Switchboard's default `max_watched`).
 const MAX_WATCHED: usize = 1000;
 /// How often the driver looks whether the first `/sync` has been handled.
@@ -168,6 +171,13 @@ struct PeerState {
     matrix_retry_at: Option<Instant>,
     matrix_backoff: Option<Duration>,
     waiting: VecDeque<(Bytes, oneshot::Sender<Result<(), ClientError>>)>,
+    /// The peer's latest call (its invite and what followed) that came while Switchboard was not
+    /// connected: answered once it is (at most `EARLY_SIGNALS`).
+    held: Vec<(Instant, IncomingSignal)>,
+    /// The peer's signals of a call we have no invite of (yet): the broker may hand us the
+    /// caller's candidates over the socket before its invite arrives through `/sync`. At most
+    /// `EARLY_SIGNALS`, oldest dropped first.
+    orphans: VecDeque<IncomingSignal>,
     figures: Figures,
 }
 
@@ -455,6 +465,26 @@ impl Driver {
     fn sync_event(&mut self, now: Instant, event: SyncEvent) {
         match event {
             SyncEvent::ToDevice { sender, event_type, content } => {
+                if let Some(signal_type) = EventType::parse(&event_type) {
+                    // A signal that came through Matrix (the peer's Switchboard found no socket of
+                    // ours); the same one may also come over the socket: repeats are ignored.
+                    let Value::Object(content) = content else { return };
+                    let Some(call_id) = content.get("call_id").and_then(Value::as_str).map(str::to_owned)
+                    else {
+                        return;
+                    };
+                    let signal = IncomingSignal {
+                        from: sender,
+                        from_address: None,
+                        from_device: None,
+                        call_id,
+                        event_type: signal_type,
+                        content,
+                        via: Via::Matrix,
+                    };
+                    self.incoming_signal(now, signal);
+                    return;
+                }
                 if event_type != reliable::EVENT_MESSAGE && event_type != reliable::EVENT_ACK {
                     return;
                 }
@@ -575,10 +605,17 @@ impl Driver {
                 }
             });
         }
-        // A call that waited for Switchboard starts now.
+        // A call that waited for Switchboard starts now; one the peer started meanwhile is answered.
+        let mut held = Vec::new();
         for peer in self.peers.values_mut() {
             if peer.link.is_none() {
                 peer.retry_at = peer.retry_at.map(|at| at.min(now));
+            }
+            held.append(&mut peer.held);
+        }
+        for (at, signal) in held {
+            if now.saturating_duration_since(at) < HELD_SIGNALS_FOR {
+                self.incoming_signal(now, signal);
             }
         }
     }
@@ -634,12 +671,28 @@ impl Driver {
     }
 
     fn incoming_signal(&mut self, now: Instant, signal: IncomingSignal) {
+        tracing::debug!(call_id = %signal.call_id, event_type = %signal.event_type, via = ?signal.via, "client.call: signal in");
         let address = signal
             .from_address
             .as_deref()
             .and_then(|address| Address::parse(address).ok())
             .or_else(|| claimed_address(signal.from.as_str()));
         let Some(address) = address else { return };
+        if !matches!(self.ctx.signal, SignalState::Up(_)) {
+            // Kept until Switchboard is connected (a peer calls before our socket is up).
+            if signal.event_type == EventType::Invite {
+                if let Some(peer) = peer_entry(&mut self.peers, &self.ctx, address) {
+                    peer.held.clear();
+                    peer.held.push((now, signal));
+                }
+            } else if let Some(peer) = self.peers.get_mut(&address)
+                && peer.held.first().is_some_and(|(_, invite)| invite.call_id == signal.call_id)
+                && peer.held.len() < EARLY_SIGNALS
+            {
+                peer.held.push((now, signal));
+            }
+            return;
+        }
         if signal.event_type == EventType::Invite {
             let known = self.peers.contains_key(&address);
             let accept = match self.ctx.config.accept_calls {
@@ -657,10 +710,15 @@ impl Driver {
             return;
         }
         let Some(peer) = self.peers.get_mut(&address) else { return };
-        let Some(link) = peer.link.as_mut() else { return };
-        if link.call_id.as_deref() != Some(signal.call_id.as_str()) {
+        let Some(link) =
+            peer.link.as_mut().filter(|link| link.call_id.as_deref() == Some(signal.call_id.as_str()))
+        else {
+            if peer.orphans.len() >= EARLY_SIGNALS {
+                peer.orphans.pop_front();
+            }
+            peer.orphans.push_back(signal);
             return;
-        }
+        };
         match &link.handle {
             Some(handle) => {
                 if handle.signals_in.try_send((signal.event_type, signal.content)).is_err() {
@@ -719,8 +777,11 @@ impl Driver {
     }
 
     fn link_event(&mut self, now: Instant, address: Address, token: u64, event: LinkEvent) {
-        let Some(peer) = self.peers.get_mut(&address) else { return };
+        let Some(peer) = peer_entry(&mut self.peers, &self.ctx, address) else { return };
         let Some(link) = peer.link.as_mut().filter(|link| link.token == token) else { return };
+        if !matches!(event, LinkEvent::Message(_)) {
+            tracing::debug!(call_id = ?link.call_id, ?event, "client.call: link event");
+        }
         match event {
             LinkEvent::Open { path } => {
                 link.open = true;
@@ -787,6 +848,8 @@ fn peer_entry<'a>(
             matrix_retry_at: None,
             matrix_backoff: None,
             waiting: VecDeque::new(),
+            held: Vec::new(),
+            orphans: VecDeque::new(),
             figures: Figures::default(),
         };
         peers.insert(address, peer);
@@ -927,6 +990,9 @@ impl Ctx {
         if let Some(link) = &peer.link {
             match link.call_id.as_deref() {
                 Some(ours) if ours == signal.call_id => return,
+                // A call through Matrix may be an old one (a first `/sync` brings what was stored):
+                // it does not replace an open channel.
+                _ if link.open && signal.via == Via::Matrix => return,
                 Some(ours) if link.caller && !link.open && ours < signal.call_id.as_str() => return,
                 _ => {}
             }
@@ -940,12 +1006,18 @@ impl Ctx {
             }
         };
         let token = self.token();
+        let early = peer
+            .orphans
+            .drain(..)
+            .filter(|orphan| orphan.call_id == signal.call_id)
+            .map(|orphan| (orphan.event_type, orphan.content))
+            .collect();
         peer.link = Some(Link {
             token,
             caller: false,
             call_id: Some(signal.call_id.clone()),
             handle: None,
-            early: Vec::new(),
+            early,
             started: now,
             open: false,
             path: None,
@@ -979,6 +1051,7 @@ impl Ctx {
         });
         peer.retry_at = None;
         peer.figures.calls += 1;
+        tracing::debug!("client.call: calling");
         let party = self.party_id.clone();
         let internal = self.internal.clone();
         let address = peer.address;
