@@ -60,6 +60,10 @@ enum Command {
         #[command(subcommand)]
         command: IdentityCommand,
     },
+    /// A command-line peer to check a deployment end to end: run it twice, one `--listen`, one
+    /// `--to ADDRESS`; prints the path, the upgrade time and round-trip times.
+    #[cfg(feature = "client")]
+    Peer(PeerArgs),
     /// Run the service.
     Serve {
         #[arg(short, long, env = "SWITCHBOARD_CONFIG", default_value = "switchboard.toml")]
@@ -68,6 +72,46 @@ enum Command {
         #[arg(long)]
         no_migrate: bool,
     },
+}
+
+#[cfg(feature = "client")]
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["listen", "to"])))]
+struct PeerArgs {
+    /// The homeserver's client API, e.g. http://127.0.0.1:8008.
+    #[arg(long)]
+    homeserver: url::Url,
+    /// A file holding the user's access token (else SWITCHBOARD_PEER_TOKEN).
+    #[arg(long)]
+    access_token_file: Option<PathBuf>,
+    /// Switchboard's client API; discovered from the homeserver's well-known when not given.
+    #[arg(long)]
+    switchboard: Option<url::Url>,
+    /// Wait for peers and echo what they send.
+    #[arg(long)]
+    listen: bool,
+    /// Open a data channel to this address and send to it.
+    #[arg(long, value_name = "ADDRESS")]
+    to: Option<String>,
+    /// Messages to send (--to; default 100), or to echo before exiting (--listen; default 0: until
+    /// the timeout).
+    #[arg(long)]
+    count: Option<usize>,
+    /// Bytes per message (Raiden-shaped JSON text padded to the size).
+    #[arg(long, default_value_t = 3200)]
+    size: usize,
+    /// Seconds the whole run may take (0 with --listen: until interrupted).
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Relay-only ICE: every channel through TURN (checks the relay).
+    #[arg(long)]
+    relay_only: bool,
+    /// Publish this key's Raiden profile (displayname and capabilities) before connecting.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// End with one JSON line: path, upgrade_ms, rtt_ms {p50, p99}, sent, acknowledged, received.
+    #[arg(long)]
+    json: bool,
 }
 
 #[cfg(feature = "client")]
@@ -151,6 +195,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         #[cfg(feature = "client")]
         Command::Identity { command } => identity(command),
+        #[cfg(feature = "client")]
+        Command::Peer(args) => peer(args),
         Command::Serve { config, no_migrate } => {
             let mut config = Config::load(&config)?;
             if no_migrate {
@@ -225,6 +271,47 @@ fn identity(command: IdentityCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+#[cfg(feature = "client")]
+fn peer(args: PeerArgs) -> anyhow::Result<()> {
+    use switchboard::client::{ClientConfig, identity, matrix, peer};
+    let token = access_token(args.access_token_file.as_deref())?;
+    let mode = match args.to {
+        Some(address) => peer::Mode::To(address),
+        None => peer::Mode::Listen,
+    };
+    let count = args.count.unwrap_or(if matches!(mode, peer::Mode::To(_)) { 100 } else { 0 });
+    let options = peer::PeerOptions {
+        mode,
+        count,
+        size: args.size,
+        timeout: std::time::Duration::from_secs(args.timeout),
+    };
+    let mut config = ClientConfig::new(args.homeserver.clone(), token.clone());
+    config.switchboard = args.switchboard;
+    config.relay_only = args.relay_only;
+    let json = args.json;
+    runtime()?.block_on(async move {
+        if let Some(key_file) = &args.key_file {
+            let key = identity::RaidenKey::load(key_file)?;
+            let matrix = matrix::MatrixClient::new(&args.homeserver, token, matrix::Settings::default())?;
+            identity::publish(&matrix, &key, identity::DEFAULT_CAPABILITIES).await?;
+            eprintln!("published the Raiden profile of {}", key.address().to_checksum());
+        }
+        let result = peer::run(config, &options, |line| eprintln!("{line}")).await;
+        let (report, error) = match result {
+            Ok(report) => (report, None),
+            Err((error, report)) => (report, Some(error)),
+        };
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        match error {
+            Some(error) => Err(error.into()),
+            None => Ok(()),
+        }
+    })
 }
 
 /// The access token from `file` (its first line), else from `SWITCHBOARD_PEER_TOKEN`; never from

@@ -32,6 +32,7 @@
 mod driver;
 pub mod identity;
 pub mod matrix;
+pub mod peer;
 pub mod reliable;
 pub mod rtc;
 pub mod signal;
