@@ -105,7 +105,7 @@ enum Internal {
     },
     MatrixSent {
         address: Address,
-        lines: Option<(u64, usize)>,
+        send: ToDevice,
         result: Result<(), MatrixError>,
     },
 }
@@ -544,7 +544,8 @@ impl Driver {
                 self.link_created(now, address, token, result);
             }
             Internal::Link { address, token, event } => self.link_event(now, address, token, event),
-            Internal::MatrixSent { address, lines, result } => {
+            Internal::MatrixSent { address, send, result } => {
+                let lines = send.lines;
                 let Some(peer) = self.peers.get_mut(&address) else { return };
                 peer.matrix_busy = false;
                 match result {
@@ -561,9 +562,7 @@ impl Driver {
                     }
                     Err(error) => {
                         tracing::warn!(%error, "client.matrix: a to-device send failed; retrying later");
-                        if let Some((first, count)) = lines {
-                            peer.reliable.on_matrix_failed(first, count);
-                        }
+                        peer.reliable.on_matrix_failed(now, &send);
                         let wait = self.ctx.config.matrix_backoff.next(peer.matrix_backoff);
                         peer.matrix_backoff = Some(wait);
                         peer.matrix_retry_at = Some(now + wait);
@@ -1128,7 +1127,7 @@ impl Ctx {
         let address = peer.address;
         let user_id = peer.user_id.clone();
         tokio::spawn(async move {
-            let txn_id: OwnedTransactionId = send.txn_id.into();
+            let txn_id: OwnedTransactionId = send.txn_id.clone().into();
             let result = matrix
                 .send_to_device(
                     send.event_type,
@@ -1138,7 +1137,7 @@ impl Ctx {
                     &txn_id,
                 )
                 .await;
-            let _ = internal.send(Internal::MatrixSent { address, lines: send.lines, result }).await;
+            let _ = internal.send(Internal::MatrixSent { address, send, result }).await;
         });
     }
 }
