@@ -54,6 +54,9 @@ const EARLY_SIGNALS: usize = 64;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Signals held while Switchboard is not connected are answered if they are younger than this.
 const HELD_SIGNALS_FOR: Duration = Duration::from_secs(30);
+/// A channel whose writer takes no frame for this long is given up: its PINGs cannot get through
+/// either (a relay that vanished leaves the channel's buffer full until ICE times out, ~30 s).
+const WRITE_STALL: Duration = Duration::from_secs(5);
 /// Addresses watched at most (Switchboard's default `max_watched`).
 const MAX_WATCHED: usize = 1000;
 /// How often the driver looks whether the first `/sync` has been handled.
@@ -129,6 +132,8 @@ struct LinkHandle {
     signals_in: mpsc::Sender<(EventType, Map<String, Value>)>,
     /// Frames polled but not yet queued for the writer.
     outbox: VecDeque<Bytes>,
+    /// When the writer last took a frame (or had nothing waiting).
+    progress: Instant,
 }
 
 /// One call to a peer, from its start to its end.
@@ -351,10 +356,15 @@ impl Driver {
             if peer.matrix_retry_at.is_some() && !peer.matrix_busy {
                 consider(peer.matrix_retry_at);
             }
-            if let Some(link) = &peer.link
-                && !link.open
-            {
-                consider(Some(link.started + CALL_TIMEOUT));
+            if let Some(link) = &peer.link {
+                if !link.open {
+                    consider(Some(link.started + CALL_TIMEOUT));
+                }
+                if let Some(handle) = &link.handle
+                    && !handle.outbox.is_empty()
+                {
+                    consider(Some(handle.progress + WRITE_STALL));
+                }
             }
         }
         deadline
@@ -1072,7 +1082,11 @@ impl Ctx {
             let _ = reply.send(push(peer, now, bytes));
         }
         if let Some(link) = &peer.link {
-            if link.open && peer.reliable.dc_state(now) == DcState::Dead {
+            let stuck = link.handle.as_ref().is_some_and(|handle| now >= handle.progress + WRITE_STALL);
+            if link.open && stuck {
+                self.drop_link(peer, now, "the data channel stopped draining", true);
+                self.schedule_retry(peer, now);
+            } else if link.open && peer.reliable.dc_state(now) == DcState::Dead {
                 self.drop_link(peer, now, "the data channel went silent", true);
                 self.schedule_retry(peer, now);
             } else if !link.open && now >= link.started + CALL_TIMEOUT {
@@ -1091,7 +1105,7 @@ impl Ctx {
                 self.outbox.push_back(ClientEvent::ChannelUp { address: peer.address.to_checksum(), path });
             }
             if let Some(handle) = link.handle.as_mut() {
-                flush(handle);
+                flush(handle, now);
                 if handle.outbox.is_empty() {
                     for frame in peer.reliable.poll_dc(now, DC_POLL_BYTES) {
                         if frame.first() == Some(&0x01) {
@@ -1099,7 +1113,7 @@ impl Ctx {
                         }
                         handle.outbox.push_back(frame);
                     }
-                    flush(handle);
+                    flush(handle, now);
                 }
             }
         }
@@ -1143,10 +1157,13 @@ impl Ctx {
 }
 
 /// Moves polled frames to the writer while it has room.
-fn flush(handle: &mut LinkHandle) {
+fn flush(handle: &mut LinkHandle, now: Instant) {
+    if handle.outbox.is_empty() {
+        handle.progress = now;
+    }
     while let Some(frame) = handle.outbox.pop_front() {
         match handle.frames.try_send(frame) {
-            Ok(()) => {}
+            Ok(()) => handle.progress = now,
             Err(mpsc::error::TrySendError::Full(frame)) => {
                 handle.outbox.push_front(frame);
                 break;
@@ -1239,5 +1256,5 @@ fn start_link_tasks(
             room.notify_one();
         }
     });
-    LinkHandle { link: link.clone(), frames, signals_in, outbox: VecDeque::new() }
+    LinkHandle { link: link.clone(), frames, signals_in, outbox: VecDeque::new(), progress: ctx.clock.now() }
 }
