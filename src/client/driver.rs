@@ -54,6 +54,9 @@ const EARLY_SIGNALS: usize = 64;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Signals held while Switchboard is not connected are answered if they are younger than this.
 const HELD_SIGNALS_FOR: Duration = Duration::from_secs(30);
+/// A channel whose writer takes no frame for this long is given up: its PINGs cannot get through
+/// either (a relay that vanished leaves the channel's buffer full until ICE times out, ~30 s).
+const WRITE_STALL: Duration = Duration::from_secs(5);
 /// Addresses watched at most (Switchboard's default `max_watched`).
 const MAX_WATCHED: usize = 1000;
 /// How often the driver looks whether the first `/sync` has been handled.
@@ -105,7 +108,7 @@ enum Internal {
     },
     MatrixSent {
         address: Address,
-        lines: Option<(u64, usize)>,
+        send: ToDevice,
         result: Result<(), MatrixError>,
     },
 }
@@ -129,6 +132,8 @@ struct LinkHandle {
     signals_in: mpsc::Sender<(EventType, Map<String, Value>)>,
     /// Frames polled but not yet queued for the writer.
     outbox: VecDeque<Bytes>,
+    /// When the writer last took a frame (or had nothing waiting).
+    progress: Instant,
 }
 
 /// One call to a peer, from its start to its end.
@@ -351,10 +356,15 @@ impl Driver {
             if peer.matrix_retry_at.is_some() && !peer.matrix_busy {
                 consider(peer.matrix_retry_at);
             }
-            if let Some(link) = &peer.link
-                && !link.open
-            {
-                consider(Some(link.started + CALL_TIMEOUT));
+            if let Some(link) = &peer.link {
+                if !link.open {
+                    consider(Some(link.started + CALL_TIMEOUT));
+                }
+                if let Some(handle) = &link.handle
+                    && !handle.outbox.is_empty()
+                {
+                    consider(Some(handle.progress + WRITE_STALL));
+                }
             }
         }
         deadline
@@ -544,7 +554,8 @@ impl Driver {
                 self.link_created(now, address, token, result);
             }
             Internal::Link { address, token, event } => self.link_event(now, address, token, event),
-            Internal::MatrixSent { address, lines, result } => {
+            Internal::MatrixSent { address, send, result } => {
+                let lines = send.lines;
                 let Some(peer) = self.peers.get_mut(&address) else { return };
                 peer.matrix_busy = false;
                 match result {
@@ -561,9 +572,7 @@ impl Driver {
                     }
                     Err(error) => {
                         tracing::warn!(%error, "client.matrix: a to-device send failed; retrying later");
-                        if let Some((first, count)) = lines {
-                            peer.reliable.on_matrix_failed(first, count);
-                        }
+                        peer.reliable.on_matrix_failed(now, &send);
                         let wait = self.ctx.config.matrix_backoff.next(peer.matrix_backoff);
                         peer.matrix_backoff = Some(wait);
                         peer.matrix_retry_at = Some(now + wait);
@@ -1073,7 +1082,11 @@ impl Ctx {
             let _ = reply.send(push(peer, now, bytes));
         }
         if let Some(link) = &peer.link {
-            if link.open && peer.reliable.dc_state(now) == DcState::Dead {
+            let stuck = link.handle.as_ref().is_some_and(|handle| now >= handle.progress + WRITE_STALL);
+            if link.open && stuck {
+                self.drop_link(peer, now, "the data channel stopped draining", true);
+                self.schedule_retry(peer, now);
+            } else if link.open && peer.reliable.dc_state(now) == DcState::Dead {
                 self.drop_link(peer, now, "the data channel went silent", true);
                 self.schedule_retry(peer, now);
             } else if !link.open && now >= link.started + CALL_TIMEOUT {
@@ -1092,7 +1105,7 @@ impl Ctx {
                 self.outbox.push_back(ClientEvent::ChannelUp { address: peer.address.to_checksum(), path });
             }
             if let Some(handle) = link.handle.as_mut() {
-                flush(handle);
+                flush(handle, now);
                 if handle.outbox.is_empty() {
                     for frame in peer.reliable.poll_dc(now, DC_POLL_BYTES) {
                         if frame.first() == Some(&0x01) {
@@ -1100,7 +1113,7 @@ impl Ctx {
                         }
                         handle.outbox.push_back(frame);
                     }
-                    flush(handle);
+                    flush(handle, now);
                 }
             }
         }
@@ -1128,7 +1141,7 @@ impl Ctx {
         let address = peer.address;
         let user_id = peer.user_id.clone();
         tokio::spawn(async move {
-            let txn_id: OwnedTransactionId = send.txn_id.into();
+            let txn_id: OwnedTransactionId = send.txn_id.clone().into();
             let result = matrix
                 .send_to_device(
                     send.event_type,
@@ -1138,16 +1151,19 @@ impl Ctx {
                     &txn_id,
                 )
                 .await;
-            let _ = internal.send(Internal::MatrixSent { address, lines: send.lines, result }).await;
+            let _ = internal.send(Internal::MatrixSent { address, send, result }).await;
         });
     }
 }
 
 /// Moves polled frames to the writer while it has room.
-fn flush(handle: &mut LinkHandle) {
+fn flush(handle: &mut LinkHandle, now: Instant) {
+    if handle.outbox.is_empty() {
+        handle.progress = now;
+    }
     while let Some(frame) = handle.outbox.pop_front() {
         match handle.frames.try_send(frame) {
-            Ok(()) => {}
+            Ok(()) => handle.progress = now,
             Err(mpsc::error::TrySendError::Full(frame)) => {
                 handle.outbox.push_front(frame);
                 break;
@@ -1240,5 +1256,5 @@ fn start_link_tasks(
             room.notify_one();
         }
     });
-    LinkHandle { link: link.clone(), frames, signals_in, outbox: VecDeque::new() }
+    LinkHandle { link: link.clone(), frames, signals_in, outbox: VecDeque::new(), progress: ctx.clock.now() }
 }
