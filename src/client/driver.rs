@@ -385,9 +385,9 @@ impl Driver {
             self.ctx.connect();
         }
         for peer in self.peers.values_mut() {
-            if peer.reliable.poll_timeout(now).is_some_and(|at| at <= now) {
-                peer.reliable.handle_timeout(now);
-            }
+            // Cheap, and it checks what is due itself (a deadline computed earlier may have moved:
+            // a PING timing out changes the state, and with it `poll_timeout`).
+            peer.reliable.handle_timeout(now);
             self.ctx.pump(peer, now);
         }
     }
