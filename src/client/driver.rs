@@ -385,9 +385,9 @@ impl Driver {
             self.ctx.connect();
         }
         for peer in self.peers.values_mut() {
-            if peer.reliable.poll_timeout(now).is_some_and(|at| at <= now) {
-                peer.reliable.handle_timeout(now);
-            }
+            // Cheap, and it checks what is due itself (a deadline computed earlier may have moved:
+            // a PING timing out changes the state, and with it `poll_timeout`).
+            peer.reliable.handle_timeout(now);
             self.ctx.pump(peer, now);
         }
     }
@@ -1106,7 +1106,10 @@ impl Ctx {
             }
             if let Some(handle) = link.handle.as_mut() {
                 flush(handle, now);
-                if handle.outbox.is_empty() {
+                // While Stalled nothing more is written to the channel: our acks (and PONGs) go no
+                // further than its full buffer, so the delivery layer sends acks through Matrix
+                // instead. A PONG still arriving makes it Alive again; otherwise it goes Dead.
+                if handle.outbox.is_empty() && state != DcState::Stalled {
                     for frame in peer.reliable.poll_dc(now, DC_POLL_BYTES) {
                         if frame.first() == Some(&0x01) {
                             peer.figures.dc_data_frames += 1;
