@@ -103,6 +103,30 @@ fn assert_in_order(seen: &Seen, from: &str, count: usize) {
     }
 }
 
+/// Two Raiden users, each with a [`Client`] connected to Switchboard at `client` (both on it
+/// before anything else, so that an invite takes the relay: see the client's known issues, an
+/// invite that reaches the callee through Matrix may cost a retry).
+struct Pair {
+    alice: common::raiden::Raiden,
+    bob: common::raiden::Raiden,
+    a: Client,
+    a_seen: watch::Receiver<Seen>,
+    b: Client,
+    b_seen: watch::Receiver<Seen>,
+}
+
+async fn pair_on_switchboard(synapse: &common::Synapse, client: std::net::SocketAddr) -> Pair {
+    let alice = synapse.register_raiden(CAPS).await;
+    let bob = synapse.register_raiden(CAPS).await;
+    let switchboard = format!("http://{client}");
+    let (a, mut a_seen) =
+        connect(&synapse.base_url, &alice.user.access_token, Some(switchboard.clone())).await;
+    let (b, mut b_seen) = connect(&synapse.base_url, &bob.user.access_token, Some(switchboard)).await;
+    wait(&mut a_seen, "alice on Switchboard", |seen| seen.switchboard == [true]).await;
+    wait(&mut b_seen, "bob on Switchboard", |seen| seen.switchboard == [true]).await;
+    Pair { alice, bob, a, a_seen, b, b_seen }
+}
+
 async fn connect(
     homeserver: &str,
     token: &str,
@@ -138,17 +162,8 @@ async fn two_clients_upgrade_through_the_relay_and_exchange_a_thousand_messages_
     let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
         return;
     };
-    let alice = synapse.register_raiden(CAPS).await;
-    let bob = synapse.register_raiden(CAPS).await;
-    let switchboard = format!("http://{}", running.client);
-    let (a, mut a_seen) =
-        connect(&synapse.base_url, &alice.user.access_token, Some(switchboard.clone())).await;
-    let (b, mut b_seen) = connect(&synapse.base_url, &bob.user.access_token, Some(switchboard)).await;
-
-    // Both on Switchboard first, so that the invite takes the relay (see the client's known
-    // issues: an invite that reaches the callee through Matrix may cost a retry).
-    wait(&mut a_seen, "alice on Switchboard", |seen| seen.switchboard == [true]).await;
-    wait(&mut b_seen, "bob on Switchboard", |seen| seen.switchboard == [true]).await;
+    let Pair { alice, bob, a, mut a_seen, b, mut b_seen } =
+        pair_on_switchboard(&synapse, running.client).await;
     let started = Instant::now();
     a.open(&bob.address).await.unwrap();
     wait(&mut a_seen, "alice's channel up", |seen| !seen.ups.is_empty()).await;
@@ -202,14 +217,8 @@ async fn a_channel_cut_mid_stream_falls_back_to_matrix_without_loss_and_upgrades
     let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
         return;
     };
-    let alice = synapse.register_raiden(CAPS).await;
-    let bob = synapse.register_raiden(CAPS).await;
-    let switchboard = format!("http://{}", running.client);
-    let (a, mut a_seen) =
-        connect(&synapse.base_url, &alice.user.access_token, Some(switchboard.clone())).await;
-    let (b, mut b_seen) = connect(&synapse.base_url, &bob.user.access_token, Some(switchboard)).await;
-    wait(&mut a_seen, "alice on Switchboard", |seen| seen.switchboard == [true]).await;
-    wait(&mut b_seen, "bob on Switchboard", |seen| seen.switchboard == [true]).await;
+    let Pair { alice, bob, a, mut a_seen, b, mut b_seen } =
+        pair_on_switchboard(&synapse, running.client).await;
     a.open(&bob.address).await.unwrap();
     wait(&mut a_seen, "alice's channel up", |seen| !seen.ups.is_empty()).await;
     wait(&mut b_seen, "bob's channel up", |seen| !seen.ups.is_empty()).await;
@@ -297,14 +306,8 @@ async fn switchboard_stopped_mid_stream_leaves_matrix_carrying_on_and_a_restart_
     let Some((synapse, running)) = common::with_synapse(&database, None).await else {
         return;
     };
-    let alice = synapse.register_raiden(CAPS).await;
-    let bob = synapse.register_raiden(CAPS).await;
-    let switchboard = format!("http://{}", running.client);
-    let (a, mut a_seen) =
-        connect(&synapse.base_url, &alice.user.access_token, Some(switchboard.clone())).await;
-    let (b, mut b_seen) = connect(&synapse.base_url, &bob.user.access_token, Some(switchboard)).await;
-    wait(&mut a_seen, "alice on Switchboard", |seen| seen.switchboard == [true]).await;
-    wait(&mut b_seen, "bob on Switchboard", |seen| seen.switchboard == [true]).await;
+    let Pair { alice, bob, a, mut a_seen, b, mut b_seen } =
+        pair_on_switchboard(&synapse, running.client).await;
     a.open(&bob.address).await.unwrap();
     wait(&mut a_seen, "alice's channel up", |seen| !seen.ups.is_empty()).await;
 

@@ -35,6 +35,7 @@ use serde_json::{Value, json};
 use url::Url;
 
 use crate::clock::Clock;
+use crate::homeserver::describe;
 
 pub use sync::{SyncEvent, SyncHandle, SyncSettings};
 
@@ -643,21 +644,6 @@ fn error_from_answer(status: u16, body: &[u8], retry_after_header: Option<Durati
         retry_after: retry_after_ms.map(Duration::from_millis).or(retry_after_header),
         soft_logout,
     }
-}
-
-/// A reqwest error with its causes, without the URL (it may name users).
-fn describe(error: &reqwest::Error) -> String {
-    let mut text = error.to_string();
-    if let Some(url) = error.url() {
-        text = text.replace(url.as_str(), "<url>");
-    }
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -224,46 +224,18 @@ impl fmt::Display for CloseReason {
     }
 }
 
-/// The `code` of a server `error` frame (docs/protocol.md, `error`).
+/// The `code` of a server `error` frame (docs/protocol.md, `error`): one the server's protocol
+/// module defines, or one this client does not know (the server may add some within v1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ErrorCode {
-    BadFrame,
-    UnknownType,
-    Invalid,
-    TooLarge,
-    RateLimited,
-    NotAuthenticated,
-    TooManyWatched,
-    UnknownPeer,
-    Undeliverable,
-    Refused,
-    Duplicate,
-    Late,
-    Glare,
-    Internal,
-    /// A code this client does not know (the server may add some within v1).
+    Known(crate::signalling::protocol::ErrorCode),
     Other(String),
 }
 
 impl ErrorCode {
     fn parse(code: &str) -> Self {
-        match code {
-            "bad_frame" => Self::BadFrame,
-            "unknown_type" => Self::UnknownType,
-            "invalid" => Self::Invalid,
-            "too_large" => Self::TooLarge,
-            "rate_limited" => Self::RateLimited,
-            "not_authenticated" => Self::NotAuthenticated,
-            "too_many_watched" => Self::TooManyWatched,
-            "unknown_peer" => Self::UnknownPeer,
-            "undeliverable" => Self::Undeliverable,
-            "refused" => Self::Refused,
-            "duplicate" => Self::Duplicate,
-            "late" => Self::Late,
-            "glare" => Self::Glare,
-            "internal" => Self::Internal,
-            other => Self::Other(other.to_owned()),
-        }
+        serde_json::from_value(Value::String(code.to_owned()))
+            .map_or_else(|_| Self::Other(code.to_owned()), Self::Known)
     }
 }
 
@@ -975,6 +947,7 @@ fn parse_signal(value: Value) -> Result<IncomingSignal, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signalling::protocol::ErrorCode as Code;
 
     /// The server's side of a socket, as channels: what the test pushes is what the client reads.
     struct FakeSocket {
@@ -1082,7 +1055,7 @@ mod tests {
         };
         let (error, ()) = tokio::join!(sending, answering);
         let error = error.unwrap_err();
-        assert_eq!(error.code(), Some(&ErrorCode::UnknownPeer), "{error:?}");
+        assert_eq!(error.code(), Some(&ErrorCode::Known(Code::UnknownPeer)), "{error:?}");
     }
 
     #[tokio::test]

@@ -362,8 +362,8 @@ impl HomeserverClient {
 }
 
 /// An HTTP client error with its causes ("error sending request: … Connection refused"), without
-/// the URL (it may carry a user id or token in its query).
-fn describe(error: &reqwest::Error) -> String {
+/// the URL (it may carry a user id or token in its query). The thin client's Matrix layer uses it too.
+pub(crate) fn describe(error: &reqwest::Error) -> String {
     let mut text = error.to_string();
     if let Some(url) = error.url() {
         text = text.replace(url.as_str(), "<url>");

@@ -66,8 +66,8 @@ pub mod close {
     }
 }
 
-/// The code of an `error` frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// The code of an `error` frame (also what the thin client reads back, `client::signal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// Not JSON, not an object, or no string `type`.
