@@ -2,7 +2,11 @@
 //! relay: two Raiden users upgrade to a relay-only data channel and exchange 1,000 Raiden-shaped
 //! messages of 3,200 bytes exactly once and in order, with the relay's counters confirming the
 //! path; a channel cut mid-stream hands the rest to Matrix (none lost, none repeated) and the
-//! clients upgrade again; and with no Switchboard at all, messages go through Matrix to-device.
+//! clients upgrade again (the peer connection closed; the TURN relay, a real coturn, stopped and
+//! started again; Switchboard stopped and started again); with no Switchboard at all, messages go
+//! through Matrix to-device; a plain Raiden node (Matrix only, Raiden's own format) reads every
+//! message and its replies reach the client; and two clients on a routed LAN of network namespaces
+//! connect directly, the relay carrying nothing.
 
 mod common;
 
@@ -132,14 +136,21 @@ async fn connect(
     token: &str,
     switchboard: Option<String>,
 ) -> (Client, watch::Receiver<Seen>) {
+    let (client, events) =
+        tokio::time::timeout(STEP, Client::connect(config(homeserver, token, switchboard)))
+            .await
+            .expect("connect in time")
+            .unwrap();
+    (client, log(events))
+}
+
+/// The tests' client settings: relay-only ICE, back on Switchboard within 2 s of its restart.
+fn config(homeserver: &str, token: &str, switchboard: Option<String>) -> ClientConfig {
     let mut config = ClientConfig::new(homeserver.parse().unwrap(), token);
     config.switchboard = switchboard.map(|url| url.parse().unwrap());
     config.relay_only = true;
-    // Back on Switchboard within 2 s of its restart.
     config.reconnect_backoff.max = Duration::from_secs(2);
-    let (client, events) =
-        tokio::time::timeout(STEP, Client::connect(config)).await.expect("connect in time").unwrap();
-    (client, log(events))
+    config
 }
 
 /// Sends messages `range` from `client` to `to`, in order, each awaited (backpressure).
@@ -342,5 +353,324 @@ async fn switchboard_stopped_mid_stream_leaves_matrix_carrying_on_and_a_restart_
 
     a.shutdown().await;
     b.shutdown().await;
+    running.stop().await.unwrap();
+}
+
+/// coturn's `turnserver` on loopback, sharing Switchboard's TURN secret (the `external` mode), its
+/// relay allowed to reach loopback peers; killed on drop.
+struct Coturn {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Coturn {
+    /// `None` (after `skip`) when coturn is not installed (`deploy/prerequisites --tests`).
+    fn start(port: u16) -> Option<Coturn> {
+        if std::process::Command::new("turnserver").arg("--version").output().is_err() {
+            common::skip("no turnserver (coturn)");
+            return None;
+        }
+        let child = std::process::Command::new("turnserver")
+            .args(["-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "--listening-port"])
+            .arg(port.to_string())
+            .args(["--use-auth-secret", &format!("--static-auth-secret={}", common::TURN_SECRET)])
+            .args([
+                "--realm",
+                common::SERVER_NAME,
+                "--allow-loopback-peers",
+                "--no-cli",
+                "--no-tls",
+                "--no-dtls",
+            ])
+            .args(["--min-port", "40000", "--max-port", "49999", "--log-file", "stdout", "--simple-log"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start turnserver");
+        Some(Coturn { child, port })
+    }
+
+    fn uri(&self) -> String {
+        format!("turn:127.0.0.1:{}?transport=udp", self.port)
+    }
+}
+
+impl Drop for Coturn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_stopped_mid_stream_hands_the_rest_to_matrix_and_its_return_upgrades_again() {
+    let turn_port = common::free_port();
+    let Some(coturn) = Coturn::start(turn_port) else { return };
+    let uri = coturn.uri();
+    let dir = tempfile::tempdir().unwrap();
+    let Some((synapse, running)) = common::with_synapse_on(
+        &common::sqlite_url(dir.path()),
+        None,
+        |config| {
+            // Switchboard hands out credentials for coturn, which relays.
+            config.turn.mode = switchboard::config::TurnMode::External;
+            config.turn.uris = vec![uri];
+        },
+        switchboard::clock::Clock::system(),
+    )
+    .await
+    else {
+        return;
+    };
+    let Pair { alice, bob, a, mut a_seen, b, mut b_seen } =
+        pair_on_switchboard(&synapse, running.client).await;
+    a.open(&bob.address).await.unwrap();
+    wait(&mut a_seen, "alice's channel up through coturn", |seen| !seen.ups.is_empty()).await;
+    wait(&mut b_seen, "bob's channel up through coturn", |seen| !seen.ups.is_empty()).await;
+    assert_eq!(a_seen.borrow().ups[0].1, Path::Relay);
+
+    let sending = send_range(&a, &bob.address, 0..COUNT);
+    wait(&mut b_seen, "bob's first 300 messages", |seen| seen.messages.len() >= 300).await;
+    // The relay goes away: the channel stalls (a PING unanswered), Matrix carries the rest.
+    let stopped = Instant::now();
+    drop(coturn);
+    wait(&mut b_seen, "bob's 1,000 messages", |seen| seen.messages.len() >= COUNT).await;
+    println!("the rest arrived {:?} after the relay stopped", stopped.elapsed());
+    sending.await.unwrap();
+    assert_in_order(&b_seen.borrow(), &alice.address, COUNT);
+    let stats = a.stats(&bob.address).await.unwrap().unwrap();
+    println!("alice's figures after the relay stopped: {stats:?}");
+    assert!(stats.matrix_lines > 0, "Matrix carried messages: {stats:?}");
+    wait(&mut a_seen, "alice's channel down", |seen| !seen.downs.is_empty()).await;
+
+    // The relay comes back on its port: alice calls again (backoff) and both sides upgrade.
+    let restarted = Instant::now();
+    let _coturn = Coturn::start(turn_port).unwrap();
+    wait(&mut a_seen, "alice's second channel", |seen| seen.ups.len() >= 2).await;
+    wait(&mut b_seen, "bob's second channel", |seen| seen.ups.len() >= 2).await;
+    println!("upgraded again {:?} after the relay restarted", restarted.elapsed());
+    let frames_before = a.stats(&bob.address).await.unwrap().unwrap().dc_data_frames;
+    let sending = send_range(&a, &bob.address, COUNT..COUNT + 100);
+    wait(&mut b_seen, "100 more messages", |seen| seen.messages.len() >= COUNT + 100).await;
+    sending.await.unwrap();
+    assert_in_order(&b_seen.borrow(), &alice.address, COUNT + 100);
+    let stats = a.stats(&bob.address).await.unwrap().unwrap();
+    assert!(stats.dc_data_frames >= frames_before + 100, "the new channel carried them: {stats:?}");
+
+    a.shutdown().await;
+    b.shutdown().await;
+    running.stop().await.unwrap();
+}
+
+/// A Raiden 3.x node without Switchboard, by hand: its own `/sync`, its own to-device sends of
+/// `m.room.message` `m.text` with newline-separated JSON bodies (to every device, `*`).
+struct PlainRaiden {
+    raiden: common::raiden::Raiden,
+    base_url: String,
+    http: reqwest::Client,
+    since: Option<String>,
+    txn: usize,
+}
+
+impl PlainRaiden {
+    /// Sends `bodies` to `to` in one to-device message, as Raiden batches them.
+    async fn send(&mut self, to: &str, bodies: &[String]) {
+        self.txn += 1;
+        let url =
+            format!("{}/_matrix/client/v3/sendToDevice/m.room.message/plain{}", self.base_url, self.txn);
+        let content = serde_json::json!({ "msgtype": "m.text", "body": bodies.join("\n") });
+        let response = self
+            .http
+            .put(url)
+            .bearer_auth(&self.raiden.user.access_token)
+            .json(&serde_json::json!({ "messages": { to: { "*": content } } }))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "sendToDevice: {}", response.status());
+    }
+
+    /// The contents of the `m.room.message` `m.text` to-device events (messages) from `from` in
+    /// one `/sync` (long-poll of at most 5 s). `m.notice` ones are Raiden's WebRTC signalling (the
+    /// call Switchboard bridges to this node in Raiden's dialect), which this node never answers.
+    async fn sync(&mut self, from: &str) -> Vec<serde_json::Value> {
+        let url = match &self.since {
+            Some(since) => format!("{}/_matrix/client/v3/sync?timeout=5000&since={since}", self.base_url),
+            None => format!("{}/_matrix/client/v3/sync?timeout=5000", self.base_url),
+        };
+        let body: serde_json::Value = self
+            .http
+            .get(url)
+            .bearer_auth(&self.raiden.user.access_token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        self.since = body["next_batch"].as_str().map(str::to_owned);
+        body["to_device"]["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|event| event["type"] == "m.room.message" && event["sender"] == from)
+            .map(|event| event["content"].clone())
+            .filter(|content| {
+                if content["msgtype"] == "m.notice" {
+                    let signal: serde_json::Value =
+                        serde_json::from_str(content["body"].as_str().unwrap_or_default())
+                            .unwrap_or_default();
+                    assert!(
+                        ["offer", "candidates", "hangup"]
+                            .contains(&signal["type"].as_str().unwrap_or_default()),
+                        "only signalling comes as m.notice: {content}"
+                    );
+                    return false;
+                }
+                true
+            })
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_raiden_node_reads_every_message_and_its_replies_reach_the_client() {
+    const TO_PLAIN: usize = 200;
+    const FROM_PLAIN: usize = 50;
+    let dir = tempfile::tempdir().unwrap();
+    let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
+        return;
+    };
+    let alice = synapse.register_raiden(CAPS).await;
+    // A Raiden 3.x node: WebRTC and to-device, but no Switchboard; it never answers a call.
+    let mut plain = PlainRaiden {
+        raiden: synapse.register_raiden("webRTC=1&toDevice=1").await,
+        base_url: synapse.base_url.clone(),
+        http: reqwest::Client::new(),
+        since: None,
+        txn: 0,
+    };
+    let (a, mut a_seen) =
+        connect(&synapse.base_url, &alice.user.access_token, Some(format!("http://{}", running.client)))
+            .await;
+    wait(&mut a_seen, "alice on Switchboard", |seen| seen.switchboard == [true]).await;
+    // The plain node's first sync, so that what follows is new to it.
+    plain.sync(&alice.user.user_id).await;
+
+    // Alice would like a channel (a node opens to everyone), and sends at once: through Matrix.
+    a.open(&plain.raiden.address).await.unwrap();
+    let sending = send_range(&a, &plain.raiden.address, 0..TO_PLAIN);
+    let mut got: Vec<usize> = Vec::new();
+    let deadline = Instant::now() + STEP;
+    while got.len() < TO_PLAIN && Instant::now() < deadline {
+        for content in plain.sync(&alice.user.user_id).await {
+            assert_eq!(content["msgtype"], "m.text", "{content}");
+            // What a Raiden node reads: the body's lines, each one of alice's messages as sent.
+            for line in content["body"].as_str().expect("a text body").lines() {
+                let index = index_of(&Bytes::copy_from_slice(line.as_bytes()));
+                assert_eq!(line.as_bytes(), &message(index)[..], "message {index} intact in the body");
+                got.push(index);
+            }
+        }
+    }
+    sending.await.unwrap();
+    assert_eq!(got, (0..TO_PLAIN).collect::<Vec<_>>(), "every message once, in order");
+
+    // Its replies, Delivered-shaped, five to a batch as Raiden sends them.
+    let replies: Vec<String> = (0..FROM_PLAIN)
+        .map(|i| {
+            format!(
+                r#"{{"type":"Delivered","delivered_message_identifier":"{i}","signature":"0x{i:0130x}"}}"#
+            )
+        })
+        .collect();
+    for batch in replies.chunks(5) {
+        plain.send(&alice.user.user_id, batch).await;
+    }
+    wait(&mut a_seen, "the plain node's 50 replies", |seen| seen.messages.len() >= FROM_PLAIN).await;
+    let seen = a_seen.borrow();
+    let from_plain: Vec<&str> = seen
+        .messages
+        .iter()
+        .filter(|(address, _)| address.eq_ignore_ascii_case(&plain.raiden.address))
+        .map(|(_, bytes)| std::str::from_utf8(bytes).unwrap())
+        .collect();
+    assert_eq!(
+        from_plain,
+        replies.iter().map(String::as_str).collect::<Vec<_>>(),
+        "each reply once, in order"
+    );
+    assert!(seen.ups.is_empty(), "no channel to a node without Switchboard");
+    drop(seen);
+    let stats = a.stats(&plain.raiden.address).await.unwrap().unwrap();
+    println!("alice's figures towards the plain node: {stats:?}");
+    assert_eq!(stats.dc_data_frames, 0, "{stats:?}");
+    assert!(stats.matrix_lines >= TO_PLAIN as u64, "{stats:?}");
+
+    a.shutdown().await;
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_on_a_routed_lan_connect_directly_and_the_relay_carries_nothing() {
+    let Some(mut lan) = common::netns::Lan::create(2) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
+        return;
+    };
+    // Inside the namespaces, Synapse and Switchboard are at the same loopback URLs as here.
+    let synapse_port: u16 = synapse.base_url.rsplit(':').next().unwrap().parse().unwrap();
+    lan.forward_tcp(synapse_port);
+    lan.forward_tcp(running.client.port());
+    let alice = synapse.register_raiden(CAPS).await;
+    let bob = synapse.register_raiden(CAPS).await;
+    let switchboard = Some(format!("http://{}", running.client));
+    let runtimes = [lan.runtime(0), lan.runtime(1)];
+    let mut clients = Vec::new();
+    for (runtime, user) in runtimes.iter().zip([&alice, &bob]) {
+        let mut config = config(&synapse.base_url, &user.user.access_token, switchboard.clone());
+        // Host candidates: the clients' own addresses on the LAN.
+        config.relay_only = false;
+        let (client, events) = tokio::time::timeout(STEP, runtime.spawn(Client::connect(config)))
+            .await
+            .expect("connect in time")
+            .unwrap()
+            .unwrap();
+        clients.push((client, log(events)));
+    }
+    let [(a, mut a_seen), (b, mut b_seen)] = <[_; 2]>::try_from(clients).ok().unwrap();
+    wait(&mut a_seen, "alice on Switchboard", |seen| seen.switchboard == [true]).await;
+    wait(&mut b_seen, "bob on Switchboard", |seen| seen.switchboard == [true]).await;
+
+    a.open(&bob.address).await.unwrap();
+    wait(&mut a_seen, "alice's channel up", |seen| !seen.ups.is_empty()).await;
+    wait(&mut b_seen, "bob's channel up", |seen| !seen.ups.is_empty()).await;
+    assert_eq!((a_seen.borrow().ups[0].1, b_seen.borrow().ups[0].1), (Path::Direct, Path::Direct));
+
+    let sending = send_range(&a, &bob.address, 0..COUNT);
+    wait(&mut b_seen, "bob's 1,000 messages", |seen| seen.messages.len() >= COUNT).await;
+    sending.await.unwrap();
+    assert_in_order(&b_seen.borrow(), &alice.address, COUNT);
+    b.send(&alice.address, message(0)).await.unwrap();
+    wait(&mut a_seen, "bob's reply", |seen| seen.messages.len() == 1).await;
+    let stats = a.stats(&bob.address).await.unwrap().unwrap();
+    println!("alice's figures on the LAN: {stats:?}");
+    assert!(stats.dc_data_frames >= COUNT as u64, "{stats:?}");
+    assert_eq!(stats.matrix_lines, 0, "{stats:?}");
+
+    // The relay relayed nothing: not a byte either way, and no allocation was ever made on it.
+    let metrics = running.turn_metrics().await;
+    for direction in ["to_peer", "to_client"] {
+        let counter =
+            format!(r#"switchboard_turn_relayed_bytes_total{{transport="udp",direction="{direction}"}}"#);
+        assert!(metrics.lines().any(|line| line.starts_with(&counter)), "the relay publishes {counter}");
+        assert_eq!(common::metric(&metrics, &counter), 0, "relayed {direction}: {metrics}");
+    }
+
+    a.shutdown().await;
+    b.shutdown().await;
+    for runtime in runtimes {
+        runtime.shutdown_background();
+    }
     running.stop().await.unwrap();
 }

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod netns;
 pub mod raiden;
 pub mod turn_client;
 pub mod ws;
@@ -455,6 +456,11 @@ impl Synapse {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Some(synapse)
+    }
+
+    /// The Synapse process's id (for its CPU time in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_tail(&self) -> String {

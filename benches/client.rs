@@ -1,0 +1,810 @@
+//! The point of the whole service, measured: a Raiden message and a Raiden payment over a data
+//! channel against the same over Matrix, side by side in one run.
+//!
+//! - One real Synapse (WARNING logs) and `switchboard serve` (release build, SQLite, its embedded
+//!   TURN relay on loopback with `allowed_peers = ["127.0.0.0/8"]`, as in deploy/local/up). Every
+//!   client is a [`switchboard::client::Client`] in this process with its own Raiden identity,
+//!   `/sync` and to-device sends, except the room reference (below).
+//! - **Paths**: (i) Matrix room messages: the Raiden 2.x transport, by hand (`PUT
+//!   /rooms/{id}/send/m.room.message` into a room the two share, the receiver's own `/sync`
+//!   long-poll loop); (ii) Matrix to-device: two `Client`s with no Switchboard (Matrix only: the
+//!   client's Raiden-format to-device batches, its acks); (iii) a data channel through the TURN
+//!   relay (`relay_only`); (iv) a data channel direct: the two clients in network namespaces of
+//!   the bench's own behind a router namespace (host candidates, a routed path; tests/common/netns.rs),
+//!   reaching Synapse and Switchboard through TCP forwarders. (iv) is skipped with a line when the
+//!   bench cannot make namespaces (not root, no `ip`).
+//! - **One-way latency**: from before `send` to the receiving client's `Message` event, one message
+//!   at a time, for 1,000- and 3,200-byte Raiden-shaped JSON; `SWITCHBOARD_BENCH_DC_MESSAGES`
+//!   (default 1,000) over data channels, `SWITCHBOARD_BENCH_MATRIX_MESSAGES` (default 100) over
+//!   Matrix, after a warm-up of a tenth.
+//! - **Throughput**: `SWITCHBOARD_BENCH_DC_BURST` (default 20,000) messages over a data channel,
+//!   `SWITCHBOARD_BENCH_MATRIX_BURST` (default 500) over Matrix, sent as fast as `send` takes them
+//!   (rooms: one `PUT` after another), counted until the last arrived.
+//! - **Upgrade**: `open` → the opener's `ChannelUp` (the channel open and acknowledged alive),
+//!   then `close` and both sides' `ChannelDown` before the next; `SWITCHBOARD_BENCH_UPGRADES`
+//!   (default 20) per path.
+//! - **Payment**: a 1-mediator payment's messages between three clients I, M, T: 8 one-way hops
+//!   (LockedTransfer I→M, M→T; SecretRequest T→I; RevealSecret I→T, T→M, M→I; Unlock I→M, M→T),
+//!   each sent when the previous hop arrived, every hop answered at once with its Delivered (226 B)
+//!   and, for the balance proofs, a Processed (216 B): 20 messages, Raiden's sizes (LockedTransfer
+//!   3.2 kB). Timed from the first send to the last of the 20 arriving; `SWITCHBOARD_BENCH_PAYMENTS`
+//!   (default 50) over each data channel path, `SWITCHBOARD_BENCH_MATRIX_PAYMENTS` (default 20) over
+//!   to-device. Around each run, the CPU seconds (user + system, /proc/PID/stat) of the Synapse
+//!   and Switchboard processes, per payment.
+//! - The chart (the CDFs of one-way latency at 3.2 kB and of payment time, per path) is written to
+//!   `SWITCHBOARD_BENCH_CHART` (default docs/client-latency.png).
+//!
+//! Run: `cargo bench --bench client` (after tests/run, which installs Synapse's venv, iproute2 and
+//! the font).
+
+// Counts, sizes and milliseconds far below 2^52.
+#![allow(clippy::cast_precision_loss)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use switchboard::client::{Client, ClientConfig, ClientEvent, Path};
+use tokio::sync::mpsc;
+
+const CAPS: &str = "webRTC=1&toDevice=1&switchboard=1";
+/// Longest wait for one message, one channel or one payment.
+const WAIT: Duration = Duration::from_secs(30);
+const SIZES: [usize; 2] = [1_000, 3_200];
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.replace('_', "").parse().ok()).unwrap_or(default)
+}
+
+/// A Raiden-shaped JSON message of exactly `size` bytes: `type`, the payment and hop it belongs
+/// to, a message identifier, padding.
+fn message(kind: &str, payment: usize, hop: usize, id: usize, size: usize) -> Bytes {
+    let head = format!(
+        r#"{{"type":"{kind}","payment":{payment},"hop":{hop},"message_identifier":"{id}","signature":"0x{:064x}","padding":""#,
+        id * 7 + 3
+    );
+    let mut text = head.into_bytes();
+    let fill = size.checked_sub(text.len() + 2).expect("size holds the head");
+    text.extend((0..fill).map(|at| b"0123456789abcdef"[(at + id) % 16]));
+    text.extend_from_slice(b"\"}");
+    Bytes::from(text)
+}
+
+fn field(bytes: &[u8], name: &str) -> Value {
+    let value: Value = serde_json::from_slice(bytes).expect("a JSON message");
+    value[name].clone()
+}
+
+/// How a client reaches its peers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Way {
+    /// Matrix only: no Switchboard.
+    ToDevice,
+    /// Switchboard, relay-only ICE.
+    Relay,
+    /// Switchboard, host candidates, in a namespace of the LAN.
+    Direct,
+}
+
+impl Way {
+    fn name(self) -> &'static str {
+        match self {
+            Way::ToDevice => "Matrix to-device (Client)",
+            Way::Relay => "data channel via TURN relay",
+            Way::Direct => "data channel direct",
+        }
+    }
+}
+
+const ROOM: &str = "Matrix room message";
+
+/// One client: its address, its handle, and its events stamped on arrival.
+struct Peer {
+    address: String,
+    client: Client,
+    events: mpsc::UnboundedReceiver<(Instant, ClientEvent)>,
+}
+
+impl Peer {
+    async fn next(&mut self, what: &str) -> (Instant, ClientEvent) {
+        tokio::time::timeout(WAIT, self.events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what} within {WAIT:?}"))
+            .expect("the client's events ended")
+    }
+
+    async fn message(&mut self) -> (Instant, Bytes) {
+        loop {
+            if let (at, ClientEvent::Message { bytes, .. }) = self.next("a message").await {
+                return (at, bytes);
+            }
+        }
+    }
+
+    async fn up(&mut self) -> (Instant, Path) {
+        loop {
+            if let (at, ClientEvent::ChannelUp { path, .. }) = self.next("a channel up").await {
+                return (at, path);
+            }
+        }
+    }
+
+    async fn down(&mut self) {
+        loop {
+            if let (_, ClientEvent::ChannelDown { .. }) = self.next("a channel down").await {
+                return;
+            }
+        }
+    }
+
+    async fn on_switchboard(&mut self) {
+        loop {
+            if let (_, ClientEvent::Switchboard { connected: true }) = self.next("Switchboard").await {
+                return;
+            }
+        }
+    }
+}
+
+struct Stack {
+    synapse: common::Synapse,
+    switchboard: common::Process,
+    /// Switchboard's client URL.
+    client_url: String,
+    lan: Option<common::netns::Lan>,
+    /// One runtime per LAN host (the clients placed there run on it).
+    runtimes: Vec<tokio::runtime::Runtime>,
+}
+
+impl Stack {
+    /// A client of a fresh Raiden user, connected; on the LAN's host `host` for [`Way::Direct`].
+    async fn peer(&self, way: Way, host: usize) -> Peer {
+        let raiden = self.synapse.register_raiden(CAPS).await;
+        let mut config = ClientConfig::new(self.synapse.base_url.parse().unwrap(), &raiden.user.access_token);
+        config.switchboard = (way != Way::ToDevice).then(|| self.client_url.parse().unwrap());
+        config.relay_only = way == Way::Relay;
+        let connect = Client::connect(config);
+        let (client, mut events) = if way == Way::Direct {
+            self.runtimes[host].spawn(connect).await.unwrap()
+        } else {
+            connect.await
+        }
+        .expect("the client connects");
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                if tx.send((Instant::now(), event)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut peer = Peer { address: raiden.address, client, events: rx };
+        if way != Way::ToDevice {
+            peer.on_switchboard().await;
+        }
+        peer
+    }
+
+    /// Two clients with a channel from the first to the second (none over to-device).
+    async fn pair(&self, way: Way) -> (Peer, Peer) {
+        let mut a = self.peer(way, 0).await;
+        let mut b = self.peer(way, 1).await;
+        if way != Way::ToDevice {
+            a.client.open(&b.address).await.unwrap();
+            let (_, path) = a.up().await;
+            b.up().await;
+            assert_eq!(path, if way == Way::Relay { Path::Relay } else { Path::Direct }, "{way:?}");
+        }
+        (a, b)
+    }
+
+    fn cpu_seconds(&self) -> (f64, f64) {
+        (cpu_seconds(self.synapse.pid()), cpu_seconds(self.switchboard.pid()))
+    }
+}
+
+/// User + system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) in parentheses: state is the 3rd
+    // field of the line, utime the 14th and stime the 15th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    let output = std::process::Command::new("getconf").arg("CLK_TCK").output().expect("getconf");
+    String::from_utf8_lossy(&output.stdout).trim().parse().expect("CLK_TCK")
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    // Nearest rank: a non-negative index no larger than the last.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn sorted(mut values: Vec<f64>) -> Vec<f64> {
+    values.sort_by(f64::total_cmp);
+    values
+}
+
+/// One-way latencies (ms, sorted) of `n` messages of `size` bytes from `a` to `b`, one at a time,
+/// after `n / 10` unmeasured.
+async fn latency(a: &Peer, b: &mut Peer, size: usize, n: usize) -> Vec<f64> {
+    let warmup = n / 10;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..warmup + n {
+        let bytes = message("LockedTransfer", 0, 0, i, size);
+        let sent = Instant::now();
+        a.client.send(&b.address, bytes.clone()).await.unwrap();
+        let (at, got) = b.message().await;
+        assert_eq!(got, bytes, "message {i} intact and in order");
+        if i >= warmup {
+            out.push(ms(at - sent));
+        }
+    }
+    sorted(out)
+}
+
+/// Messages per second of `n` messages of `size` bytes from `a` to `b`, sent as fast as `send`
+/// takes them, until the last arrived (each checked in order).
+async fn throughput(a: &Peer, b: &mut Peer, size: usize, n: usize) -> f64 {
+    let client = a.client.clone();
+    let to = b.address.clone();
+    let started = Instant::now();
+    let sending = tokio::spawn(async move {
+        for i in 0..n {
+            client.send(&to, message("LockedTransfer", 0, 0, i, size)).await.unwrap();
+        }
+    });
+    for i in 0..n {
+        let (_, got) = b.message().await;
+        let id: usize = field(&got, "message_identifier").as_str().unwrap().parse().unwrap();
+        assert_eq!(id, i, "message {i} in order");
+    }
+    let elapsed = started.elapsed();
+    sending.await.unwrap();
+    n as f64 / elapsed.as_secs_f64()
+}
+
+/// Upgrade times (ms, sorted): `open` → `ChannelUp` at the opener, `n` times.
+async fn upgrades(a: &mut Peer, b: &mut Peer, n: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        // Each round starts with no channel: close, and both sides saw it go.
+        a.client.close(&b.address).await.unwrap();
+        a.down().await;
+        b.down().await;
+        let started = Instant::now();
+        a.client.open(&b.address).await.unwrap();
+        let (at, _) = a.up().await;
+        b.up().await;
+        out.push(ms(at - started));
+    }
+    sorted(out)
+}
+
+/// The room reference: `a` PUTs Raiden-shaped text into a room it shares with `b`; `b`'s own
+/// `/sync` loop stamps each message's arrival.
+struct Room {
+    a: common::User,
+    id: String,
+    arrivals: mpsc::UnboundedReceiver<(Instant, String)>,
+    sync: tokio::task::JoinHandle<()>,
+    http: reqwest::Client,
+    base_url: String,
+    txn: usize,
+}
+
+impl Room {
+    async fn start(synapse: &common::Synapse) -> Room {
+        let a = synapse.register(&format!("rooma{}", rand::random::<u32>())).await;
+        let b = synapse.register(&format!("roomb{}", rand::random::<u32>())).await;
+        let room_id = synapse.shared_room(&a, &[&b]).await;
+        let (tx, arrivals) = mpsc::unbounded_channel();
+        let http = reqwest::Client::new();
+        let base_url = synapse.base_url.clone();
+        let sync = tokio::spawn(room_sync(
+            http.clone(),
+            base_url.clone(),
+            b,
+            room_id.clone(),
+            a.user_id.clone(),
+            tx,
+        ));
+        let room = Room { a, id: room_id, arrivals, sync, http, base_url, txn: 0 };
+        // The sync loop has its first batch once a marker comes through.
+        let mut room = room;
+        room.send("marker".to_owned()).await;
+        room.next().await;
+        room
+    }
+
+    async fn send(&mut self, body: String) {
+        self.txn += 1;
+        let url = format!(
+            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/bench{}",
+            self.base_url,
+            common::urlencode(&self.id),
+            self.txn
+        );
+        let response = self
+            .http
+            .put(url)
+            .bearer_auth(&self.a.access_token)
+            .json(&json!({ "msgtype": "m.text", "body": body }))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "room send: {}", response.status());
+    }
+
+    async fn next(&mut self) -> (Instant, String) {
+        tokio::time::timeout(WAIT, self.arrivals.recv()).await.expect("a room message in time").unwrap()
+    }
+
+    async fn latency(&mut self, size: usize, n: usize) -> Vec<f64> {
+        let warmup = n / 10;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..warmup + n {
+            let body = String::from_utf8(message("LockedTransfer", 0, 0, i, size).to_vec()).unwrap();
+            let sent = Instant::now();
+            self.send(body.clone()).await;
+            let (at, got) = self.next().await;
+            assert_eq!(got, body, "room message {i}");
+            if i >= warmup {
+                out.push(ms(at - sent));
+            }
+        }
+        sorted(out)
+    }
+
+    async fn throughput(&mut self, size: usize, n: usize) -> f64 {
+        let started = Instant::now();
+        for i in 0..n {
+            self.send(String::from_utf8(message("LockedTransfer", 0, 0, i, size).to_vec()).unwrap()).await;
+        }
+        for _ in 0..n {
+            self.next().await;
+        }
+        n as f64 / started.elapsed().as_secs_f64()
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.sync.abort();
+    }
+}
+
+/// `user`'s `/sync` long-poll loop: every `m.room.message` from `from` in `room_id`, stamped.
+/// Ends when the receiver is gone (or the task is aborted).
+async fn room_sync(
+    http: reqwest::Client,
+    base_url: String,
+    user: common::User,
+    room_id: String,
+    from: String,
+    tx: mpsc::UnboundedSender<(Instant, String)>,
+) {
+    let mut since: Option<String> = None;
+    loop {
+        let url = match &since {
+            Some(since) => format!("{base_url}/_matrix/client/v3/sync?timeout=30000&since={since}"),
+            None => format!("{base_url}/_matrix/client/v3/sync?timeout=30000"),
+        };
+        let Ok(response) = http.get(url).bearer_auth(&user.access_token).send().await else { return };
+        let Ok(body) = response.json::<Value>().await else { return };
+        let at = Instant::now();
+        since = body["next_batch"].as_str().map(str::to_owned);
+        let events =
+            body["rooms"]["join"][&room_id]["timeline"]["events"].as_array().cloned().unwrap_or_default();
+        for event in events {
+            if event["type"] == "m.room.message" && event["sender"] == from.as_str() {
+                let text = event["content"]["body"].as_str().unwrap_or_default().to_owned();
+                if tx.send((at, text)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Who sends which hop of a payment.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Node {
+    I,
+    M,
+    T,
+}
+
+/// The 8 hops of a 1-mediator payment: sender, receiver, type, size, and whether the receiver
+/// answers with a Processed (balance proofs) besides its Delivered.
+const HOPS: [(Node, Node, &str, usize, bool); 8] = [
+    (Node::I, Node::M, "LockedTransfer", 3_200, true),
+    (Node::M, Node::T, "LockedTransfer", 3_200, true),
+    (Node::T, Node::I, "SecretRequest", 536, false),
+    (Node::I, Node::T, "RevealSecret", 297, false),
+    (Node::T, Node::M, "RevealSecret", 297, false),
+    (Node::M, Node::I, "RevealSecret", 297, false),
+    (Node::I, Node::M, "Unlock", 568, true),
+    (Node::M, Node::T, "Unlock", 568, true),
+];
+const PAYMENT_MESSAGES: usize = 20;
+
+/// The three nodes of a payment: their clients, their addresses, and all their messages in one
+/// queue, each with the node that received it.
+struct Payers {
+    client: HashMap<Node, Client>,
+    address: HashMap<Node, String>,
+    arrivals: mpsc::UnboundedReceiver<(Node, Bytes)>,
+}
+
+impl Payers {
+    fn new(nodes: HashMap<Node, Peer>) -> Payers {
+        let (tx, arrivals) = mpsc::unbounded_channel();
+        let mut client = HashMap::new();
+        let mut address = HashMap::new();
+        for (node, peer) in nodes {
+            let Peer { address: peer_address, client: peer_client, mut events } = peer;
+            client.insert(node, peer_client);
+            address.insert(node, peer_address);
+            let tx = tx.clone();
+            // Ends when the client stops (its events end).
+            tokio::spawn(async move {
+                while let Some((_, event)) = events.recv().await {
+                    if let ClientEvent::Message { bytes, .. } = event
+                        && tx.send((node, bytes)).is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+        Payers { client, address, arrivals }
+    }
+
+    /// `n` payments one after the other, numbered from `first`; each one's time (ms, sorted).
+    async fn pay(&mut self, n: usize, first: usize) -> Vec<f64> {
+        let mut out = Vec::with_capacity(n);
+        let mut id = 0;
+        for payment in first..first + n {
+            let started = Instant::now();
+            let (from, to, kind, size, _) = HOPS[0];
+            id += 1;
+            self.client[&from].send(&self.address[&to], message(kind, payment, 0, id, size)).await.unwrap();
+            let mut arrived = 0;
+            while arrived < PAYMENT_MESSAGES {
+                let (receiver, bytes) = tokio::time::timeout(WAIT, self.arrivals.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("payment {payment}: {arrived} of 20 messages within {WAIT:?}"))
+                    .unwrap();
+                arrived += 1;
+                assert_eq!(field(&bytes, "payment"), json!(payment), "a message of this payment");
+                let hop = usize::try_from(field(&bytes, "hop").as_u64().unwrap()).unwrap();
+                let kind = field(&bytes, "type");
+                if kind == "Processed" || kind == "Delivered" {
+                    continue;
+                }
+                let (from, to, _, _, processed) = HOPS[hop];
+                assert_eq!(to, receiver, "hop {hop} reached its receiver");
+                // The receiver acknowledges, then sends the next hop.
+                let (me, back) = (&self.client[&to], &self.address[&from]);
+                if processed {
+                    id += 1;
+                    me.send(back, message("Processed", payment, hop, id, 216)).await.unwrap();
+                }
+                id += 1;
+                me.send(back, message("Delivered", payment, hop, id, 226)).await.unwrap();
+                if let Some(&(next_from, next_to, kind, size, _)) = HOPS.get(hop + 1) {
+                    assert_eq!(next_from, to, "each hop leaves from where the last arrived");
+                    id += 1;
+                    me.send(&self.address[&next_to], message(kind, payment, hop + 1, id, size))
+                        .await
+                        .unwrap();
+                }
+            }
+            out.push(ms(started.elapsed()));
+        }
+        sorted(out)
+    }
+}
+
+struct PaymentRun {
+    way: Way,
+    times: Vec<f64>,
+    synapse_cpu_ms: f64,
+    switchboard_cpu_ms: f64,
+}
+
+async fn payment_run(stack: &Stack, way: Way, n: usize) -> PaymentRun {
+    assert_eq!(HOPS.len() + HOPS.iter().map(|hop| 1 + usize::from(hop.4)).sum::<usize>(), PAYMENT_MESSAGES);
+    let mut nodes = HashMap::new();
+    for (host, node) in [Node::I, Node::M, Node::T].into_iter().enumerate() {
+        nodes.insert(node, stack.peer(way, host).await);
+    }
+    if way != Way::ToDevice {
+        for (from, to) in [(Node::I, Node::M), (Node::M, Node::T), (Node::I, Node::T)] {
+            let to_address = nodes[&to].address.clone();
+            nodes[&from].client.open(&to_address).await.unwrap();
+            nodes.get_mut(&from).unwrap().up().await;
+            nodes.get_mut(&to).unwrap().up().await;
+        }
+    }
+    let mut payers = Payers::new(nodes);
+    // Warm-up: a tenth, unmeasured.
+    payers.pay((n / 10).max(1), 0).await;
+    let (synapse_before, switchboard_before) = stack.cpu_seconds();
+    let times = payers.pay(n, 1_000).await;
+    let (synapse_after, switchboard_after) = stack.cpu_seconds();
+    for client in payers.client.values() {
+        client.shutdown().await;
+    }
+    let per = |before: f64, after: f64| (after - before) * 1000.0 / n as f64;
+    PaymentRun {
+        way,
+        times,
+        synapse_cpu_ms: per(synapse_before, synapse_after),
+        switchboard_cpu_ms: per(switchboard_before, switchboard_after),
+    }
+}
+
+fn row(name: &str, values: &[f64]) -> String {
+    format!(
+        "| {name} | {:.3} | {:.3} | {:.3} | {} |",
+        percentile(values, 50.0),
+        percentile(values, 90.0),
+        percentile(values, 99.0),
+        values.len()
+    )
+}
+
+fn bench_toml(toml: &str) -> String {
+    // The relay's per-allocation cap (`bandwidth_bytes_per_sec`, 1 MiB/s by default) would measure
+    // the cap, not the channel: off, as for coturn's default.
+    toml.replace("allowed_peers = [\"127.0.0.0/8\"]", "allowed_peers = [\"127.0.0.0/8\"]\nbandwidth_bytes_per_sec = 0")
+        .replace(
+        "level = \"info,switchboard=debug\"",
+        "level = \"warn,switchboard=info,switchboard::signalling=warn,switchboard::directory=warn,switchboard::http=warn,switchboard::appservice=warn,switchboard::homeserver=warn\"",
+    )
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(run());
+    // The namespaces' runtimes were shut down in `run`.
+}
+
+async fn run() {
+    let dc_messages = env_usize("SWITCHBOARD_BENCH_DC_MESSAGES", 1_000);
+    let matrix_messages = env_usize("SWITCHBOARD_BENCH_MATRIX_MESSAGES", 100);
+    let dc_burst = env_usize("SWITCHBOARD_BENCH_DC_BURST", 20_000);
+    let matrix_burst = env_usize("SWITCHBOARD_BENCH_MATRIX_BURST", 500);
+    let upgrade_count = env_usize("SWITCHBOARD_BENCH_UPGRADES", 20);
+    let dc_payments = env_usize("SWITCHBOARD_BENCH_PAYMENTS", 50);
+    let matrix_payments = env_usize("SWITCHBOARD_BENCH_MATRIX_PAYMENTS", 20);
+    let chart = std::env::var_os("SWITCHBOARD_BENCH_CHART")
+        .map_or_else(|| common::repo_root().join("docs/client-latency.png"), PathBuf::from);
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = common::sqlite_url(dir.path());
+    let Some((synapse, switchboard)) =
+        common::synapse_and_process(dir.path(), &db, |toml| bench_toml(&toml)).await
+    else {
+        eprintln!("no Synapse venv: run deploy/synapse/install");
+        return;
+    };
+    let client_url = format!("http://127.0.0.1:{}", switchboard.ports[1]);
+    let mut lan = common::netns::Lan::create(3);
+    if let Some(lan) = &mut lan {
+        let synapse_port: u16 = synapse.base_url.rsplit(':').next().unwrap().parse().unwrap();
+        lan.forward_tcp(synapse_port);
+        lan.forward_tcp(switchboard.ports[1]);
+    } else {
+        eprintln!("direct data channel: skipped (no network namespaces: not root, or no `ip`)");
+    }
+    let runtimes =
+        lan.as_ref().map_or_else(Vec::new, |lan| (0..lan.hosts()).map(|h| lan.runtime(h)).collect());
+    let stack = Stack { synapse, switchboard, client_url, lan, runtimes };
+    let mut ways = vec![Way::ToDevice, Way::Relay];
+    if stack.lan.is_some() {
+        ways.push(Way::Direct);
+    }
+
+    let mut lat: Vec<(String, usize, Vec<f64>)> = Vec::new();
+    let mut thr: Vec<(String, usize, f64)> = Vec::new();
+    let mut ups: Vec<(String, Vec<f64>)> = Vec::new();
+
+    println!("(i) room messages…");
+    let mut room = Room::start(&stack.synapse).await;
+    for size in SIZES {
+        lat.push((ROOM.into(), size, room.latency(size, matrix_messages).await));
+        thr.push((ROOM.into(), size, room.throughput(size, matrix_burst).await));
+    }
+    drop(room);
+
+    for way in &ways {
+        let name = way.name();
+        println!("{name}…");
+        let (mut a, mut b) = stack.pair(*way).await;
+        let (n, burst) =
+            if *way == Way::ToDevice { (matrix_messages, matrix_burst) } else { (dc_messages, dc_burst) };
+        for size in SIZES {
+            lat.push((name.into(), size, latency(&a, &mut b, size, n).await));
+            thr.push((name.into(), size, throughput(&a, &mut b, size, burst).await));
+        }
+        if *way != Way::ToDevice {
+            ups.push((name.into(), upgrades(&mut a, &mut b, upgrade_count).await));
+        }
+        a.client.shutdown().await;
+        b.client.shutdown().await;
+    }
+
+    let mut pays = Vec::new();
+    for way in &ways {
+        println!("payments {way:?}…");
+        let n = if *way == Way::ToDevice { matrix_payments } else { dc_payments };
+        pays.push(payment_run(&stack, *way, n).await);
+    }
+
+    report(&lat, &thr, &ups, &pays);
+
+    let series: Vec<(String, Vec<f64>)> = lat
+        .iter()
+        .filter(|(_, size, _)| *size == 3_200)
+        .map(|(name, _, v)| (name.clone(), v.clone()))
+        .collect();
+    let payment_series: Vec<(String, Vec<f64>)> =
+        pays.iter().map(|r| (r.way.name().to_owned(), r.times.clone())).collect();
+    match draw_chart(&chart, &series, &payment_series) {
+        Ok(()) => println!("\nchart: {}", chart.display()),
+        Err(error) => println!("\nchart not drawn: {error}"),
+    }
+
+    let Stack { synapse, switchboard, lan, runtimes, .. } = stack;
+    for runtime in runtimes {
+        runtime.shutdown_background();
+    }
+    drop((synapse, switchboard, lan));
+}
+
+/// The tables (Markdown, as in docs/benchmarks.md) and the ratios.
+fn report(
+    lat: &[(String, usize, Vec<f64>)],
+    thr: &[(String, usize, f64)],
+    ups: &[(String, Vec<f64>)],
+    pays: &[PaymentRun],
+) {
+    println!("\n## One-way latency (ms), one message at a time\n");
+    println!("| path | bytes | p50 | p90 | p99 | n |\n|---|---:|---:|---:|---:|---:|");
+    for (name, size, values) in lat {
+        println!("{}", row(&format!("{name} | {size}"), values));
+    }
+    println!("\n## Throughput (messages/s, one sender, one receiver)\n");
+    println!("| path | bytes | messages/s | MB/s |\n|---|---:|---:|---:|");
+    for (name, size, per_sec) in thr {
+        println!("| {name} | {size} | {per_sec:.0} | {:.2} |", per_sec * *size as f64 / 1e6);
+    }
+    println!("\n## Ratios of p50 one-way latency\n");
+    let p50 = |name: &str, size: usize| {
+        lat.iter().find(|(n, s, _)| n == name && *s == size).map(|(_, _, v)| percentile(v, 50.0))
+    };
+    for size in SIZES {
+        for dc in ["data channel via TURN relay", "data channel direct"] {
+            let Some(dc_p50) = p50(dc, size) else { continue };
+            for matrix in ["Matrix to-device (Client)", "Matrix room message"] {
+                if let Some(m) = p50(matrix, size) {
+                    println!("{size} B: {matrix} / {dc} = {:.0}×", m / dc_p50);
+                }
+            }
+        }
+    }
+    println!("\n## Upgrade: open → channel up (ms)\n");
+    println!("| path | p50 | p90 | p99 | n |\n|---|---:|---:|---:|---:|");
+    for (name, values) in ups {
+        println!("{}", row(name, values));
+    }
+    println!("\n## Payment: 1 mediator, 8 hops, 20 messages, end to end (ms)\n");
+    println!(
+        "| path | p50 | p90 | p99 | n | Synapse CPU ms / payment | Switchboard CPU ms / payment |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for run in pays {
+        println!(
+            "{} {:.2} | {:.2} |",
+            row(run.way.name(), &run.times),
+            run.synapse_cpu_ms,
+            run.switchboard_cpu_ms
+        );
+    }
+    if let (Some(matrix), Some(dc)) =
+        (pays.iter().find(|r| r.way == Way::ToDevice), pays.iter().find(|r| r.way != Way::ToDevice))
+    {
+        println!(
+            "\npayment p50: to-device / {} = {:.0}×",
+            dc.way.name(),
+            percentile(&matrix.times, 50.0) / percentile(&dc.times, 50.0)
+        );
+    }
+}
+
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Two panels of CDFs on a log time axis: one-way latency at 3.2 kB per path, payment time per
+/// path.
+fn draw_chart(
+    path: &std::path::Path,
+    latency: &[(String, Vec<f64>)],
+    payments: &[(String, Vec<f64>)],
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let font: &'static [u8] =
+        Box::leak(std::fs::read(FONT).map_err(|e| format!("{FONT}: {e}"))?.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| "the font does not load")?;
+    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(760);
+    // One color per path in both panels.
+    let color_of = |name: &str| match name {
+        ROOM => RGBColor(200, 60, 40),
+        "Matrix to-device (Client)" => RGBColor(230, 150, 30),
+        "data channel via TURN relay" => RGBColor(40, 110, 200),
+        _ => RGBColor(30, 160, 90),
+    };
+    for (area, title, series) in [
+        (left, "One-way latency, 3.2 kB message (CDF)", latency),
+        (right, "1-mediator payment, 20 messages (CDF)", payments),
+    ] {
+        let low =
+            series.iter().filter_map(|(_, v)| v.first()).copied().fold(f64::INFINITY, f64::min).max(0.01)
+                / 1.5;
+        let high = series.iter().filter_map(|(_, v)| v.last()).copied().fold(0.0, f64::max) * 1.5;
+        let mut chart = ChartBuilder::on(&area)
+            .caption(title, ("sans-serif", 22))
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(54)
+            .build_cartesian_2d((low..high).log_scale(), 0.0..1.0)?;
+        chart
+            .configure_mesh()
+            .x_desc("milliseconds (log scale)")
+            .y_desc("fraction ≤ x")
+            .label_style(("sans-serif", 14))
+            .draw()?;
+        for (name, values) in series {
+            let color = color_of(name);
+            let n = values.len() as f64;
+            chart
+                .draw_series(LineSeries::new(
+                    values.iter().enumerate().map(|(i, v)| (*v, (i + 1) as f64 / n)),
+                    color.stroke_width(2),
+                ))?
+                .label(format!("{name} (p50 {:.2} ms)", percentile(values, 50.0)))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .label_font(("sans-serif", 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
