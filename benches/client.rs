@@ -4,11 +4,11 @@
 //! - One real Synapse (WARNING logs) and `switchboard serve` (release build, SQLite, its embedded
 //!   TURN relay on loopback with `allowed_peers = ["127.0.0.0/8"]`, as in deploy/local/up). Every
 //!   client is a [`switchboard::client::Client`] in this process with its own Raiden identity,
-//!   `/sync` and to-device sends, except the room reference (below).
-//! - **Paths**: (i) Matrix room messages: the Raiden 2.x transport, by hand (`PUT
-//!   /rooms/{id}/send/m.room.message` into a room the two share, the receiver's own `/sync`
-//!   long-poll loop); (ii) Matrix to-device: two `Client`s with no Switchboard (Matrix only: the
-//!   client's Raiden-format to-device batches, its acks); (iii) a data channel through the TURN
+//!   `/sync` and Matrix sends.
+//! - **Paths**: (i) Matrix room messages: two `Client`s with no Switchboard and `fallback = room`
+//!   (a private room per pair, as Raiden 2.x did: `PUT /rooms/{id}/send/m.room.message`, the
+//!   receiver's `/sync`); (ii) Matrix to-device: two `Client`s with no Switchboard (the client's
+//!   Raiden-format to-device batches, its acks); (iii) a data channel through the TURN
 //!   relay (`relay_only`); (iv) a data channel direct: the two clients in network namespaces of
 //!   the bench's own behind a router namespace (host candidates, a routed path; tests/common/netns.rs),
 //!   reaching Synapse and Switchboard through TCP forwarders. (iv) is skipped with a line when the
@@ -19,7 +19,7 @@
 //!   Matrix, after a warm-up of a tenth.
 //! - **Throughput**: `SWITCHBOARD_BENCH_DC_BURST` (default 20,000) messages over a data channel,
 //!   `SWITCHBOARD_BENCH_MATRIX_BURST` (default 500) over Matrix, sent as fast as `send` takes them
-//!   (rooms: one `PUT` after another), counted until the last arrived.
+//!   (the client batches what waits: up to 50 lines per Matrix send), counted until the last arrived.
 //! - **Upgrade**: `open` → the opener's `ChannelUp` (the channel open and acknowledged alive),
 //!   then `close` and both sides' `ChannelDown` before the next; `SWITCHBOARD_BENCH_UPGRADES`
 //!   (default 20) per path.
@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{Value, json};
-use switchboard::client::{Client, ClientConfig, ClientEvent, Path};
+use switchboard::client::{Client, ClientConfig, ClientEvent, Fallback, Path};
 use tokio::sync::mpsc;
 
 const CAPS: &str = "webRTC=1&toDevice=1&switchboard=1";
@@ -83,6 +83,8 @@ fn field(bytes: &[u8], name: &str) -> Value {
 /// How a client reaches its peers.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Way {
+    /// Matrix only (no Switchboard), `fallback = room`: a private room per pair.
+    Room,
     /// Matrix only: no Switchboard.
     ToDevice,
     /// Switchboard, relay-only ICE.
@@ -92,8 +94,14 @@ enum Way {
 }
 
 impl Way {
+    /// Through Switchboard to a data channel (else Matrix only).
+    fn upgrades(self) -> bool {
+        matches!(self, Way::Relay | Way::Direct)
+    }
+
     fn name(self) -> &'static str {
         match self {
+            Way::Room => ROOM,
             Way::ToDevice => "Matrix to-device (Client)",
             Way::Relay => "data channel via TURN relay",
             Way::Direct => "data channel direct",
@@ -101,7 +109,7 @@ impl Way {
     }
 }
 
-const ROOM: &str = "Matrix room message";
+const ROOM: &str = "Matrix room message (Client)";
 
 /// One client: its address, its handle, and its events stamped on arrival.
 struct Peer {
@@ -166,8 +174,11 @@ impl Stack {
     async fn peer(&self, way: Way, host: usize) -> Peer {
         let raiden = self.synapse.register_raiden(CAPS).await;
         let mut config = ClientConfig::new(self.synapse.base_url.parse().unwrap(), &raiden.user.access_token);
-        config.switchboard = (way != Way::ToDevice).then(|| self.client_url.parse().unwrap());
+        config.switchboard = way.upgrades().then(|| self.client_url.parse().unwrap());
         config.relay_only = way == Way::Relay;
+        if way == Way::Room {
+            config.fallback = Fallback::Room;
+        }
         let connect = Client::connect(config);
         let (client, mut events) = if way == Way::Direct {
             self.runtimes[host].spawn(connect).await.unwrap()
@@ -184,7 +195,7 @@ impl Stack {
             }
         });
         let mut peer = Peer { address: raiden.address, client, events: rx };
-        if way != Way::ToDevice {
+        if way.upgrades() {
             peer.on_switchboard().await;
         }
         peer
@@ -194,7 +205,7 @@ impl Stack {
     async fn pair(&self, way: Way) -> (Peer, Peer) {
         let mut a = self.peer(way, 0).await;
         let mut b = self.peer(way, 1).await;
-        if way != Way::ToDevice {
+        if way.upgrades() {
             a.client.open(&b.address).await.unwrap();
             let (_, path) = a.up().await;
             b.up().await;
@@ -297,132 +308,6 @@ async fn upgrades(a: &mut Peer, b: &mut Peer, n: usize) -> Vec<f64> {
         out.push(ms(at - started));
     }
     sorted(out)
-}
-
-/// The room reference: `a` PUTs Raiden-shaped text into a room it shares with `b`; `b`'s own
-/// `/sync` loop stamps each message's arrival.
-struct Room {
-    a: common::User,
-    id: String,
-    arrivals: mpsc::UnboundedReceiver<(Instant, String)>,
-    sync: tokio::task::JoinHandle<()>,
-    http: reqwest::Client,
-    base_url: String,
-    txn: usize,
-}
-
-impl Room {
-    async fn start(synapse: &common::Synapse) -> Room {
-        let a = synapse.register(&format!("rooma{}", rand::random::<u32>())).await;
-        let b = synapse.register(&format!("roomb{}", rand::random::<u32>())).await;
-        let room_id = synapse.shared_room(&a, &[&b]).await;
-        let (tx, arrivals) = mpsc::unbounded_channel();
-        let http = reqwest::Client::new();
-        let base_url = synapse.base_url.clone();
-        let sync = tokio::spawn(room_sync(
-            http.clone(),
-            base_url.clone(),
-            b,
-            room_id.clone(),
-            a.user_id.clone(),
-            tx,
-        ));
-        let room = Room { a, id: room_id, arrivals, sync, http, base_url, txn: 0 };
-        // The sync loop has its first batch once a marker comes through.
-        let mut room = room;
-        room.send("marker".to_owned()).await;
-        room.next().await;
-        room
-    }
-
-    async fn send(&mut self, body: String) {
-        self.txn += 1;
-        let url = format!(
-            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/bench{}",
-            self.base_url,
-            common::urlencode(&self.id),
-            self.txn
-        );
-        let response = self
-            .http
-            .put(url)
-            .bearer_auth(&self.a.access_token)
-            .json(&json!({ "msgtype": "m.text", "body": body }))
-            .send()
-            .await
-            .unwrap();
-        assert!(response.status().is_success(), "room send: {}", response.status());
-    }
-
-    async fn next(&mut self) -> (Instant, String) {
-        tokio::time::timeout(WAIT, self.arrivals.recv()).await.expect("a room message in time").unwrap()
-    }
-
-    async fn latency(&mut self, size: usize, n: usize) -> Vec<f64> {
-        let warmup = n / 10;
-        let mut out = Vec::with_capacity(n);
-        for i in 0..warmup + n {
-            let body = String::from_utf8(message("LockedTransfer", 0, 0, i, size).to_vec()).unwrap();
-            let sent = Instant::now();
-            self.send(body.clone()).await;
-            let (at, got) = self.next().await;
-            assert_eq!(got, body, "room message {i}");
-            if i >= warmup {
-                out.push(ms(at - sent));
-            }
-        }
-        sorted(out)
-    }
-
-    async fn throughput(&mut self, size: usize, n: usize) -> f64 {
-        let started = Instant::now();
-        for i in 0..n {
-            self.send(String::from_utf8(message("LockedTransfer", 0, 0, i, size).to_vec()).unwrap()).await;
-        }
-        for _ in 0..n {
-            self.next().await;
-        }
-        n as f64 / started.elapsed().as_secs_f64()
-    }
-}
-
-impl Drop for Room {
-    fn drop(&mut self) {
-        self.sync.abort();
-    }
-}
-
-/// `user`'s `/sync` long-poll loop: every `m.room.message` from `from` in `room_id`, stamped.
-/// Ends when the receiver is gone (or the task is aborted).
-async fn room_sync(
-    http: reqwest::Client,
-    base_url: String,
-    user: common::User,
-    room_id: String,
-    from: String,
-    tx: mpsc::UnboundedSender<(Instant, String)>,
-) {
-    let mut since: Option<String> = None;
-    loop {
-        let url = match &since {
-            Some(since) => format!("{base_url}/_matrix/client/v3/sync?timeout=30000&since={since}"),
-            None => format!("{base_url}/_matrix/client/v3/sync?timeout=30000"),
-        };
-        let Ok(response) = http.get(url).bearer_auth(&user.access_token).send().await else { return };
-        let Ok(body) = response.json::<Value>().await else { return };
-        let at = Instant::now();
-        since = body["next_batch"].as_str().map(str::to_owned);
-        let events =
-            body["rooms"]["join"][&room_id]["timeline"]["events"].as_array().cloned().unwrap_or_default();
-        for event in events {
-            if event["type"] == "m.room.message" && event["sender"] == from.as_str() {
-                let text = event["content"]["body"].as_str().unwrap_or_default().to_owned();
-                if tx.send((at, text)).is_err() {
-                    return;
-                }
-            }
-        }
-    }
 }
 
 /// Who sends which hop of a payment.
@@ -538,7 +423,7 @@ async fn payment_run(stack: &Stack, way: Way, n: usize) -> PaymentRun {
     for (host, node) in [Node::I, Node::M, Node::T].into_iter().enumerate() {
         nodes.insert(node, stack.peer(way, host).await);
     }
-    if way != Way::ToDevice {
+    if way.upgrades() {
         for (from, to) in [(Node::I, Node::M), (Node::M, Node::T), (Node::I, Node::T)] {
             let to_address = nodes[&to].address.clone();
             nodes[&from].client.open(&to_address).await.unwrap();
@@ -630,25 +515,17 @@ async fn run() {
     let mut thr: Vec<(String, usize, f64)> = Vec::new();
     let mut ups: Vec<(String, Vec<f64>)> = Vec::new();
 
-    println!("(i) room messages…");
-    let mut room = Room::start(&stack.synapse).await;
-    for size in SIZES {
-        lat.push((ROOM.into(), size, room.latency(size, matrix_messages).await));
-        thr.push((ROOM.into(), size, room.throughput(size, matrix_burst).await));
-    }
-    drop(room);
-
-    for way in &ways {
+    for way in std::iter::once(&Way::Room).chain(&ways) {
         let name = way.name();
         println!("{name}…");
         let (mut a, mut b) = stack.pair(*way).await;
         let (n, burst) =
-            if *way == Way::ToDevice { (matrix_messages, matrix_burst) } else { (dc_messages, dc_burst) };
+            if way.upgrades() { (dc_messages, dc_burst) } else { (matrix_messages, matrix_burst) };
         for size in SIZES {
             lat.push((name.into(), size, latency(&a, &mut b, size, n).await));
             thr.push((name.into(), size, throughput(&a, &mut b, size, burst).await));
         }
-        if *way != Way::ToDevice {
+        if way.upgrades() {
             ups.push((name.into(), upgrades(&mut a, &mut b, upgrade_count).await));
         }
         a.client.shutdown().await;
@@ -658,7 +535,7 @@ async fn run() {
     let mut pays = Vec::new();
     for way in &ways {
         println!("payments {way:?}…");
-        let n = if *way == Way::ToDevice { matrix_payments } else { dc_payments };
+        let n = if way.upgrades() { dc_payments } else { matrix_payments };
         pays.push(payment_run(&stack, *way, n).await);
     }
 
@@ -707,7 +584,7 @@ fn report(
     for size in SIZES {
         for dc in ["data channel via TURN relay", "data channel direct"] {
             let Some(dc_p50) = p50(dc, size) else { continue };
-            for matrix in ["Matrix to-device (Client)", "Matrix room message"] {
+            for matrix in [Way::ToDevice.name(), ROOM] {
                 if let Some(m) = p50(matrix, size) {
                     println!("{size} B: {matrix} / {dc} = {:.0}×", m / dc_p50);
                 }
@@ -731,14 +608,14 @@ fn report(
             run.switchboard_cpu_ms
         );
     }
-    if let (Some(matrix), Some(dc)) =
-        (pays.iter().find(|r| r.way == Way::ToDevice), pays.iter().find(|r| r.way != Way::ToDevice))
-    {
-        println!(
-            "\npayment p50: to-device / {} = {:.0}×",
-            dc.way.name(),
-            percentile(&matrix.times, 50.0) / percentile(&dc.times, 50.0)
-        );
+    if let Some(matrix) = pays.iter().find(|r| r.way == Way::ToDevice) {
+        for dc in pays.iter().filter(|r| r.way.upgrades()) {
+            println!(
+                "\npayment p50: to-device / {} = {:.0}×",
+                dc.way.name(),
+                percentile(&matrix.times, 50.0) / percentile(&dc.times, 50.0)
+            );
+        }
     }
 }
 

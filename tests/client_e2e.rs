@@ -13,7 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use switchboard::client::{Client, ClientConfig, ClientEvent, ClientEvents, Path};
+use switchboard::client::{Client, ClientConfig, ClientEvent, ClientEvents, Fallback, Path};
 use tokio::sync::watch;
 
 const CAPS: &str = "webRTC=1&toDevice=1&switchboard=1";
@@ -303,6 +303,63 @@ async fn without_switchboard_two_clients_exchange_messages_over_to_device_once_i
     let stats = a.stats(&bob.address).await.unwrap().unwrap();
     assert_eq!(stats.counters.replay_buffered_fragments, 0, "bob acked everything: {stats:?}");
     assert!(a_seen.borrow().ups.is_empty() && a_seen.borrow().switchboard.is_empty());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fallback_room_two_clients_exchange_messages_in_their_private_room_once_in_order() {
+    let Some(synapse) = common::Synapse::start(&[]).await else { return };
+    let alice = synapse.register_raiden(CAPS).await;
+    let bob = synapse.register_raiden(CAPS).await;
+    let mut seen = Vec::new();
+    for user in [&alice, &bob] {
+        let mut config = config(&synapse.base_url, &user.user.access_token, None);
+        config.fallback = Fallback::Room;
+        let (client, events) = Client::connect(config).await.unwrap();
+        seen.push((client, log(events)));
+    }
+    let [(a, mut a_seen), (b, mut b_seen)] = <[_; 2]>::try_from(seen).ok().unwrap();
+
+    // Both start at once: each may make the pair's room before it hears of the other's.
+    let a_sending = send_range(&a, &bob.address, 0..MATRIX_COUNT);
+    let b_sending = send_range(&b, &alice.address, 0..MATRIX_COUNT);
+    wait(&mut b_seen, "bob's 50 messages", |seen| seen.messages.len() >= MATRIX_COUNT).await;
+    wait(&mut a_seen, "alice's 50 messages", |seen| seen.messages.len() >= MATRIX_COUNT).await;
+    a_sending.await.unwrap();
+    b_sending.await.unwrap();
+    assert_in_order(&b_seen.borrow(), &alice.address, MATRIX_COUNT);
+    assert_in_order(&a_seen.borrow(), &bob.address, MATRIX_COUNT);
+
+    // Alice's messages are in private rooms she shares with bob (one, or two after a race), and
+    // every one of them went there: as many lines in the rooms as alice sent over Matrix.
+    let rooms = synapse
+        .call(&alice.user, reqwest::Method::GET, "/_matrix/client/v3/joined_rooms", &serde_json::json!({}))
+        .await;
+    let rooms: Vec<&str> =
+        rooms["joined_rooms"].as_array().unwrap().iter().filter_map(|r| r.as_str()).collect();
+    assert!((1..=2).contains(&rooms.len()), "the pair's room(s): {rooms:?}");
+    let mut lines = 0;
+    for room in &rooms {
+        let path = format!("/_matrix/client/v3/rooms/{}/joined_members", common::urlencode(room));
+        let members = synapse.call(&alice.user, reqwest::Method::GET, &path, &serde_json::json!({})).await;
+        assert!(members["joined"].get(&bob.user.user_id).is_some(), "bob is in {room}: {members}");
+        let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000", common::urlencode(room));
+        let messages = synapse.call(&alice.user, reqwest::Method::GET, &path, &serde_json::json!({})).await;
+        lines += messages["chunk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|event| {
+                event["type"] == "m.room.message" && event["sender"] == alice.user.user_id.as_str()
+            })
+            .map(|event| event["content"]["body"].as_str().unwrap().lines().count())
+            .sum::<usize>();
+    }
+    let stats = a.stats(&bob.address).await.unwrap().unwrap();
+    println!("alice's figures with fallback = room: {stats:?}; rooms {rooms:?}");
+    assert_eq!(lines as u64, stats.matrix_lines, "every line alice sent through Matrix is in the room(s)");
+    assert!(lines >= MATRIX_COUNT, "{lines} lines");
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ruma::to_device::DeviceIdOrAllDevices;
-use ruma::{OwnedTransactionId, OwnedUserId, UserId};
+use ruma::{OwnedRoomId, OwnedTransactionId, OwnedUserId, UserId};
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -35,7 +35,7 @@ use super::signal::Via;
 use super::signal::{
     IncomingSignal, SignalConnection, SignalError, SignalEvent, SignalEvents, SignalOptions,
 };
-use super::{AcceptCalls, ClientConfig, ClientError, ClientEvent, PeerStats};
+use super::{AcceptCalls, ClientConfig, ClientError, ClientEvent, Fallback, PeerStats};
 use crate::clock::Clock;
 use crate::directory::identity::{Address, claimed_address};
 use crate::signalling::EventType;
@@ -109,6 +109,8 @@ enum Internal {
     MatrixSent {
         address: Address,
         send: ToDevice,
+        /// The pair's room it went into (`fallback = room`), which the peer learns if new.
+        room: Option<OwnedRoomId>,
         result: Result<(), MatrixError>,
     },
 }
@@ -173,6 +175,8 @@ struct PeerState {
     retry_at: Option<Instant>,
     backoff: Option<Duration>,
     matrix_busy: bool,
+    /// `fallback = room`: the pair's room (ours, or the first the peer's messages came from).
+    room: Option<OwnedRoomId>,
     matrix_retry_at: Option<Instant>,
     matrix_backoff: Option<Duration>,
     waiting: VecDeque<(Bytes, oneshot::Sender<Result<(), ClientError>>)>,
@@ -226,7 +230,13 @@ pub(super) fn spawn(
     cancel: CancellationToken,
 ) -> JoinHandle<()> {
     let (internal_tx, internal) = mpsc::channel(INTERNAL_QUEUE);
-    let sync_settings = SyncSettings { timeout: config.sync_timeout, ..SyncSettings::default() };
+    let rooms = config.fallback == Fallback::Room;
+    let sync_settings = SyncSettings {
+        timeout: config.sync_timeout,
+        room_messages: rooms,
+        auto_join_raiden_users: rooms,
+        ..SyncSettings::default()
+    };
     let sync = matrix.spawn_sync(sync_settings, cancel.child_token());
     let signal = SignalState::NotYet;
     let ctx = Ctx {
@@ -498,27 +508,42 @@ impl Driver {
                 if event_type != reliable::EVENT_MESSAGE && event_type != reliable::EVENT_ACK {
                     return;
                 }
-                let Some(address) = claimed_address(sender.as_str()) else { return };
-                let Some(peer) = self.peer(address) else { return };
-                sender.clone_into(&mut peer.user_id);
                 if event_type == reliable::EVENT_ACK {
+                    let Some(address) = claimed_address(sender.as_str()) else { return };
+                    let Some(peer) = self.peer(address) else { return };
+                    sender.clone_into(&mut peer.user_id);
                     if let Err(error) = peer.reliable.receive_matrix_ack(now, &content) {
                         tracing::debug!(%error, "client.matrix: an ack dropped");
                     }
                     return;
                 }
-                match peer.reliable.receive_matrix(now, &content) {
-                    Ok(messages) => {
-                        let address = peer.address.to_checksum();
-                        for bytes in messages {
-                            self.ctx.emit(ClientEvent::Message { address: address.clone(), bytes });
-                        }
-                    }
-                    Err(error) => tracing::debug!(%error, "client.matrix: a message not for this layer"),
-                }
+                self.matrix_message(now, &sender, None, &content);
+            }
+            // Only with `fallback = room`: a message in a room shared with the peer.
+            SyncEvent::RoomMessage { room_id, sender, content, .. } => {
+                self.matrix_message(now, &sender, Some(room_id), &content);
             }
             SyncEvent::Checkpoint { .. } => self.ctx.synced = true,
-            SyncEvent::RoomMessage { .. } => {}
+        }
+    }
+
+    /// An `m.room.message` from `sender`, to-device or in `room` (which becomes the pair's room if
+    /// it has none yet).
+    fn matrix_message(&mut self, now: Instant, sender: &UserId, room: Option<OwnedRoomId>, content: &Value) {
+        let Some(address) = claimed_address(sender.as_str()) else { return };
+        let Some(peer) = self.peer(address) else { return };
+        sender.clone_into(&mut peer.user_id);
+        if peer.room.is_none() {
+            peer.room = room;
+        }
+        match peer.reliable.receive_matrix(now, content) {
+            Ok(messages) => {
+                let address = peer.address.to_checksum();
+                for bytes in messages {
+                    self.ctx.emit(ClientEvent::Message { address: address.clone(), bytes });
+                }
+            }
+            Err(error) => tracing::debug!(%error, "client.matrix: a message not for this layer"),
         }
     }
 
@@ -554,10 +579,13 @@ impl Driver {
                 self.link_created(now, address, token, result);
             }
             Internal::Link { address, token, event } => self.link_event(now, address, token, event),
-            Internal::MatrixSent { address, send, result } => {
+            Internal::MatrixSent { address, send, room, result } => {
                 let lines = send.lines;
                 let Some(peer) = self.peers.get_mut(&address) else { return };
                 peer.matrix_busy = false;
+                if peer.room.is_none() {
+                    peer.room = room;
+                }
                 match result {
                     Ok(()) => {
                         peer.matrix_backoff = None;
@@ -854,6 +882,7 @@ fn peer_entry<'a>(
             retry_at: None,
             backoff: None,
             matrix_busy: false,
+            room: None,
             matrix_retry_at: None,
             matrix_backoff: None,
             waiting: VecDeque::new(),
@@ -1143,18 +1172,38 @@ impl Ctx {
         let internal = self.internal.clone();
         let address = peer.address;
         let user_id = peer.user_id.clone();
+        // Messages go into the pair's room with `fallback = room` (made on the first); acks alone
+        // stay to-device.
+        let into_room = self.config.fallback == Fallback::Room && send.event_type == reliable::EVENT_MESSAGE;
+        let known_room = peer.room.clone();
         tokio::spawn(async move {
             let txn_id: OwnedTransactionId = send.txn_id.clone().into();
-            let result = matrix
-                .send_to_device(
-                    send.event_type,
-                    &user_id,
-                    &DeviceIdOrAllDevices::AllDevices,
-                    &send.content,
-                    &txn_id,
-                )
-                .await;
-            let _ = internal.send(Internal::MatrixSent { address, send, result }).await;
+            let (room, result) = if into_room {
+                let room = match known_room {
+                    Some(room) => Ok(room),
+                    None => matrix.create_private_room(&user_id).await,
+                };
+                match room {
+                    Ok(room) => {
+                        let outcome =
+                            matrix.send_room_event(&room, send.event_type, &send.content, &txn_id).await;
+                        (Some(room), outcome)
+                    }
+                    Err(error) => (None, Err(error)),
+                }
+            } else {
+                let outcome = matrix
+                    .send_to_device(
+                        send.event_type,
+                        &user_id,
+                        &DeviceIdOrAllDevices::AllDevices,
+                        &send.content,
+                        &txn_id,
+                    )
+                    .await;
+                (None, outcome)
+            };
+            let _ = internal.send(Internal::MatrixSent { address, send, room, result }).await;
         });
     }
 }

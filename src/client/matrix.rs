@@ -453,6 +453,43 @@ impl MatrixClient {
         Ok(())
     }
 
+    /// Creates a private room with `peer` invited (`POST /_matrix/client/v3/createRoom`, preset
+    /// `trusted_private_chat`, `is_direct`), the room per pair of the `fallback = room` option.
+    /// Not retried: a retry after a lost answer would make a second room.
+    pub async fn create_private_room(&self, peer: &UserId) -> Result<ruma::OwnedRoomId, MatrixError> {
+        let url = self.url(&["_matrix", "client", "v3", "createRoom"]);
+        let body = json!({ "preset": "trusted_private_chat", "is_direct": true, "invite": [peer] });
+        let answer = self.request_json(reqwest::Method::POST, url, Some(&body)).await?;
+        answer["room_id"]
+            .as_str()
+            .and_then(|id| ruma::RoomId::parse(id).ok())
+            .ok_or_else(|| MatrixError::InvalidResponse(format!("createRoom: no room_id in {answer}")))
+    }
+
+    /// Sends an event of `event_type` into a room (`PUT
+    /// /_matrix/client/v3/rooms/{room_id}/send/{event_type}/{txn_id}`), retried like a to-device
+    /// send and with the same rule: one transaction id, one event, however often it is sent.
+    pub async fn send_room_event(
+        &self,
+        room_id: &ruma::RoomId,
+        event_type: &str,
+        content: &Value,
+        txn_id: &TransactionId,
+    ) -> Result<(), MatrixError> {
+        let url = self.url(&[
+            "_matrix",
+            "client",
+            "v3",
+            "rooms",
+            room_id.as_str(),
+            "send",
+            event_type,
+            txn_id.as_str(),
+        ]);
+        self.with_retry(|| self.request_json(reqwest::Method::PUT, url.clone(), Some(content))).await?;
+        Ok(())
+    }
+
     /// The URL of a client-server API path; each segment is percent-encoded.
     fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.inner.base.clone();

@@ -87,6 +87,20 @@ pub enum AcceptCalls {
     None,
 }
 
+/// Where messages go through Matrix when no data channel carries them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fallback {
+    /// To-device `m.room.message` to the peer's devices, as Raiden 3.x sends them. The default.
+    #[default]
+    ToDevice,
+    /// A private room per pair (the seed ADR's example, Raiden 2.x's transport): the first
+    /// message to a peer creates a room (`trusted_private_chat`, `is_direct`) with the peer
+    /// invited; a peer's invite from a Raiden user is joined; messages go into the pair's room as
+    /// `m.room.message` with the same content as to-device (acks alone stay to-device). A race of
+    /// both sides creating a room leaves two rooms, each read by both: nothing is lost or repeated.
+    Room,
+}
+
 /// How a [`Client`] is set up. [`ClientConfig::new`] gives the documented defaults.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -102,6 +116,8 @@ pub struct ClientConfig {
     pub relay_only: bool,
     /// Data channel reliability. Default: unordered, reliable.
     pub channel: ChannelOptions,
+    /// The Matrix path of messages: to-device (default) or a room per pair.
+    pub fallback: Fallback,
     /// Bounds of the delivery layer (replay buffer 1 MiB per peer, …).
     pub limits: Limits,
     /// Where time comes from. Default the system clock.
@@ -139,6 +155,7 @@ impl ClientConfig {
             switchboard: None,
             relay_only: false,
             channel: ChannelOptions::default(),
+            fallback: Fallback::ToDevice,
             limits: Limits::default(),
             clock: Clock::system(),
             matrix: matrix::Settings::default(),

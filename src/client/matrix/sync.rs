@@ -54,6 +54,9 @@ pub struct SyncSettings {
     /// With `room_messages`, join the rooms these users invite us to (the peers). Default empty.
     /// Ignored without `room_messages`.
     pub auto_join_from: Vec<OwnedUserId>,
+    /// With `room_messages`, also join the rooms that any Raiden user (a localpart that is an
+    /// Ethereum address) invites us to. Default `false`.
+    pub auto_join_raiden_users: bool,
     /// Capacity of the event channel, in events (at least 1). Default 256.
     pub channel_capacity: usize,
     /// Wait after the first failed `/sync`; doubles up to `max_backoff`. Default 500 ms.
@@ -70,6 +73,7 @@ impl Default for SyncSettings {
             room_messages: false,
             timeline_limit: 100,
             auto_join_from: Vec::new(),
+            auto_join_raiden_users: false,
             channel_capacity: 256,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
@@ -260,7 +264,9 @@ impl MatrixClient {
         cancel: &CancellationToken,
     ) {
         for (room_id, inviter) in invites {
-            if inviter == me || !settings.auto_join_from.contains(inviter) {
+            let raiden = settings.auto_join_raiden_users
+                && crate::directory::identity::claimed_address(inviter.as_str()).is_some();
+            if inviter == me || !(raiden || settings.auto_join_from.contains(inviter)) {
                 continue;
             }
             let joined = tokio::select! {
