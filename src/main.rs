@@ -106,6 +106,9 @@ struct PeerArgs {
     /// Relay-only ICE: every channel through TURN (checks the relay).
     #[arg(long)]
     relay_only: bool,
+    /// Matrix fallback through a private room per pair instead of to-device messages.
+    #[arg(long)]
+    room_fallback: bool,
     /// Publish this key's Raiden profile (displayname and capabilities) before connecting.
     #[arg(long)]
     key_file: Option<PathBuf>,
@@ -291,6 +294,9 @@ fn peer(args: PeerArgs) -> anyhow::Result<()> {
     let mut config = ClientConfig::new(args.homeserver.clone(), token.clone());
     config.switchboard = args.switchboard;
     config.relay_only = args.relay_only;
+    if args.room_fallback {
+        config.fallback = switchboard::client::Fallback::Room;
+    }
     let json = args.json;
     runtime()?.block_on(async move {
         if let Some(key_file) = &args.key_file {
