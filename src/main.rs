@@ -74,6 +74,14 @@ enum Command {
     },
 }
 
+/// `switchboard peer --fallback`.
+#[cfg(feature = "client")]
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FallbackArg {
+    ToDevice,
+    Room,
+}
+
 #[cfg(feature = "client")]
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("mode").required(true).args(["listen", "to"])))]
@@ -106,9 +114,10 @@ struct PeerArgs {
     /// Relay-only ICE: every channel through TURN (checks the relay).
     #[arg(long)]
     relay_only: bool,
-    /// Matrix fallback through a private room per pair instead of to-device messages.
-    #[arg(long)]
-    room_fallback: bool,
+    /// The Matrix path of messages without a data channel: to-device (Raiden 3.x) or a private
+    /// room per pair.
+    #[arg(long, value_enum, default_value_t = FallbackArg::ToDevice)]
+    fallback: FallbackArg,
     /// Publish this key's Raiden profile (displayname and capabilities) before connecting.
     #[arg(long)]
     key_file: Option<PathBuf>,
@@ -294,9 +303,10 @@ fn peer(args: PeerArgs) -> anyhow::Result<()> {
     let mut config = ClientConfig::new(args.homeserver.clone(), token.clone());
     config.switchboard = args.switchboard;
     config.relay_only = args.relay_only;
-    if args.room_fallback {
-        config.fallback = switchboard::client::Fallback::Room;
-    }
+    config.fallback = match args.fallback {
+        FallbackArg::ToDevice => switchboard::client::Fallback::ToDevice,
+        FallbackArg::Room => switchboard::client::Fallback::Room,
+    };
     let json = args.json;
     runtime()?.block_on(async move {
         if let Some(key_file) = &args.key_file {

@@ -223,6 +223,39 @@ async fn two_clients_upgrade_through_the_relay_and_exchange_a_thousand_messages_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_to_a_peer_not_yet_online_reaches_it_through_matrix_and_the_channel_comes_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
+        return;
+    };
+    let alice = synapse.register_raiden(CAPS).await;
+    let bob = synapse.register_raiden(CAPS).await;
+    let switchboard = format!("http://{}", running.client);
+    let (a, mut a_seen) =
+        connect(&synapse.base_url, &alice.user.access_token, Some(switchboard.clone())).await;
+    wait(&mut a_seen, "alice on Switchboard", |seen| seen.switchboard == [true]).await;
+    // Bob has no client running: Switchboard bridges alice's invite (and her candidates) to his
+    // devices through Matrix, where his client finds them when it starts.
+    let started = Instant::now();
+    a.open(&bob.address).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (b, mut b_seen) = connect(&synapse.base_url, &bob.user.access_token, Some(switchboard)).await;
+    wait(&mut b_seen, "bob's channel up", |seen| !seen.ups.is_empty()).await;
+    wait(&mut a_seen, "alice's channel up", |seen| !seen.ups.is_empty()).await;
+    let up = a_seen.borrow().ups[0].0 - started;
+    println!("alice's channel up {up:?} after open (bob started 1 s after it)");
+    // Well before a second call (the call timeout is 30 s): the first one came through.
+    assert!(up < Duration::from_secs(15), "the first call came up: {up:?}");
+    assert_eq!(a.stats(&bob.address).await.unwrap().unwrap().calls, 1, "one call");
+    b.send(&alice.address, message(0)).await.unwrap();
+    wait(&mut a_seen, "bob's message over the channel", |seen| seen.messages.len() == 1).await;
+    assert_eq!(b.stats(&alice.address).await.unwrap().unwrap().matrix_lines, 0);
+    a.shutdown().await;
+    b.shutdown().await;
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_cut_mid_stream_falls_back_to_matrix_without_loss_and_upgrades_again() {
     let dir = tempfile::tempdir().unwrap();
     let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
