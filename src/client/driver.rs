@@ -61,6 +61,13 @@ const WRITE_STALL: Duration = Duration::from_secs(5);
 const MAX_WATCHED: usize = 1000;
 /// How often the driver looks whether the first `/sync` has been handled.
 const SYNC_CHECK: Duration = Duration::from_millis(20);
+/// Frames of at most this many bytes that wait together are joined into BATCH messages (of at
+/// most [`reliable::BATCH_LIMIT`], 16 KiB); larger ones go alone. Measured with the client bench:
+/// joining 1 kB messages took a relayed channel from 6,900 to 12,200 messages/s, while joining
+/// 3.2 kB ones into 16 KiB messages cost 20 % (the webrtc crate's SCTP handles a large message's
+/// many chunks more slowly than a few small messages).
+const SMALL_FRAME: usize = 2 * 1024;
+
 /// The shortest sleep of the driver's loop (a timer due now whose work must wait for a report).
 const MIN_SLEEP: Duration = Duration::from_millis(5);
 
@@ -1300,8 +1307,35 @@ fn start_link_tasks(
     let writer_link = link.clone();
     let room = ctx.room.clone();
     tokio::spawn(async move {
-        while let Some(frame) = frames_rx.recv().await {
-            if let Err(error) = writer_link.send(frame).await {
+        // Frames waiting together go out as one BATCH message of at most 16 KiB: a data channel
+        // message costs the same handling in SCTP, DTLS and between tasks whatever its size, so
+        // under load this multiplies what the channel carries; a frame alone goes as it is.
+        let mut carried: Option<Bytes> = None;
+        loop {
+            let first = match carried.take() {
+                Some(frame) => frame,
+                None => match frames_rx.recv().await {
+                    Some(frame) => frame,
+                    None => break,
+                },
+            };
+            let mut bytes = first.len();
+            let mut frames = vec![first];
+            while bytes <= SMALL_FRAME
+                && let Ok(next) = frames_rx.try_recv()
+            {
+                if next.len() > SMALL_FRAME
+                    || reliable::batch_size(bytes + next.len(), frames.len() + 1) > reliable::BATCH_LIMIT
+                {
+                    carried = Some(next);
+                    break;
+                }
+                bytes += next.len();
+                frames.push(next);
+            }
+            let message =
+                if frames.len() == 1 { frames.swap_remove(0) } else { reliable::join_frames(&frames) };
+            if let Err(error) = writer_link.send(message).await {
                 tracing::debug!(%error, "client.channel: write failed");
                 break;
             }

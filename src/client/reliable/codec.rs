@@ -26,6 +26,10 @@ const ACK: u8 = 0x02;
 const PING: u8 = 0x03;
 const PONG: u8 = 0x04;
 const HELLO: u8 = 0x05;
+/// Several frames in one data channel message ([`join_frames`], [`split_frames`]).
+pub const BATCH: u8 = 0x06;
+/// The largest data channel message a sender joins frames into: the safe message size.
+pub const BATCH_LIMIT: usize = 16 * 1024;
 const HELLO_LEN: usize = 1 + 16 + 8 + 16 + 8;
 const DATA_HEADER: usize = 1 + 1 + 8;
 
@@ -248,6 +252,48 @@ impl Frame {
             other => Err(FrameError::UnknownType(other)),
         }
     }
+}
+
+/// The size of a BATCH message holding frames of `frame_bytes` bytes in all, `count` of them.
+pub fn batch_size(frame_bytes: usize, count: usize) -> usize {
+    1 + 2 * count + frame_bytes
+}
+
+/// Frames joined into one data channel message: `0x06`, then for each frame its length (u16,
+/// big-endian) and its bytes. Each frame must be shorter than 64 KiB and not a BATCH itself.
+pub fn join_frames(frames: &[Bytes]) -> Bytes {
+    let mut out = BytesMut::with_capacity(batch_size(frames.iter().map(Bytes::len).sum(), frames.len()));
+    out.put_u8(BATCH);
+    for frame in frames {
+        debug_assert!(frame.len() <= usize::from(u16::MAX) && frame.first() != Some(&BATCH));
+        out.put_u16(u16::try_from(frame.len()).unwrap_or(u16::MAX));
+        out.put_slice(frame);
+    }
+    out.freeze()
+}
+
+/// The frames of a BATCH message (sharing its memory). A truncated length or frame, an empty
+/// frame or a BATCH inside is an error for the whole message.
+pub fn split_frames(message: &Bytes) -> Result<Vec<Bytes>, FrameError> {
+    let wrong = || FrameError::WrongLength { kind: BATCH, len: message.len() };
+    if message.first() != Some(&BATCH) {
+        return Err(wrong());
+    }
+    let mut frames = Vec::new();
+    let mut at = 1;
+    while at < message.len() {
+        let header = message.get(at..at + 2).ok_or_else(wrong)?;
+        let len = usize::from(u16::from_be_bytes([header[0], header[1]]));
+        let start = at + 2;
+        let frame = message.get(start..start + len).ok_or_else(wrong)?;
+        match frame.first() {
+            None => return Err(FrameError::Empty),
+            Some(&BATCH) => return Err(wrong()),
+            Some(_) => frames.push(message.slice(start..start + len)),
+        }
+        at = start + len;
+    }
+    Ok(frames)
 }
 
 fn read_u64(bytes: &[u8]) -> u64 {

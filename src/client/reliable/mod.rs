@@ -44,8 +44,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use codec::{
-    Ack, Batch, Content, ContentError, EVENT_ACK, EVENT_MESSAGE, FRAGMENT_SIZE, Frame, FrameError, Hello,
-    InvalidStreamId, Line, STREAM_FIELD, StreamId, decode_ack, decode_content, encode_ack, encode_batch,
+    Ack, BATCH, BATCH_LIMIT, Batch, Content, ContentError, EVENT_ACK, EVENT_MESSAGE, FRAGMENT_SIZE, Frame,
+    FrameError, Hello, InvalidStreamId, Line, STREAM_FIELD, StreamId, batch_size, decode_ack, decode_content,
+    encode_ack, encode_batch, join_frames, split_frames,
 };
 pub use incoming::{Incoming, IncomingCounters};
 pub use outgoing::{Outgoing, OutgoingCounters, PushError};
@@ -273,10 +274,25 @@ impl Peer {
         if ch.last_pong.is_some() { DcState::Alive } else { DcState::Handshake }
     }
 
-    /// A binary message from the data channel: the messages now deliverable, in order. An
-    /// unknown frame type is `Err(UnknownType)`: ignore it. Without an open channel
-    /// ([`Peer::on_channel_open`]) frames are ignored.
-    pub fn receive_dc(&mut self, now: Instant, frame: &Bytes) -> Result<Vec<Bytes>, FrameError> {
+    /// A binary message from the data channel (one frame, or a BATCH of frames): the messages
+    /// now deliverable, in order. An unknown frame type is `Err(UnknownType)`: ignore it (inside a
+    /// BATCH it is skipped). Without an open channel ([`Peer::on_channel_open`]) frames are ignored.
+    pub fn receive_dc(&mut self, now: Instant, message: &Bytes) -> Result<Vec<Bytes>, FrameError> {
+        if message.first() != Some(&BATCH) {
+            return self.receive_dc_frame(now, message);
+        }
+        let mut delivered = Vec::new();
+        for frame in split_frames(message)? {
+            match self.receive_dc_frame(now, &frame) {
+                Ok(messages) => delivered.extend(messages),
+                Err(FrameError::UnknownType(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(delivered)
+    }
+
+    fn receive_dc_frame(&mut self, now: Instant, frame: &Bytes) -> Result<Vec<Bytes>, FrameError> {
         let frame = Frame::decode(frame)?;
         let Some(ch) = self.channel.as_mut() else { return Ok(Vec::new()) };
         Ok(match frame {

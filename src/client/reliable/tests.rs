@@ -431,6 +431,40 @@ fn receiver_without_state_starts_at_base() {
 }
 
 #[test]
+fn frames_joined_in_a_batch_arrive_as_if_sent_one_by_one() {
+    let mut sim = Sim::new(&Limits::default());
+    sim.handshake();
+    let sent: Vec<Bytes> = (0..12).map(raiden).collect();
+    for m in &sent {
+        sim.a.push(sim.now, m.clone()).expect("room");
+    }
+    sim.poll_dc(Side::A);
+    let frames: Vec<Bytes> = sim.dc_to_b.drain(..).collect();
+    assert_eq!(frames.len(), 12);
+    // Two BATCH messages as a writer joins them (each within the limit); an unknown frame type
+    // inside one is skipped, the rest delivered.
+    let mut first: Vec<Bytes> = frames[..5].to_vec();
+    first.insert(2, Bytes::from_static(b"\x7fa future frame"));
+    for batch in [join_frames(&first), join_frames(&frames[5..])] {
+        assert!(batch.len() <= BATCH_LIMIT && batch[0] == BATCH);
+        sim.dc_to_b.push_back(batch);
+    }
+    sim.deliver_dc(Side::B, 1, false);
+    assert!(sim.got_b.is_empty(), "the second batch waits for the first");
+    sim.deliver_dc(Side::B, 0, false);
+    assert_eq!(sim.got_b, sent, "every message once, in order");
+
+    // Malformed batches are refused whole.
+    let cases: [&[u8]; 4] = [b"\x06\x00", b"\x06\x00\x05\x03\x00", b"\x06\x00\x00", b"\x06\x00\x01\x06"];
+    for bytes in cases {
+        assert!(split_frames(&Bytes::from_static(bytes)).is_err(), "{bytes:?}");
+        let before = sim.b.counters();
+        assert!(sim.b.receive_dc(sim.now, &Bytes::from_static(bytes)).is_err(), "{bytes:?}");
+        assert_eq!(sim.b.counters(), before, "nothing taken from {bytes:?}");
+    }
+}
+
+#[test]
 fn malformed_frames_and_contents_are_typed_errors() {
     let cases: [(&[u8], FrameError); 8] = [
         (b"", FrameError::Empty),
