@@ -265,7 +265,7 @@ pub fn join_frames(frames: &[Bytes]) -> Bytes {
     let mut out = BytesMut::with_capacity(batch_size(frames.iter().map(Bytes::len).sum(), frames.len()));
     out.put_u8(BATCH);
     for frame in frames {
-        debug_assert!(frame.len() <= usize::from(u16::MAX) && frame.first() != Some(&BATCH));
+        debug_assert!(u16::try_from(frame.len()).is_ok() && frame.first() != Some(&BATCH));
         out.put_u16(u16::try_from(frame.len()).unwrap_or(u16::MAX));
         out.put_slice(frame);
     }
