@@ -272,11 +272,26 @@ async fn latency(a: &Peer, b: &mut Peer, size: usize, n: usize) -> Vec<f64> {
     sorted(out)
 }
 
+/// UDP datagrams the kernel dropped so far for want of receive-buffer room (whole machine,
+/// `RcvbufErrors` of /proc/net/snmp).
+fn udp_receive_drops() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = snmp.lines().filter(|line| line.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else { return 0 };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Messages per second of `n` messages of `size` bytes from `a` to `b`, sent as fast as `send`
 /// takes them, until the last arrived (each checked in order).
 async fn throughput(a: &Peer, b: &mut Peer, size: usize, n: usize) -> f64 {
     let client = a.client.clone();
     let to = b.address.clone();
+    let drops = udp_receive_drops();
     let started = Instant::now();
     let sending = tokio::spawn(async move {
         for i in 0..n {
@@ -290,6 +305,10 @@ async fn throughput(a: &Peer, b: &mut Peer, size: usize, n: usize) -> f64 {
     }
     let elapsed = started.elapsed();
     sending.await.unwrap();
+    let dropped = udp_receive_drops() - drops;
+    if dropped > 0 {
+        println!("  {n} × {size} B: the kernel dropped {dropped} UDP datagrams (receive buffers full)");
+    }
     n as f64 / elapsed.as_secs_f64()
 }
 

@@ -62,10 +62,11 @@ const MAX_WATCHED: usize = 1000;
 /// How often the driver looks whether the first `/sync` has been handled.
 const SYNC_CHECK: Duration = Duration::from_millis(20);
 /// Frames of at most this many bytes that wait together are joined into BATCH messages (of at
-/// most [`reliable::BATCH_LIMIT`], 16 KiB); larger ones go alone. Measured with the client bench:
-/// joining 1 kB messages took a relayed channel from 6,900 to 12,200 messages/s, while joining
-/// 3.2 kB ones into 16 KiB messages cost 20 % (the webrtc crate's SCTP handles a large message's
-/// many chunks more slowly than a few small messages).
+/// most [`reliable::BATCH_LIMIT`], 16 KiB); larger ones go alone. Each data channel message costs
+/// the webrtc crate the same task hand-offs whatever its size, so small frames (1 kB messages,
+/// acks, pings) gain from being joined; joining 3.2 kB frames into 16 KiB messages measured 20 %
+/// slower in one run (a large message is many SCTP chunks). On this noisy 2-core machine the gain
+/// for 1 kB messages is within the noise of three runs (docs/benchmarks.md).
 const SMALL_FRAME: usize = 2 * 1024;
 
 /// The shortest sleep of the driver's loop (a timer due now whose work must wait for a report).

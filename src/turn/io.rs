@@ -54,6 +54,8 @@ const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 const STREAM_IDLE: Duration = Duration::from_secs(3600);
 /// Receive and send buffer asked for the client-facing UDP sockets.
 const CLIENT_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+/// Receive buffer of each allocation's relay socket (capped by the kernel's `net.core.rmem_max`).
+const RELAY_SOCKET_BUFFER: usize = 1024 * 1024;
 /// Pending connections per listener socket.
 const LISTEN_BACKLOG: i32 = 1024;
 
@@ -302,6 +304,10 @@ impl RelayPorts for Ports {
             match std::net::UdpSocket::bind((ip, port)) {
                 Ok(socket) => {
                     socket.set_nonblocking(true)?;
+                    // A burst from the peer (a data channel's window, ≈ 100 packets) overflowed
+                    // the kernel's default 208 KiB while the shard was busy: dropped packets make
+                    // SCTP back off. The size is a cap, not memory held while idle.
+                    socket2::SockRef::from(&socket).set_recv_buffer_size(RELAY_SOCKET_BUFFER)?;
                     // Runs on the shard's runtime: the Relay is only driven from the shard's tasks.
                     let socket = Arc::new(UdpSocket::from_std(socket)?);
                     let local = socket.local_addr()?;
