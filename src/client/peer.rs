@@ -217,13 +217,18 @@ async fn send_to(
         return Err((error.into(), report));
     }
     say(&format!("calling {address}"));
-    // The upgrade first: this command exists to check it.
+    // The upgrade first: this command exists to check it. It is timed from the call, which
+    // starts once Switchboard is connected (after the client's first /sync), not from `open`.
+    let mut called = opened;
     let mut path = None;
     while path.is_none() {
         match next_event(events, deadline).await {
             Some(ClientEvent::ChannelUp { path: up, .. }) => path = Some(up),
             Some(ClientEvent::SyncStopped { reason }) => return Err((PeerError::Stopped(reason), report)),
             Some(ClientEvent::Switchboard { connected }) => {
+                if connected {
+                    called = Instant::now();
+                }
                 say(if connected { "Switchboard connected" } else { "Switchboard not connected" });
             }
             Some(_) => {}
@@ -237,7 +242,7 @@ async fn send_to(
             }
         }
     }
-    let upgrade = opened.elapsed();
+    let upgrade = called.elapsed();
     report.path = path_name(path);
     report.upgrade_ms = Some(millis(upgrade));
     say(&format!("channel up: {} in {:.1} ms", report.path, millis(upgrade)));
