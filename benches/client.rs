@@ -215,24 +215,8 @@ impl Stack {
     }
 
     fn cpu_seconds(&self) -> (f64, f64) {
-        (cpu_seconds(self.synapse.pid()), cpu_seconds(self.switchboard.pid()))
+        (common::cpu_seconds(self.synapse.pid()), common::cpu_seconds(self.switchboard.pid()))
     }
-}
-
-/// User + system CPU seconds of a process so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces) in parentheses: state is the 3rd
-    // field of the line, utime the 14th and stime the 15th.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    let output = std::process::Command::new("getconf").arg("CLK_TCK").output().expect("getconf");
-    String::from_utf8_lossy(&output.stdout).trim().parse().expect("CLK_TCK")
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -58,17 +58,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// CPU seconds (user + system) a process has used.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    #[allow(clippy::cast_precision_loss)]
-    let seconds = ticks as f64 / 100.0; // USER_HZ
-    seconds
-}
-
 fn coturn(dir: &std::path::Path, port: u16, tls_port: u16) -> (Server, KillOnDrop) {
     let (certificate, key) = common::self_signed_certificate(dir);
     let child = Command::new("turnserver")
@@ -218,12 +207,12 @@ fn allocate(
 /// One uclient run against `server`: its CPU µs per relayed message and the messages lost; `None`
 /// when uclient did not finish.
 async fn measure(server: &Server, peer_port: u16, flags: &[&str]) -> Option<(f64, u64)> {
-    let before = cpu_seconds(server.pid);
+    let before = common::cpu_seconds(server.pid);
     let port = if flags.contains(&"-S") { server.tls_port } else { server.port };
     let (relayed, lost, output) = uclient(port, peer_port, flags)?;
     // Let the server finish what is in flight before reading its CPU time.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let cpu = cpu_seconds(server.pid) - before;
+    let cpu = common::cpu_seconds(server.pid) - before;
     assert!(relayed > 0, "{} relayed nothing:\n{output}", server.name);
     #[allow(clippy::cast_precision_loss)]
     let per_message = cpu / relayed as f64 * 1e6;

@@ -164,6 +164,23 @@ fn send_range(client: &Client, to: &str, range: std::ops::Range<usize>) -> tokio
     })
 }
 
+/// After an upgrade again: 100 more messages from alice (indexes `COUNT..COUNT + 100`) arrive in
+/// order after the first `COUNT`, carried by the new channel.
+async fn hundred_more_over_the_new_channel(
+    a: &Client,
+    alice: &str,
+    bob: &str,
+    b_seen: &mut watch::Receiver<Seen>,
+) {
+    let frames_before = a.stats(bob).await.unwrap().unwrap().dc_data_frames;
+    let sending = send_range(a, bob, COUNT..COUNT + 100);
+    wait(b_seen, "100 more messages", |seen| seen.messages.len() >= COUNT + 100).await;
+    sending.await.unwrap();
+    assert_in_order(&b_seen.borrow(), alice, COUNT + 100);
+    let stats = a.stats(bob).await.unwrap().unwrap();
+    assert!(stats.dc_data_frames >= frames_before + 100, "the new channel carried them: {stats:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_upgrade_through_the_relay_and_exchange_a_thousand_messages_in_order() {
     if let Ok(filter) = std::env::var("TEST_LOG") {
@@ -287,13 +304,7 @@ async fn a_channel_cut_mid_stream_falls_back_to_matrix_without_loss_and_upgrades
     assert!(!a_seen.borrow().downs.is_empty() && !b_seen.borrow().downs.is_empty());
 
     // Bob's stream to alice flows over the new channel; alice's continues where it was.
-    let frames_before = a.stats(&bob.address).await.unwrap().unwrap().dc_data_frames;
-    let sending = send_range(&a, &bob.address, COUNT..COUNT + 100);
-    wait(&mut b_seen, "100 more messages", |seen| seen.messages.len() >= COUNT + 100).await;
-    sending.await.unwrap();
-    assert_in_order(&b_seen.borrow(), &alice.address, COUNT + 100);
-    let stats = a.stats(&bob.address).await.unwrap().unwrap();
-    assert!(stats.dc_data_frames >= frames_before + 100, "the new channel carried them: {stats:?}");
+    hundred_more_over_the_new_channel(&a, &alice.address, &bob.address, &mut b_seen).await;
 
     a.shutdown().await;
     b.shutdown().await;
@@ -436,10 +447,7 @@ async fn switchboard_stopped_mid_stream_leaves_matrix_carrying_on_and_a_restart_
     wait(&mut a_seen, "alice's second channel", |seen| seen.ups.len() >= 2).await;
     wait(&mut b_seen, "bob's second channel", |seen| seen.ups.len() >= 2).await;
     println!("upgraded again {:?} after the restart", restarted.elapsed());
-    let sending = send_range(&a, &bob.address, COUNT..COUNT + 100);
-    wait(&mut b_seen, "100 more messages", |seen| seen.messages.len() >= COUNT + 100).await;
-    sending.await.unwrap();
-    assert_in_order(&b_seen.borrow(), &alice.address, COUNT + 100);
+    hundred_more_over_the_new_channel(&a, &alice.address, &bob.address, &mut b_seen).await;
 
     a.shutdown().await;
     b.shutdown().await;
@@ -539,13 +547,7 @@ async fn the_relay_stopped_mid_stream_hands_the_rest_to_matrix_and_its_return_up
     wait(&mut a_seen, "alice's second channel", |seen| seen.ups.len() >= 2).await;
     wait(&mut b_seen, "bob's second channel", |seen| seen.ups.len() >= 2).await;
     println!("upgraded again {:?} after the relay restarted", restarted.elapsed());
-    let frames_before = a.stats(&bob.address).await.unwrap().unwrap().dc_data_frames;
-    let sending = send_range(&a, &bob.address, COUNT..COUNT + 100);
-    wait(&mut b_seen, "100 more messages", |seen| seen.messages.len() >= COUNT + 100).await;
-    sending.await.unwrap();
-    assert_in_order(&b_seen.borrow(), &alice.address, COUNT + 100);
-    let stats = a.stats(&bob.address).await.unwrap().unwrap();
-    assert!(stats.dc_data_frames >= frames_before + 100, "the new channel carried them: {stats:?}");
+    hundred_more_over_the_new_channel(&a, &alice.address, &bob.address, &mut b_seen).await;
 
     a.shutdown().await;
     b.shutdown().await;
@@ -556,48 +558,29 @@ async fn the_relay_stopped_mid_stream_hands_the_rest_to_matrix_and_its_return_up
 /// `m.room.message` `m.text` with newline-separated JSON bodies (to every device, `*`).
 struct PlainRaiden {
     raiden: common::raiden::Raiden,
-    base_url: String,
-    http: reqwest::Client,
     since: Option<String>,
     txn: usize,
 }
 
 impl PlainRaiden {
     /// Sends `bodies` to `to` in one to-device message, as Raiden batches them.
-    async fn send(&mut self, to: &str, bodies: &[String]) {
+    async fn send(&mut self, synapse: &common::Synapse, to: &str, bodies: &[String]) {
         self.txn += 1;
-        let url =
-            format!("{}/_matrix/client/v3/sendToDevice/m.room.message/plain{}", self.base_url, self.txn);
+        let path = format!("/_matrix/client/v3/sendToDevice/m.room.message/plain{}", self.txn);
         let content = serde_json::json!({ "msgtype": "m.text", "body": bodies.join("\n") });
-        let response = self
-            .http
-            .put(url)
-            .bearer_auth(&self.raiden.user.access_token)
-            .json(&serde_json::json!({ "messages": { to: { "*": content } } }))
-            .send()
-            .await
-            .unwrap();
-        assert!(response.status().is_success(), "sendToDevice: {}", response.status());
+        let body = serde_json::json!({ "messages": { to: { "*": content } } });
+        synapse.call(&self.raiden.user, reqwest::Method::PUT, &path, &body).await;
     }
 
     /// The contents of the `m.room.message` `m.text` to-device events (messages) from `from` in
     /// one `/sync` (long-poll of at most 5 s). `m.notice` ones are Raiden's WebRTC signalling (the
     /// call Switchboard bridges to this node in Raiden's dialect), which this node never answers.
-    async fn sync(&mut self, from: &str) -> Vec<serde_json::Value> {
-        let url = match &self.since {
-            Some(since) => format!("{}/_matrix/client/v3/sync?timeout=5000&since={since}", self.base_url),
-            None => format!("{}/_matrix/client/v3/sync?timeout=5000", self.base_url),
+    async fn sync(&mut self, synapse: &common::Synapse, from: &str) -> Vec<serde_json::Value> {
+        let path = match &self.since {
+            Some(since) => format!("/_matrix/client/v3/sync?timeout=5000&since={since}"),
+            None => "/_matrix/client/v3/sync?timeout=5000".to_owned(),
         };
-        let body: serde_json::Value = self
-            .http
-            .get(url)
-            .bearer_auth(&self.raiden.user.access_token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = synapse.call(&self.raiden.user, reqwest::Method::GET, &path, &serde_json::json!({})).await;
         self.since = body["next_batch"].as_str().map(str::to_owned);
         body["to_device"]["events"]
             .as_array()
@@ -633,19 +616,14 @@ async fn a_plain_raiden_node_reads_every_message_and_its_replies_reach_the_clien
     };
     let alice = synapse.register_raiden(CAPS).await;
     // A Raiden 3.x node: WebRTC and to-device, but no Switchboard; it never answers a call.
-    let mut plain = PlainRaiden {
-        raiden: synapse.register_raiden("webRTC=1&toDevice=1").await,
-        base_url: synapse.base_url.clone(),
-        http: reqwest::Client::new(),
-        since: None,
-        txn: 0,
-    };
+    let mut plain =
+        PlainRaiden { raiden: synapse.register_raiden("webRTC=1&toDevice=1").await, since: None, txn: 0 };
     let (a, mut a_seen) =
         connect(&synapse.base_url, &alice.user.access_token, Some(format!("http://{}", running.client)))
             .await;
     wait(&mut a_seen, "alice on Switchboard", |seen| seen.switchboard == [true]).await;
     // The plain node's first sync, so that what follows is new to it.
-    plain.sync(&alice.user.user_id).await;
+    plain.sync(&synapse, &alice.user.user_id).await;
 
     // Alice would like a channel (a node opens to everyone), and sends at once: through Matrix.
     a.open(&plain.raiden.address).await.unwrap();
@@ -653,7 +631,7 @@ async fn a_plain_raiden_node_reads_every_message_and_its_replies_reach_the_clien
     let mut got: Vec<usize> = Vec::new();
     let deadline = Instant::now() + STEP;
     while got.len() < TO_PLAIN && Instant::now() < deadline {
-        for content in plain.sync(&alice.user.user_id).await {
+        for content in plain.sync(&synapse, &alice.user.user_id).await {
             assert_eq!(content["msgtype"], "m.text", "{content}");
             // What a Raiden node reads: the body's lines, each one of alice's messages as sent.
             for line in content["body"].as_str().expect("a text body").lines() {
@@ -675,7 +653,7 @@ async fn a_plain_raiden_node_reads_every_message_and_its_replies_reach_the_clien
         })
         .collect();
     for batch in replies.chunks(5) {
-        plain.send(&alice.user.user_id, batch).await;
+        plain.send(&synapse, &alice.user.user_id, batch).await;
     }
     wait(&mut a_seen, "the plain node's 50 replies", |seen| seen.messages.len() >= FROM_PLAIN).await;
     let seen = a_seen.borrow();
