@@ -345,18 +345,32 @@ async fn a_send_retried_after_a_lost_answer_and_a_rate_limit_is_delivered_once_r
     assert!(syncs[1].1 - syncs[0].1 >= Duration::from_millis(500), "{syncs:?}");
     assert!(syncs[2].1 - syncs[1].1 >= Duration::from_secs(1), "{syncs:?}");
 
-    // The room fallback: Dave's loop also delivers the `m.room.message`s of others in joined rooms,
-    // and joins the rooms Alice (a peer) invites it to.
+    let dave_sync = room_fallback(&synapse, &alice, &cancel).await;
+
+    cancel.cancel();
+    sync.finish().await.unwrap();
+    dave_sync.finish().await.unwrap();
+    stepper.abort();
+}
+
+/// The room fallback: Dave's loop also delivers the `m.room.message`s of others in joined rooms,
+/// and joins the rooms Alice (a peer) invites it to, one at most here. Returns Dave's loop.
+async fn room_fallback(
+    synapse: &common::Synapse,
+    alice: &common::User,
+    cancel: &CancellationToken,
+) -> SyncHandle {
     let dave = synapse.register(&common::raiden_localpart()).await;
     let room_settings = SyncSettings {
         room_messages: true,
-        auto_join_from: vec![user_id(&alice)],
+        auto_join_from: vec![user_id(alice)],
+        max_auto_joins: 1,
         ..SyncSettings::default()
     };
     let mut dave_sync = client(&synapse.base_url, &dave).spawn_sync(room_settings, cancel.clone());
     let created = synapse
         .call(
-            &alice,
+            alice,
             http::Method::POST,
             "/_matrix/client/v3/createRoom",
             &json!({ "invite": [dave.user_id] }),
@@ -365,25 +379,39 @@ async fn a_send_retried_after_a_lost_answer_and_a_rate_limit_is_delivered_once_r
     let room = created["room_id"].as_str().unwrap().to_owned();
     let members = format!("/_matrix/client/v3/rooms/{}/joined_members", common::urlencode(&room));
     common::eventually(Duration::from_secs(10), "Dave to join on Alice's invite", || async {
-        let joined = synapse.call(&alice, http::Method::GET, &members, &json!({})).await;
+        let joined = synapse.call(alice, http::Method::GET, &members, &json!({})).await;
         joined["joined"].get(&dave.user_id).map(|_| ())
     })
     .await;
     let room_message = |event_id: String, body: &str| SyncEvent::RoomMessage {
         room_id: ruma::OwnedRoomId::try_from(room.as_str()).unwrap(),
         event_id: Some(ruma::OwnedEventId::try_from(event_id).unwrap()),
-        sender: user_id(&alice),
+        sender: user_id(alice),
         content: text(body),
     };
-    let event_id = synapse.send_text(&alice, &room, "r-1", "over the room").await;
+    let event_id = synapse.send_text(alice, &room, "r-1", "over the room").await;
     assert_eq!(next_message(&mut dave_sync).await, room_message(event_id, "over the room"));
     // Dave's own message is not handed back to him.
     synapse.send_text(&dave, &room, "r-2", "mine").await;
-    let event_id = synapse.send_text(&alice, &room, "r-3", "reply").await;
+    let event_id = synapse.send_text(alice, &room, "r-3", "reply").await;
     assert_eq!(next_message(&mut dave_sync).await, room_message(event_id, "reply"));
 
-    cancel.cancel();
-    sync.finish().await.unwrap();
-    dave_sync.finish().await.unwrap();
-    stepper.abort();
+    // A second room from Alice is past Dave's bound of one: the invite is left. Dave's loop has
+    // seen it once a message Alice sent after it has come through.
+    let second = synapse
+        .call(
+            alice,
+            http::Method::POST,
+            "/_matrix/client/v3/createRoom",
+            &json!({ "invite": [dave.user_id] }),
+        )
+        .await;
+    let second = second["room_id"].as_str().unwrap().to_owned();
+    let event_id = synapse.send_text(alice, &room, "r-4", "after the second invite").await;
+    assert_eq!(next_message(&mut dave_sync).await, room_message(event_id, "after the second invite"));
+    let path = format!("/_matrix/client/v3/rooms/{}/joined_members", common::urlencode(&second));
+    let joined = synapse.call(alice, http::Method::GET, &path, &json!({})).await;
+    assert!(joined["joined"].get(&dave.user_id).is_none(), "Dave stays out of the second room: {joined}");
+
+    dave_sync
 }

@@ -95,7 +95,8 @@ pub enum Fallback {
     ToDevice,
     /// A private room per pair (the seed ADR's example, Raiden 2.x's transport): the first
     /// message to a peer creates a room (`trusted_private_chat`, `is_direct`) with the peer
-    /// invited; a peer's invite from a Raiden user is joined; messages go into the pair's room as
+    /// invited; a peer's invite from a Raiden user is joined (1,000 rooms at most, see
+    /// [`matrix::SyncSettings::max_auto_joins`]); messages go into the pair's room as
     /// `m.room.message` with the same content as to-device (acks alone stay to-device). A race of
     /// both sides creating a room leaves two rooms, each read by both: nothing is lost or repeated.
     Room,

@@ -57,6 +57,10 @@ pub struct SyncSettings {
     /// With `room_messages`, also join the rooms that any Raiden user (a localpart that is an
     /// Ethereum address) invites us to. Default `false`.
     pub auto_join_raiden_users: bool,
+    /// Rooms joined on invite at most over the loop's life: any Raiden user can invite us, so this
+    /// bounds the rooms (and their timelines in every `/sync`) one account can make us hold.
+    /// Invites past it are logged and left. Default 1,000.
+    pub max_auto_joins: usize,
     /// Capacity of the event channel, in events (at least 1). Default 256.
     pub channel_capacity: usize,
     /// Wait after the first failed `/sync`; doubles up to `max_backoff`. Default 500 ms.
@@ -74,6 +78,7 @@ impl Default for SyncSettings {
             timeline_limit: 100,
             auto_join_from: Vec::new(),
             auto_join_raiden_users: false,
+            max_auto_joins: 1000,
             channel_capacity: 256,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
@@ -182,6 +187,8 @@ impl MatrixClient {
         // With room messages, our own user id: the filter leaves out our own messages and invites
         // are addressed to it. Asked (again) until known.
         let mut me: Option<OwnedUserId> = None;
+        // Rooms joined on invite so far (bounded by `max_auto_joins`).
+        let mut auto_joined = 0usize;
         loop {
             let answer = tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
@@ -210,7 +217,7 @@ impl MatrixClient {
                 }
             };
             if let Some(me) = &me {
-                self.auto_join(&settings, me, &answer.invites, cancel).await;
+                self.auto_join(&settings, me, &answer.invites, &mut auto_joined, cancel).await;
             }
             let carried_events = !answer.events.is_empty();
             for event in answer.events {
@@ -254,13 +261,15 @@ impl MatrixClient {
         Ok(Answer::from_response(response, me))
     }
 
-    /// Joins the rooms in `invites` whose inviter is one of `settings.auto_join_from`; failures are
-    /// logged (the invite is not offered again by later incremental syncs).
+    /// Joins the rooms in `invites` whose inviter is one of `settings.auto_join_from` (or any Raiden
+    /// user, with `auto_join_raiden_users`), while `joined` is below `settings.max_auto_joins`;
+    /// failures are logged (the invite is not offered again by later incremental syncs).
     async fn auto_join(
         &self,
         settings: &SyncSettings,
         me: &OwnedUserId,
         invites: &[(OwnedRoomId, OwnedUserId)],
+        joined: &mut usize,
         cancel: &CancellationToken,
     ) {
         for (room_id, inviter) in invites {
@@ -269,12 +278,19 @@ impl MatrixClient {
             if inviter == me || !(raiden || settings.auto_join_from.contains(inviter)) {
                 continue;
             }
-            let joined = tokio::select! {
+            if *joined >= settings.max_auto_joins {
+                tracing::warn!(%room_id, %inviter, limit = settings.max_auto_joins, "invite left: rooms joined on invite at the limit");
+                continue;
+            }
+            let outcome = tokio::select! {
                 () = cancel.cancelled() => return,
-                joined = self.join_room(room_id) => joined,
+                outcome = self.join_room(room_id) => outcome,
             };
-            match joined {
-                Ok(()) => tracing::debug!(%room_id, %inviter, "joined on invite"),
+            match outcome {
+                Ok(()) => {
+                    *joined += 1;
+                    tracing::debug!(%room_id, %inviter, "joined on invite");
+                }
                 Err(error) => tracing::warn!(%room_id, %inviter, %error, "join failed"),
             }
         }
