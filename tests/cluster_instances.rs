@@ -94,7 +94,9 @@ async fn a_transaction_taken_by_one_instance_reaches_the_others_directory_withou
     put(&a, "1", &joined()).await;
     put(&a, "2", &presence("online")).await;
     until_presence(&b, "online", "b to see the presence a stored").await;
-    assert_eq!(presence_on(&a).await.as_deref(), Some("online"));
+    // a applies what it stored through its own inbox consumer, which may come after b's wake
+    // through Redis (seen once under load: a still said "offline" when b said "online").
+    until_presence(&a, "online", "a to apply the presence it stored").await;
 
     // Without Redis, b's poll is the safety net: b sees the change once its clock passes a poll.
     redis.stop();
