@@ -13,6 +13,10 @@
 //!   the bench's own behind a router namespace (host candidates, a routed path; tests/common/netns.rs),
 //!   reaching Synapse and Switchboard through TCP forwarders. (iv) is skipped with a line when the
 //!   bench cannot make namespaces (not root, no `ip`).
+//! - **Reference**: the same latency and throughput runs over the `webrtc` crate alone: two
+//!   [`PeerLink`]s in this process joined on loopback host candidates, messages written to one and
+//!   read from the other's events, with no delivery layer, driver or Matrix around them. It is the
+//!   ceiling a client on this crate can reach on this machine.
 //! - **One-way latency**: from before `send` to the receiving client's `Message` event, one message
 //!   at a time, for 1,000- and 3,200-byte Raiden-shaped JSON; `SWITCHBOARD_BENCH_DC_MESSAGES`
 //!   (default 1,000) over data channels, `SWITCHBOARD_BENCH_MATRIX_MESSAGES` (default 100) over
@@ -48,8 +52,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
+use switchboard::client::rtc::{Invite, LinkEvent, LinkEvents, PeerLink, RtcConfig};
 use switchboard::client::{Client, ClientConfig, ClientEvent, Fallback, Path};
+use switchboard::signalling::EventType;
 use tokio::sync::mpsc;
 
 const CAPS: &str = "webRTC=1&toDevice=1&switchboard=1";
@@ -110,6 +116,8 @@ impl Way {
 }
 
 const ROOM: &str = "Matrix room message (Client)";
+/// The reference: the `webrtc` crate alone, two `PeerLink`s on loopback, no client around them.
+const BARE: &str = "webrtc crate alone (loopback)";
 
 /// One client: its address, its handle, and its events stamped on arrival.
 struct Peer {
@@ -286,6 +294,105 @@ async fn throughput(a: &Peer, b: &mut Peer, size: usize, n: usize) -> f64 {
         let (_, got) = b.message().await;
         let id: usize = field(&got, "message_identifier").as_str().unwrap().parse().unwrap();
         assert_eq!(id, i, "message {i} in order");
+    }
+    let elapsed = started.elapsed();
+    sending.await.unwrap();
+    let dropped = udp_receive_drops() - drops;
+    if dropped > 0 {
+        println!("  {n} × {size} B: the kernel dropped {dropped} UDP datagrams (receive buffers full)");
+    }
+    n as f64 / elapsed.as_secs_f64()
+}
+
+/// Only the loopback candidates of a candidates signal (and its end marker): ICE then sends
+/// nothing beyond 127.0.0.1.
+fn loopback_only(content: &Map<String, Value>) -> Map<String, Value> {
+    let mut content = content.clone();
+    if let Some(Value::Array(list)) = content.get_mut("candidates") {
+        list.retain(|c| c["candidate"].as_str().is_some_and(|c| c.is_empty() || c.contains(" 127.0.0.1 ")));
+    }
+    content
+}
+
+/// Two bare [`PeerLink`]s joined on loopback, the signals handed across by hand, once both
+/// channels are open: the caller, the answerer and the answerer's events (its messages).
+async fn bare_pair() -> (PeerLink, PeerLink, LinkEvents) {
+    let config = RtcConfig { include_loopback: true, ..RtcConfig::default() };
+    let (a, mut a_events, invite) = PeerLink::call(config.clone(), "A").await.unwrap();
+    let invite = Invite::parse(&invite.call_id, &invite.content).unwrap();
+    let (b, mut b_events, answer) = PeerLink::answer(config, "B", &invite).await.unwrap();
+    let (mut a_open, mut b_open, mut answered) = (false, false, false);
+    // The answerer's candidates, then its answer, go to the caller; the caller's candidates to
+    // the answerer. Bounded: a pair opens within a few dozen events.
+    for _ in 0..512 {
+        if a_open && b_open {
+            break;
+        }
+        let event = tokio::time::timeout(WAIT, async {
+            tokio::select! {
+                event = a_events.next() => (true, event),
+                event = b_events.next() => (false, event),
+            }
+        })
+        .await
+        .expect("the bare pair opens");
+        match event {
+            (true, Some(LinkEvent::Signal(signal))) => {
+                b.handle_signal(signal.event_type, &loopback_only(&signal.content)).await.unwrap();
+            }
+            (false, Some(LinkEvent::Signal(signal))) => {
+                a.handle_signal(signal.event_type, &loopback_only(&signal.content)).await.unwrap();
+                if !answered {
+                    a.handle_signal(EventType::Answer, &answer.content).await.unwrap();
+                    answered = true;
+                }
+            }
+            (true, Some(LinkEvent::Open { .. })) => a_open = true,
+            (false, Some(LinkEvent::Open { .. })) => b_open = true,
+            other => panic!("bare pair: {other:?}"),
+        }
+    }
+    assert!(a_open && b_open, "the bare pair opened");
+    (a, b, b_events)
+}
+
+async fn bare_message(events: &mut LinkEvents) -> (Instant, Bytes) {
+    match tokio::time::timeout(WAIT, events.next()).await.expect("a bare message") {
+        Some(LinkEvent::Message(bytes)) => (Instant::now(), bytes),
+        other => panic!("bare pair: {other:?}"),
+    }
+}
+
+/// [`latency`] over the bare pair.
+async fn bare_latency(a: &PeerLink, b: &mut LinkEvents, size: usize, n: usize) -> Vec<f64> {
+    let warmup = n / 10;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..warmup + n {
+        let bytes = message("LockedTransfer", 0, 0, i, size);
+        let sent = Instant::now();
+        a.send(bytes.clone()).await.unwrap();
+        let (at, got) = bare_message(b).await;
+        assert_eq!(got, bytes, "bare message {i} intact");
+        if i >= warmup {
+            out.push(ms(at - sent));
+        }
+    }
+    sorted(out)
+}
+
+/// [`throughput`] over the bare pair (unordered channel: counted, not checked in order).
+async fn bare_throughput(a: &PeerLink, b: &mut LinkEvents, size: usize, n: usize) -> f64 {
+    let link = a.clone();
+    let drops = udp_receive_drops();
+    let started = Instant::now();
+    let sending = tokio::spawn(async move {
+        for i in 0..n {
+            link.send(message("LockedTransfer", 0, 0, i, size)).await.unwrap();
+        }
+    });
+    for _ in 0..n {
+        let (_, got) = bare_message(b).await;
+        assert!(got.len() >= size, "a whole message");
     }
     let elapsed = started.elapsed();
     sending.await.unwrap();
@@ -535,6 +642,15 @@ async fn run() {
         b.client.shutdown().await;
     }
 
+    println!("{BARE}…");
+    let (a, b, mut b_events) = bare_pair().await;
+    for size in SIZES {
+        lat.push((BARE.into(), size, bare_latency(&a, &mut b_events, size, dc_messages).await));
+        thr.push((BARE.into(), size, bare_throughput(&a, &mut b_events, size, dc_burst).await));
+    }
+    a.close().await;
+    b.close().await;
+
     let mut pays = Vec::new();
     for way in &ways {
         println!("payments {way:?}…");
@@ -594,6 +710,20 @@ fn report(
             }
         }
     }
+    let per_sec =
+        |name: &str, size: usize| thr.iter().find(|(n, s, _)| n == name && *s == size).map(|(_, _, v)| *v);
+    for size in SIZES {
+        let (Some(bare_p50), Some(bare_rate)) = (p50(BARE, size), per_sec(BARE, size)) else { continue };
+        for dc in ["data channel via TURN relay", "data channel direct"] {
+            if let (Some(p), Some(rate)) = (p50(dc, size), per_sec(dc, size)) {
+                println!(
+                    "{size} B: {dc}: p50 {:.2}× the bare crate's, throughput {:.0} % of it",
+                    p / bare_p50,
+                    100.0 * rate / bare_rate
+                );
+            }
+        }
+    }
     println!("\n## Upgrade: open → channel up (ms)\n");
     println!("| path | p50 | p90 | p99 | n |\n|---|---:|---:|---:|---:|");
     for (name, values) in ups {
@@ -644,6 +774,7 @@ fn draw_chart(
         ROOM => RGBColor(200, 60, 40),
         "Matrix to-device (Client)" => RGBColor(230, 150, 30),
         "data channel via TURN relay" => RGBColor(40, 110, 200),
+        BARE => RGBColor(120, 120, 120),
         _ => RGBColor(30, 160, 90),
     };
     for (area, title, series) in [
