@@ -166,6 +166,7 @@ pub struct TurnMetrics {
     pub rate_limited: Family<TransportLabel, Counter>,
     pub amplification_dropped: Family<TransportLabel, Counter>,
     pub over_bandwidth_dropped: Family<TransportLabel, Counter>,
+    pub unpermitted_dropped: Family<TransportLabel, Counter>,
     pub connections: Family<TransportLabel, Gauge>,
     pub connections_refused: Family<TransportLabel, Counter>,
     pub shard_ticks: Family<ShardLabel, Counter>,
@@ -211,6 +212,11 @@ impl TurnMetrics {
             "over_bandwidth_dropped",
             "Packets dropped by the per-allocation bandwidth cap",
             self.over_bandwidth_dropped.clone(),
+        );
+        turn.register(
+            "unpermitted_dropped",
+            "Packets dropped for want of a permission (client to an unpermitted peer, or from one)",
+            self.unpermitted_dropped.clone(),
         );
         turn.register("connections", "Open TURN TCP and TLS connections", self.connections.clone());
         turn.register(

@@ -147,6 +147,7 @@ pub fn publish(metrics: &crate::telemetry::TurnMetrics, relay: &server::Relay, p
             (&metrics.rate_limited, now.rate_limited, before.rate_limited),
             (&metrics.amplification_dropped, now.amplification_dropped, before.amplification_dropped),
             (&metrics.over_bandwidth_dropped, now.over_bandwidth_dropped, before.over_bandwidth_dropped),
+            (&metrics.unpermitted_dropped, now.unpermitted_dropped, before.unpermitted_dropped),
             (&metrics.permission_refusals, now.permission_refusals, before.permission_refusals),
             (&metrics.channel_refusals, now.channel_refusals, before.channel_refusals),
             (&metrics.allocate_timeouts, now.unallocated_hang_ups, before.unallocated_hang_ups),

@@ -45,7 +45,11 @@ impl Relay {
     ) -> Option<FiveTuple> {
         let tuple = *self.allocation_of_socket.get(&relay)?;
         let allocation = self.allocations.get_mut(&tuple)?;
-        if allocation.expires_ms <= now_ms || !allocation.permitted(peer.ip(), now_ms) {
+        if allocation.expires_ms <= now_ms {
+            return None;
+        }
+        if !allocation.permitted(peer.ip(), now_ms) {
+            self.stats[tuple.transport as usize].unpermitted_dropped += 1;
             return None;
         }
         if !allocation.spend(data.len(), now_ms, self.settings.bandwidth_bytes_per_sec) {
@@ -89,7 +93,11 @@ impl Relay {
         let rate = self.settings.bandwidth_bytes_per_sec;
         let Some(allocation) = self.allocations.get_mut(&tuple) else { return Action::None };
         let Some(&(peer, expires)) = allocation.channels.get(&number) else { return Action::None };
-        if expires <= now_ms || allocation.expires_ms <= now_ms || !allocation.permitted(peer.ip(), now_ms) {
+        if expires <= now_ms || allocation.expires_ms <= now_ms {
+            return Action::None;
+        }
+        if !allocation.permitted(peer.ip(), now_ms) {
+            self.stats[tuple.transport as usize].unpermitted_dropped += 1;
             return Action::None;
         }
         if !allocation.spend(length, now_ms, rate) {
@@ -192,7 +200,11 @@ impl Relay {
             .ok()
             .and_then(|value| decode_xor_address(&value, &request.transaction_id.0));
         let (Some(peer), Ok(data)) = (peer, request.get(ATTR_DATA)) else { return Action::None };
-        if allocation.expires_ms <= now_ms || !allocation.permitted(peer.ip(), now_ms) {
+        if allocation.expires_ms <= now_ms {
+            return Action::None;
+        }
+        if !allocation.permitted(peer.ip(), now_ms) {
+            self.stats[tuple.transport as usize].unpermitted_dropped += 1;
             return Action::None;
         }
         if !allocation.spend(data.len(), now_ms, rate) {

@@ -136,6 +136,9 @@ pub struct Stats {
     /// Responses not sent because they would be more than 3× the unauthenticated request.
     pub amplification_dropped: u64,
     pub over_bandwidth_dropped: u64,
+    /// Packets dropped for want of a permission: sent by a client to a peer it has not permitted,
+    /// or arriving from a peer the allocation has not permitted (RFC 8656 §9: silently).
+    pub unpermitted_dropped: u64,
     /// CreatePermission and ChannelBind requests refused (508) because the allocation holds
     /// `max_permissions` permissions or `max_channels` channels.
     pub permission_refusals: u64,

@@ -427,13 +427,15 @@ fn send_and_data_indications_need_a_permission() {
         message.raw
     };
     assert_eq!(relay.handle_client(T0, tuple0(), &send, &mut ports), Action::None, "no permission yet");
+    let mut out = Vec::new();
+    assert_eq!(relay.handle_peer(T0, relay_addr, peer(), b"early", &mut out), None, "nor from the peer");
+    assert_eq!(relay.stats(Transport::Udp).unpermitted_dropped, 2);
     let request = client.request(METHOD_CREATE_PERMISSION, vec![peer_attr(peer())]);
     reply(relay.handle_client(T0, tuple0(), &request, &mut ports));
     assert_eq!(
         relay.handle_client(T0, tuple0(), &send, &mut ports),
         Action::Relay { relay: relay_addr, peer: peer(), data: Cow::Owned(b"hello".to_vec()) }
     );
-    let mut out = Vec::new();
     assert_eq!(relay.handle_peer(T0, relay_addr, peer(), b"back", &mut out), Some(tuple0()));
     let data = decode(&out);
     assert_eq!((data.typ.method, data.typ.class), (METHOD_DATA, CLASS_INDICATION));
