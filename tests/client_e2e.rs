@@ -13,7 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use switchboard::client::{Client, ClientConfig, ClientEvent, ClientEvents, Fallback, Path};
+use switchboard::client::{Client, ClientConfig, ClientError, ClientEvent, ClientEvents, Fallback, Path};
 use tokio::sync::watch;
 
 const CAPS: &str = "webRTC=1&toDevice=1&switchboard=1";
@@ -347,6 +347,75 @@ async fn without_switchboard_two_clients_exchange_messages_over_to_device_once_i
     let stats = a.stats(&bob.address).await.unwrap().unwrap();
     assert_eq!(stats.counters.replay_buffered_fragments, 0, "bob acked everything: {stats:?}");
     assert!(a_seen.borrow().ups.is_empty() && a_seen.borrow().switchboard.is_empty());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to a process.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
+}
+
+/// Resumes a stopped process when dropped (a failed assertion must not leave Synapse stopped).
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_replay_buffer_holds_sends_up_to_max_waiting_sends_and_max_peers_bounds_the_peers() {
+    let Some(synapse) = common::Synapse::start(&[]).await else { return };
+    let [alice, bob, carol, dave] = [
+        synapse.register_raiden(CAPS).await,
+        synapse.register_raiden(CAPS).await,
+        synapse.register_raiden(CAPS).await,
+        synapse.register_raiden(CAPS).await,
+    ];
+    // Room for one message of MESSAGE_BYTES in the replay buffer, two sends waiting, two peers.
+    let mut config = config(&synapse.base_url, &alice.user.access_token, None);
+    config.limits.replay_buffer_bytes = MESSAGE_BYTES + 100;
+    config.max_waiting_sends = 2;
+    config.max_peers = 2;
+    let (a, _a_seen) = tokio::time::timeout(STEP, Client::connect(config)).await.unwrap().unwrap();
+    let (b, mut b_seen) = connect(&synapse.base_url, &bob.user.access_token, None).await;
+
+    // Synapse stopped: the first message is in flight and holds the buffer until it is accepted.
+    signal(synapse.pid(), "STOP");
+    let resume = Resume(synapse.pid());
+    a.send(&bob.address, message(0)).await.unwrap();
+    let waiting = [send_range(&a, &bob.address, 1..2), send_range(&a, &bob.address, 2..3)];
+    common::eventually(STEP, "two sends waiting", || async {
+        a.stats(&bob.address).await.unwrap().filter(|s| s.waiting_sends == 2)
+    })
+    .await;
+    let refused =
+        tokio::time::timeout(STEP, a.send(&bob.address, message(3))).await.expect("answered at once");
+    assert!(
+        matches!(refused, Err(ClientError::Busy("sends waiting for room"))),
+        "a third waiting send is refused at once: {refused:?}"
+    );
+    assert_eq!(refused.unwrap_err().to_string(), "too many waiting: sends waiting for room");
+    assert!(waiting.iter().all(|task| !task.is_finished()), "the two sends still wait");
+
+    // A second peer is taken, a third refused.
+    a.send(&carol.address, message(0)).await.unwrap();
+    let refused =
+        tokio::time::timeout(STEP, a.send(&dave.address, message(0))).await.expect("answered at once");
+    assert!(matches!(refused, Err(ClientError::Busy("peers"))), "a third peer is refused: {refused:?}");
+    assert!(a.stats(&dave.address).await.unwrap().is_none(), "no state kept for it");
+
+    // Synapse back: the waiting sends go through, and bob gets 0, 1, 2 once, in order.
+    drop(resume);
+    for task in waiting {
+        tokio::time::timeout(STEP, task).await.expect("the waiting sends complete").unwrap();
+    }
+    wait(&mut b_seen, "bob's 3 messages", |seen| seen.messages.len() >= 3).await;
+    assert_in_order(&b_seen.borrow(), &alice.address, 3);
+    assert_eq!(a.stats(&bob.address).await.unwrap().unwrap().waiting_sends, 0);
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -483,6 +483,7 @@ impl Driver {
                     matrix_batches: peer.figures.matrix_batches,
                     matrix_lines: peer.figures.matrix_lines,
                     matrix_acks: peer.figures.matrix_acks,
+                    waiting_sends: peer.waiting.len(),
                     counters: peer.reliable.counters(),
                 });
                 let _ = reply.send(stats);

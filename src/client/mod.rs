@@ -230,6 +230,8 @@ pub struct PeerStats {
     pub matrix_lines: u64,
     /// To-device acks alone the homeserver accepted.
     pub matrix_acks: u64,
+    /// Sends waiting for room in the replay buffer (at most `max_waiting_sends`).
+    pub waiting_sends: usize,
     /// The delivery layer's counters.
     pub counters: Counters,
 }
