@@ -196,6 +196,8 @@ struct PeerState {
     /// `EARLY_SIGNALS`, oldest dropped first.
     orphans: VecDeque<IncomingSignal>,
     figures: Figures,
+    /// This peer's share of `Ctx::held_bytes`, as last accounted.
+    held_bytes: usize,
 }
 
 /// Everything of the driver but the peers and the queues it selects on.
@@ -216,6 +218,8 @@ struct Ctx {
     synced: bool,
     room: Arc<Notify>,
     next_token: u64,
+    /// Bytes held for undelivered incoming messages across peers (bounded by `max_held_bytes`).
+    held_bytes: usize,
 }
 
 struct Driver {
@@ -264,6 +268,7 @@ pub(super) fn spawn(
         synced: false,
         room: Arc::new(Notify::new()),
         next_token: 0,
+        held_bytes: 0,
     };
     let driver = Driver { peers: BTreeMap::new(), ctx, commands, internal, events, sync: Some(sync), cancel };
     let span = tracing::info_span!("client.driver", user_id = %whoami.user_id);
@@ -540,7 +545,7 @@ impl Driver {
     /// it has none yet).
     fn matrix_message(&mut self, now: Instant, sender: &UserId, room: Option<OwnedRoomId>, content: &Value) {
         let Some(address) = claimed_address(sender.as_str()) else { return };
-        let Some(peer) = self.peer(address) else { return };
+        let Some(peer) = peer_entry(&mut self.peers, &self.ctx, address) else { return };
         sender.clone_into(&mut peer.user_id);
         if peer.room.is_none() {
             peer.room = room;
@@ -553,6 +558,28 @@ impl Driver {
                 }
             }
             Err(error) => tracing::debug!(%error, "client.matrix: a message not for this layer"),
+        }
+        self.ctx.account_held(peer);
+        self.keep_held_bytes_bounded();
+    }
+
+    /// Past `max_held_bytes` across peers, the peers holding the most let go of what they hold
+    /// undelivered (their senders send it again), largest first, until the total is within it.
+    fn keep_held_bytes_bounded(&mut self) {
+        // Bounded: each pass empties one peer's share.
+        for _ in 0..self.peers.len() {
+            if self.ctx.held_bytes <= self.ctx.config.max_held_bytes {
+                return;
+            }
+            let Some(peer) = self.peers.values_mut().max_by_key(|peer| peer.held_bytes) else { return };
+            tracing::warn!(
+                peer = %peer.address.to_checksum(),
+                held = peer.held_bytes,
+                total = self.ctx.held_bytes,
+                "client.memory: max_held_bytes reached; the peer's undelivered fragments are let go"
+            );
+            peer.reliable.shed_incoming();
+            self.ctx.account_held(peer);
         }
     }
 
@@ -855,6 +882,8 @@ impl Driver {
                     }
                     Err(error) => tracing::debug!(%error, "client.channel: a frame dropped"),
                 }
+                self.ctx.account_held(peer);
+                self.keep_held_bytes_bounded();
             }
             LinkEvent::Closed => {
                 self.ctx.drop_link(peer, now, "the data channel closed", false);
@@ -898,6 +927,7 @@ fn peer_entry<'a>(
             held: Vec::new(),
             orphans: VecDeque::new(),
             figures: Figures::default(),
+            held_bytes: 0,
         };
         peers.insert(address, peer);
     }
@@ -918,6 +948,13 @@ impl Ctx {
         if !self.events_closed {
             self.outbox.push_back(event);
         }
+    }
+
+    /// Brings `peer`'s share of the bytes held for undelivered incoming messages up to date.
+    fn account_held(&mut self, peer: &mut PeerState) {
+        let held = peer.reliable.retained_bytes();
+        self.held_bytes = self.held_bytes - peer.held_bytes + held;
+        peer.held_bytes = held;
     }
 
     fn token(&mut self) -> u64 {
@@ -1019,6 +1056,7 @@ impl Ctx {
         }
         if link.open {
             peer.reliable.on_channel_lost();
+            self.account_held(peer);
         }
         if let Some(up_since) = link.announced {
             if now.saturating_duration_since(up_since) >= self.config.upgrade_backoff.max {

@@ -138,6 +138,12 @@ pub struct ClientConfig {
     /// Sends waiting for room in one peer's replay buffer, at most (further ones are refused with
     /// [`ClientError::Busy`]). Default 1,024.
     pub max_waiting_sends: usize,
+    /// Bytes held for incoming messages not yet delivered (out-of-order fragments, messages being
+    /// reassembled), across all peers, at most. Each peer is bounded by [`Limits`] (4 MiB out of
+    /// order, 4 MiB per message); this bounds their sum. Past it, the peers holding the most let
+    /// go of everything they held undelivered, largest first (`IncomingCounters::sheds`; their
+    /// senders send it again). Default 64 MiB.
+    pub max_held_bytes: usize,
     /// Wait before calling again after a channel died or a call failed: 1 s doubling to 30 s
     /// (back to 1 s once a channel stayed up for the maximum).
     pub upgrade_backoff: Backoff,
@@ -165,6 +171,7 @@ impl ClientConfig {
             events_capacity: 1024,
             max_peers: 10_000,
             max_waiting_sends: 1024,
+            max_held_bytes: 64 * 1024 * 1024,
             upgrade_backoff: Backoff::default(),
             reconnect_backoff: Backoff::default(),
             matrix_backoff: Backoff::default(),
@@ -210,6 +217,9 @@ pub enum ClientError {
     /// The client has stopped.
     #[error("the client has stopped")]
     Stopped,
+    /// A setting that cannot work (named in the text).
+    #[error("invalid client config: {0}")]
+    Config(String),
 }
 
 /// Per-peer figures ([`Client::stats`]).
@@ -281,6 +291,14 @@ impl Client {
     /// Checks the token (`whoami`), starts the `/sync` loop and the driver, and (in the background)
     /// connects to Switchboard: `config.switchboard`, or the one the homeserver's well-known names.
     pub async fn connect(config: ClientConfig) -> Result<(Client, ClientEvents), ClientError> {
+        let needed = config.limits.max_message_bytes + config.limits.reorder_buffer_bytes;
+        if config.max_held_bytes < needed {
+            // One peer may rightly hold this much; below it, a large message could never complete.
+            return Err(ClientError::Config(format!(
+                "max_held_bytes ({}) is below one peer's max_message_bytes + reorder_buffer_bytes ({needed})",
+                config.max_held_bytes
+            )));
+        }
         let matrix = matrix::MatrixClient::with_clock(
             &config.homeserver,
             config.access_token.clone(),
@@ -369,4 +387,19 @@ impl Client {
 
 fn parse(address: &str) -> Result<Address, ClientError> {
     Address::parse(address).map_err(|_| ClientError::InvalidAddress(address.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_memory_budget_below_one_peers_bounds_is_refused_before_any_request() {
+        // Nothing listens on port 9 of loopback: the check comes before the homeserver is asked.
+        let mut config = ClientConfig::new("http://127.0.0.1:9".parse().unwrap(), "token");
+        config.max_held_bytes = config.limits.max_message_bytes;
+        let error = Client::connect(config).await.map(|_| ()).unwrap_err();
+        assert!(matches!(error, ClientError::Config(_)), "{error:?}");
+        assert!(error.to_string().contains("max_held_bytes"), "{error}");
+    }
 }

@@ -26,6 +26,10 @@ pub struct IncomingCounters {
     pub oversized_dropped: u64,
     /// Streams forgotten because the peer had more than `streams_per_peer`.
     pub streams_forgotten: u64,
+    /// Times everything undelivered was let go of ([`Incoming::shed`]: the client's memory
+    /// budget across peers was exceeded).
+    #[serde(default)]
+    pub sheds: u64,
 }
 
 /// One stream as received so far. All of it is kept in a stored state, the out-of-order buffer
@@ -140,6 +144,30 @@ impl Incoming {
     /// Bytes held in the out-of-order buffer (payload plus 64 per fragment).
     pub fn held_bytes(&self) -> usize {
         self.held_bytes
+    }
+
+    /// Bytes this half holds for the peer: the out-of-order buffer and the messages being
+    /// reassembled.
+    pub fn retained_bytes(&self) -> usize {
+        self.held_bytes + self.streams.iter().map(|s| s.partial.len()).sum::<usize>()
+    }
+
+    /// Lets go of everything not yet delivered: each stream goes back to the first fragment after
+    /// its last delivered message, dropping its out-of-order buffer and the message being
+    /// reassembled (and DATA held before a HELLO). Nothing is acked that was not delivered, so a
+    /// sender that speaks the protocol sends it all again (its resend timer); fragments it released
+    /// unacked (towards a peer it did not know to speak the protocol) are lost. For a client over
+    /// its memory budget across peers.
+    pub fn shed(&mut self) {
+        for stream in &mut self.streams {
+            stream.reorder.clear();
+            stream.partial = Vec::new();
+            stream.discarding = false;
+            stream.next = stream.delivered + 1;
+        }
+        self.early.clear();
+        self.held_bytes = 0;
+        self.counters.sheds += 1;
     }
 
     pub fn limits(&self) -> &Limits {

@@ -204,6 +204,16 @@ impl Peer {
         self.incoming.set_limits(limits.clone());
     }
 
+    /// Bytes held for this peer's incoming messages ([`Incoming::retained_bytes`]).
+    pub fn retained_bytes(&self) -> usize {
+        self.incoming.retained_bytes()
+    }
+
+    /// Lets go of every incoming fragment not yet delivered ([`Incoming::shed`]).
+    pub fn shed_incoming(&mut self) {
+        self.incoming.shed();
+    }
+
     pub fn counters(&self) -> Counters {
         Counters {
             replay_buffered_bytes: self.outgoing.buffered_bytes(),
