@@ -110,7 +110,12 @@ struct PyPeer {
 }
 
 impl PyPeer {
-    async fn start(python: &PathBuf, homeserver: &str, switchboard: &str, token_file: &std::path::Path) -> Self {
+    fn start(
+        python: &std::path::Path,
+        homeserver: &str,
+        switchboard: &str,
+        token_file: &std::path::Path,
+    ) -> Self {
         let mut child = Command::new(python)
             .arg(common::repo_root().join("clients/python/tests/driven_peer.py"))
             .args([homeserver, switchboard])
@@ -158,7 +163,10 @@ impl PyPeer {
         self.stdin.write_all(b"quit\n").await.unwrap();
         self.stdin.flush().await.unwrap();
         let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await;
-        assert!(status.is_ok_and(|status| status.is_ok_and(|s| s.success())), "the Python client exited cleanly");
+        assert!(
+            status.is_ok_and(|status| status.is_ok_and(|s| s.success())),
+            "the Python client exited cleanly"
+        );
     }
 
     async fn wait(&mut self, what: &str, mut done: impl FnMut(&PySeen) -> bool) {
@@ -240,7 +248,7 @@ async fn interop(rust_opens: bool) {
     config.relay_only = true;
     let (a, events) = tokio::time::timeout(STEP, Client::connect(config)).await.unwrap().unwrap();
     let mut a_seen = log(events);
-    let mut py = PyPeer::start(&python, &synapse.base_url, &switchboard, &token_file).await;
+    let mut py = PyPeer::start(&python, &synapse.base_url, &switchboard, &token_file);
     wait(&mut a_seen, "on Switchboard", |seen| seen.switchboard == [true]).await;
     py.wait("on Switchboard", |seen| seen.switchboard == [true]).await;
 
