@@ -314,3 +314,84 @@ async fn rust_opens_to_python_through_the_relay_and_both_survive_a_cut() {
 async fn python_opens_to_rust_through_the_relay_and_both_survive_a_cut() {
     interop(false).await;
 }
+
+/// The Python peer CLI (`python -m switchboard_client peer`) `--json` report.
+async fn python_peer(python: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let output = tokio::time::timeout(
+        STEP * 2,
+        Command::new(python)
+            .args(["-m", "switchboard_client", "peer"])
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the Python peer ended in time")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!(
+        "python peer {}:\n{stderr}",
+        args.iter().find(|a| a.starts_with("--l") || a.starts_with("--t")).unwrap()
+    );
+    assert!(output.status.success(), "the Python peer succeeded: {stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("the JSON report")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_peer_cli_and_rust_peer_echo_each_other_through_the_relay() {
+    use switchboard::client::peer::{Mode, PeerOptions, run};
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
+        return;
+    };
+    let switchboard = format!("http://{}", running.client);
+    let count = 20;
+    for python_listens in [true, false] {
+        let rust = synapse.register_raiden(CAPS).await;
+        let py = synapse.register_raiden(CAPS).await;
+        let token_file = dir.path().join("py.token");
+        std::fs::write(&token_file, &py.user.access_token).unwrap();
+        let mut config = ClientConfig::new(synapse.base_url.parse().unwrap(), rust.user.access_token.clone());
+        config.switchboard = Some(switchboard.parse().unwrap());
+        config.relay_only = true;
+        let mode = if python_listens { Mode::To(py.address.clone()) } else { Mode::Listen };
+        let options = PeerOptions { mode, count, size: 3200, timeout: STEP };
+        let rust_peer =
+            tokio::spawn(async move { run(config, &options, |line| println!("rust peer: {line}")).await });
+        let count_arg = count.to_string();
+        let mut args = vec![
+            "--homeserver",
+            &synapse.base_url,
+            "--access-token-file",
+            token_file.to_str().unwrap(),
+            "--switchboard",
+            &switchboard,
+            "--relay-only",
+            "--json",
+            "--count",
+            &count_arg,
+            "--timeout",
+            "60",
+        ];
+        args.extend(if python_listens { ["--listen", ""] } else { ["--to", &rust.address] });
+        args.retain(|arg| !arg.is_empty());
+        let py_report = python_peer(&python, &args).await;
+        let rust_report = rust_peer.await.unwrap().map_err(|(error, _)| error.to_string()).unwrap();
+        println!("python: {py_report}\nrust: {rust_report:?}");
+        assert_eq!(py_report["path"], "relay");
+        assert_eq!(rust_report.path, "relay");
+        if python_listens {
+            assert_eq!((py_report["received"].as_u64(), py_report["sent"].as_u64()), (Some(20), Some(20)));
+            assert_eq!(rust_report.acknowledged, count);
+        } else {
+            assert_eq!(py_report["acknowledged"].as_u64(), Some(20));
+            assert!(
+                py_report["upgrade_ms"].as_f64().is_some() && py_report["rtt_ms"]["p50"].as_f64().is_some()
+            );
+            assert_eq!(rust_report.sent, count);
+        }
+    }
+    running.stop().await.unwrap();
+}

@@ -37,6 +37,17 @@ CALL_TIMEOUT = 30.0
 BUFFERED_HIGH = 1024 * 1024
 SMALL_FRAME = 2 * 1024
 LINK_SIGNALS = 64
+EARLY_SIGNALS = 64
+HELD_SIGNALS_FOR = 30.0
+CALL_EVENTS = (
+    "m.call.invite",
+    "m.call.answer",
+    "m.call.candidates",
+    "m.call.select_answer",
+    "m.call.negotiate",
+    "m.call.hangup",
+    "m.call.reject",
+)
 
 
 class ClientError(Exception):
@@ -164,6 +175,8 @@ class _PeerState:
     matrix_retry_at: float | None = None
     matrix_backoff: float | None = None
     waiting: deque[tuple[bytes, asyncio.Future[None]]] = field(default_factory=deque)
+    # An invite (and its call's next signals) that came while Switchboard was not connected.
+    held: list[tuple[float, IncomingSignal]] = field(default_factory=list)
     channels_up: int = 0
     calls: int = 0
     dc_data_frames: int = 0
@@ -312,6 +325,11 @@ class Client:
             rtt=peer.reliable.rtt(),
         )
 
+    def buffered_fragments(self, address: str) -> int:
+        """Fragments to ``address`` not yet acknowledged (the replay buffer)."""
+        peer = self._peers.get(self._address(address))
+        return len(peer.reliable.outgoing.buffer) if peer is not None else 0
+
     async def shutdown(self) -> None:
         """Stops: channels closed (no hangup), the socket closed, tasks ended."""
         if self._stopped:
@@ -403,8 +421,16 @@ class Client:
             self._first_sync.set()
 
     def _to_device(self, event: ToDeviceEvent) -> None:
+        if event.type in CALL_EVENTS:
+            # A signal that came through Matrix (the peer's Switchboard found no socket of ours);
+            # the same one may come over the socket too: repeats are ignored.
+            call_id = event.content.get("call_id")
+            if isinstance(call_id, str) and event.sender != self.user_id:
+                signal = IncomingSignal(event.sender, None, None, call_id, event.type, event.content, "matrix")
+                self._incoming_signal(signal)
+            return
         if event.type not in (codec.EVENT_MESSAGE, codec.EVENT_ACK):
-            return  # m.call.* come through Switchboard's socket
+            return
         address = address_of_user(event.sender)
         if address is None or event.sender == self.user_id:
             return
@@ -479,6 +505,7 @@ class Client:
                 self._device_id = conn.ready.device_id
             self._conn = conn
             self._emit(SwitchboardConnection(True))
+            self._release_held()
             if self._watched:
                 with contextlib.suppress(SignalError):
                     await conn.watch(sorted(self._watched))
@@ -523,6 +550,9 @@ class Client:
         address = address or address_of_user(signal.sender)
         if address is None:
             return
+        if self._conn is None or self._conn.closed:
+            self._hold(address, signal)
+            return
         if signal.event_type == "m.call.invite":
             try:
                 peer = self._peer(address)
@@ -539,6 +569,32 @@ class Client:
             link.signals_in.put_nowait((signal.event_type, signal.content))
         except asyncio.QueueFull:
             log.warning("client.call: too many signals queued; one dropped")
+
+    def _hold(self, address: str, signal: IncomingSignal) -> None:
+        """Keeps a peer's invite (and its call's next signals) until Switchboard is connected."""
+        now = time.monotonic()
+        if signal.event_type == "m.call.invite":
+            try:
+                peer = self._peer(address)
+            except Busy:
+                return
+            peer.held = [(now, signal)]
+            return
+        peer = self._peers.get(address)
+        if peer is not None and peer.held and peer.held[0][1].call_id == signal.call_id:
+            if len(peer.held) < EARLY_SIGNALS:
+                peer.held.append((now, signal))
+
+    def _release_held(self) -> None:
+        """Switchboard is connected: held invites younger than HELD_SIGNALS_FOR are answered."""
+        now = time.monotonic()
+        for peer in list(self._peers.values()):
+            held, peer.held = peer.held, []
+            if peer.link is None and peer.retry_at is not None:
+                peer.retry_at = min(peer.retry_at, now)
+            for at, signal in held:
+                if now - at < HELD_SIGNALS_FOR:
+                    self._incoming_signal(signal)
 
     # ---------------------------------------------------------------- calls
 
