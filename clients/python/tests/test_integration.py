@@ -103,7 +103,9 @@ async def test_two_python_clients_upgrade_through_the_relay_survive_a_cut_and_up
         await a_seen.wait("alice on Switchboard", lambda s: s.switchboard == [True])
         await b_seen.wait("bob on Switchboard", lambda s: s.switchboard == [True])
         await a.watch(bob["address"])
-        await a_seen.wait("bob's presence", lambda s: any(p.address.lower() == bob["address"].lower() for p in s.presence))
+        await a_seen.wait(
+            "bob's presence", lambda s: any(p.address.lower() == bob["address"].lower() for p in s.presence)
+        )
         started = time.monotonic()
         await a.open(bob["address"])
         await a_seen.wait("alice's channel up", lambda s: bool(s.ups))
@@ -120,7 +122,7 @@ async def test_two_python_clients_upgrade_through_the_relay_survive_a_cut_and_up
         print(f"over the channel: rtt {stats.rtt}")
 
         # Bob's peer connection is closed under it, as a failure would: the rest goes through Matrix.
-        link = b._peers[b._address(alice["address"])].link  # noqa: SLF001 - the cut is the point
+        link = b._peers[b._address(alice["address"])].link
         assert link is not None and link.rtc is not None
         await link.rtc.pc.close()
         sending = asyncio.create_task(send_range(a, bob["address"], "a", COUNT, 2 * COUNT))

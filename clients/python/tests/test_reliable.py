@@ -208,7 +208,11 @@ def test_plain_raiden_peer_reads_our_messages_and_releases_what_the_homeserver_t
 
 def test_receiver_without_state_starts_at_base_and_txn_ids_are_documented() -> None:
     peer = Peer(0xB1)
-    content = {"msgtype": "m.text", "body": "m5\nm6", codec.STREAM_FIELD: {"id": "00000000000000a1", "seq": 5, "base": 5}}
+    content = {
+        "msgtype": "m.text",
+        "body": "m5\nm6",
+        codec.STREAM_FIELD: {"id": "00000000000000a1", "seq": 5, "base": 5},
+    }
     assert peer.receive_matrix(0.0, content) == [b"m5", b"m6"]
     send = peer.poll_matrix(2.0)
     assert send is not None
@@ -251,7 +255,9 @@ def test_frames_joined_in_a_batch_arrive_as_if_sent_one_by_one() -> None:
 def test_every_message_arrives_once_in_order_over_random_interleavings(seed: int) -> None:
     rng = random.Random(seed)
     small = rng.random() < 0.5
-    limits = Limits(reorder_buffer_bytes=40 * 1024, replay_buffer_bytes=128 * 1024, batch_lines=3) if small else Limits()
+    limits = (
+        Limits(reorder_buffer_bytes=40 * 1024, replay_buffer_bytes=128 * 1024, batch_lines=3) if small else Limits()
+    )
     sim = Sim(limits)
     sent: dict[str, list[bytes]] = {"a": [], "b": []}
     is_open = False

@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 
@@ -152,9 +152,7 @@ class _Link:
     caller: bool
     started: float
     rtc: PeerLink | None = None
-    signals_in: asyncio.Queue[tuple[str, dict[str, Any]]] = field(
-        default_factory=lambda: asyncio.Queue(LINK_SIGNALS)
-    )
+    signals_in: asyncio.Queue[tuple[str, dict[str, Any]]] = field(default_factory=lambda: asyncio.Queue(LINK_SIGNALS))
     task: asyncio.Task[None] | None = None
     open: bool = False
     path: str | None = None
@@ -218,7 +216,7 @@ class Client:
         try:
             matrix = MatrixClient(session, base_url(config.homeserver), config.access_token)
             client = cls(config, session, matrix)
-            answer = await matrix._with_retry("GET", "/_matrix/client/v3/account/whoami")  # noqa: SLF001
+            answer = await matrix._with_retry("GET", "/_matrix/client/v3/account/whoami")
             client.user_id = str(answer.get("user_id"))
             client._device_id = str(answer.get("device_id") or "PYTHON")
             client._server_name = client.user_id.split(":", 1)[1]
@@ -351,7 +349,7 @@ class Client:
         await self._session.close()
         self._outbox_ready.set()
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -460,7 +458,7 @@ class Client:
             now = time.monotonic()
             try:
                 await self._matrix.send_to_device(send.event_type, peer.user_id, send.content, send.txn_id)
-            except (MatrixError, aiohttp.ClientError, asyncio.TimeoutError) as error:
+            except (TimeoutError, MatrixError, aiohttp.ClientError) as error:
                 log.warning("client.matrix: a send failed (%s); retrying later", type(error).__name__)
                 peer.reliable.on_matrix_failed(time.monotonic(), send)
                 peer.matrix_backoff = self.config.matrix_backoff.next(peer.matrix_backoff)
@@ -561,8 +559,8 @@ class Client:
             peer.user_id = signal.sender
             self._invite(peer, signal)
             return
-        peer = self._peers.get(address)
-        link = peer.link if peer is not None else None
+        known = self._peers.get(address)
+        link = known.link if known is not None else None
         if link is None or link.call_id != signal.call_id:
             return
         try:
@@ -580,10 +578,14 @@ class Client:
                 return
             peer.held = [(now, signal)]
             return
-        peer = self._peers.get(address)
-        if peer is not None and peer.held and peer.held[0][1].call_id == signal.call_id:
-            if len(peer.held) < EARLY_SIGNALS:
-                peer.held.append((now, signal))
+        known = self._peers.get(address)
+        if (
+            known is not None
+            and known.held
+            and known.held[0][1].call_id == signal.call_id
+            and len(known.held) < EARLY_SIGNALS
+        ):
+            known.held.append((now, signal))
 
     def _release_held(self) -> None:
         """Switchboard is connected: held invites younger than HELD_SIGNALS_FOR are answered."""

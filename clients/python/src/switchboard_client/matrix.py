@@ -82,7 +82,12 @@ class MatrixClient:
         return f"MatrixClient({self.homeserver!r}, access_token=<redacted>)"
 
     async def _request(
-        self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None, timeout: float | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> Any:
         headers = {"Authorization": f"Bearer {self._token}"}
         client_timeout = aiohttp.ClientTimeout(total=timeout or self._timeout)
@@ -110,7 +115,7 @@ class MatrixClient:
             except HomeserverError as error:
                 if error.status != 429 and error.status < 500 or attempt + 1 == self._attempts:
                     raise
-            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            except (TimeoutError, aiohttp.ClientError) as error:
                 if attempt + 1 == self._attempts:
                     raise MatrixError(f"{method}: {type(error).__name__}") from error
             await asyncio.sleep(delay)
@@ -138,7 +143,7 @@ class MatrixClient:
                 if response.status != 200:
                     return None
                 raw = await response.content.read(MAX_RESPONSE_BYTES)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             raise MatrixError(f"well-known: {type(error).__name__}") from error
         try:
             document = json.loads(raw)
@@ -189,7 +194,7 @@ class MatrixClient:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
                 continue
-            except (aiohttp.ClientError, asyncio.TimeoutError, MatrixError) as error:
+            except (TimeoutError, aiohttp.ClientError, MatrixError) as error:
                 log.warning("matrix.sync: %s; retrying in %.0f s", type(error).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)

@@ -73,6 +73,7 @@ def message(index: int, size: int) -> bytes:
             "locked_amount": "1000000000000000",
         },
         separators=(",", ":"),
+        sort_keys=True,  # serde_json's order: the Rust peer's messages, byte for byte
     )
     fixed = len(head) - 1 + len(',"padding":""}')
     padding = "x" * max(size - fixed, 0)
@@ -227,7 +228,10 @@ async def run(args: Any) -> int:
     client = None
     try:
         config = ClientConfig(
-            args.homeserver, access_token(args.access_token_file), switchboard=args.switchboard, relay_only=args.relay_only
+            args.homeserver,
+            access_token(args.access_token_file),
+            switchboard=args.switchboard,
+            relay_only=args.relay_only,
         )
         client = await Client.connect(config)
         say(f"connected as {client.user_id}")

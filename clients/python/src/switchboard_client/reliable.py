@@ -563,9 +563,7 @@ class Incoming:
         deadlines = [
             s.ack_since + self._ack_delay(via)
             for s in self.streams
-            if s.ack_pending()
-            and s.ack_since is not None
-            and (via is Transport.MATRIX or s.id == self.dc_stream)
+            if s.ack_pending() and s.ack_since is not None and (via is Transport.MATRIX or s.id == self.dc_stream)
         ]
         return min(deadlines, default=None)
 

@@ -80,7 +80,7 @@ class PeerLink:
         callback: LinkCallback,
     ) -> None:
         servers = usable_ice_servers(ice)
-        if relay_only and not any(u.startswith("turn:") for s in servers for u in s.urls):  # type: ignore[union-attr]
+        if relay_only and not any(u.startswith("turn:") for s in servers for u in s.urls):
             raise RtcError("relay-only ICE without a TURN server")
         policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers, iceTransportPolicy=policy))

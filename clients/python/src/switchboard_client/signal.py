@@ -123,12 +123,12 @@ class SignalConnection:
             if error.status == 401:
                 raise Unauthorized(f"refused: {error.status}") from error
             raise SignalError(f"refused: {error.status}") from error
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             raise SignalError(f"connect: {type(error).__name__}") from error
         try:
             message = await asyncio.wait_for(ws.receive(), READY_TIMEOUT)
             frame = json.loads(message.data) if message.type == aiohttp.WSMsgType.TEXT else None
-        except (asyncio.TimeoutError, ValueError) as error:
+        except (TimeoutError, ValueError) as error:
             await ws.close()
             raise SignalError("no ready frame") from error
         if not isinstance(frame, dict) or frame.get("type") != "ready":
@@ -160,7 +160,7 @@ class SignalConnection:
                     continue
                 if isinstance(frame, dict):
                     await self._dispatch(frame)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             log.info("signal.read: %s", type(error).__name__)
         finally:
             self.close_code = self._ws.close_code
@@ -211,7 +211,7 @@ class SignalConnection:
             async with self._send_lock:
                 await self._ws.send_str(json.dumps({**frame, "id": frame_id}))
             answer = await asyncio.wait_for(future, ANSWER_TIMEOUT)
-        except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as error:
             raise SignalError(f"{frame.get('type')}: {type(error).__name__}") from error
         finally:
             self._waiting.pop(frame_id, None)
