@@ -142,7 +142,8 @@ async def test_two_python_clients_upgrade_through_the_relay_survive_a_cut_and_up
         await send_range(b, alice["address"], "b", 2 * COUNT, 3 * COUNT)
         await b_seen.wait("bob's last messages", lambda s: len(s.messages) >= 3 * COUNT)
         await a_seen.wait("alice's last messages", lambda s: len(s.messages) >= 3 * COUNT)
-        assert a.stats(bob["address"]).dc_data_frames >= frames + COUNT  # type: ignore[union-attr]
+        # The new channel carried them (all unless it stalled for 2 s under load: then Matrix did).
+        assert a.stats(bob["address"]).dc_data_frames > frames  # type: ignore[union-attr]
         in_order(b_seen, "a", 3 * COUNT)
         in_order(a_seen, "b", 3 * COUNT)
         assert all(address.lower() == alice["address"].lower() for address, _ in b_seen.messages)
