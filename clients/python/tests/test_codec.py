@@ -111,3 +111,18 @@ def test_plain_raiden_content_and_bad_contents() -> None:
     with pytest.raises(codec.ContentError):
         codec.decode_ack({"id": "xyz", "seq": 1})
     assert codec.decode_ack({"id": "00000000000000B2", "seq": 3}) == Ack(0xB2, 3)
+
+
+def test_the_writer_joins_small_frames_into_batches_of_at_most_16_kib() -> None:
+    from switchboard_client.client import _join
+
+    small = [codec.encode_frame(Data(False, i + 1, b"x" * 500)) for i in range(100)]
+    big = codec.encode_frame(Data(False, 200, b"y" * 10_000))
+    messages = _join([*small[:50], big, *small[50:]])
+    assert big in messages
+    assert all(len(m) <= codec.BATCH_LIMIT for m in messages)
+    frames: list[bytes] = []
+    for m in messages:
+        frames.extend(codec.split_frames(m) if m[0] == codec.BATCH else [m])
+    assert frames == [*small[:50], big, *small[50:]]
+    assert _join([small[0]]) == [small[0]]  # a frame alone goes as it is

@@ -224,7 +224,11 @@ class Client:
             await session.close()
             raise
         client._spawn(client._sync_loop())
-        await asyncio.wait_for(client._first_sync.wait(), 60.0)
+        try:
+            await asyncio.wait_for(client._first_sync.wait(), 60.0)
+        except TimeoutError as error:
+            await client.shutdown()
+            raise ClientError("no first /sync within 60 s") from error
         client._spawn(client._signal_loop())
         client._spawn(client._run())
         return client
