@@ -35,6 +35,7 @@ log = logging.getLogger("switchboard_client")
 DC_POLL_BYTES = 64 * 1024
 CALL_TIMEOUT = 30.0
 BUFFERED_HIGH = 1024 * 1024
+WRITE_STALL = 5.0
 SMALL_FRAME = 2 * 1024
 LINK_SIGNALS = 64
 EARLY_SIGNALS = 64
@@ -768,7 +769,14 @@ class Client:
         link = peer.link
         if link is not None:
             state = peer.reliable.dc_state(now)
-            if link.open and state is DcState.DEAD:
+            stuck = link.open and link.rtc is not None and link.rtc.buffered_amount() > BUFFERED_HIGH
+            if not stuck:
+                link.progress = now
+            if link.open and now >= link.progress + WRITE_STALL:
+                # Its PINGs cannot get through either (a vanished relay leaves the buffer full).
+                self._drop_link(peer, now, "the data channel stopped draining", hangup=True)
+                self._schedule_retry(peer, now)
+            elif link.open and state is DcState.DEAD:
                 self._drop_link(peer, now, "the data channel went silent", hangup=True)
                 self._schedule_retry(peer, now)
             elif not link.open and now >= link.started + CALL_TIMEOUT:
