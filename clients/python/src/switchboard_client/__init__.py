@@ -1,0 +1,41 @@
+"""Switchboard's Python client: WebRTC data channels between Raiden nodes when they work, Matrix
+when they don't, every message delivered exactly once and in order (docs/protocol.md)."""
+
+from .client import (
+    Backoff,
+    Busy,
+    ChannelDown,
+    ChannelUp,
+    Client,
+    ClientConfig,
+    ClientError,
+    ClientEvent,
+    ClientStopped,
+    Message,
+    MessageTooLarge,
+    PeerStats,
+    Presence,
+    SwitchboardConnection,
+    SyncStopped,
+)
+from .reliable import DcState, Limits
+
+__all__ = [
+    "Backoff",
+    "Busy",
+    "ChannelDown",
+    "ChannelUp",
+    "Client",
+    "ClientConfig",
+    "ClientError",
+    "ClientEvent",
+    "ClientStopped",
+    "DcState",
+    "Limits",
+    "Message",
+    "MessageTooLarge",
+    "PeerStats",
+    "Presence",
+    "SwitchboardConnection",
+    "SyncStopped",
+]
