@@ -1,1 +1,976 @@
-// placeholder
+// Switchboard's browser client: WebRTC data channels between two Raiden addresses when they work,
+// Matrix to-device messages when they don't, and every message delivered to the application
+// exactly once and in order either way. The wire format is docs/protocol.md ("Signalling
+// WebSocket" and "Messages between clients"); it interoperates with the Rust client
+// (`switchboard::client`) byte for byte.
+//
+// An ES module with no build step and no dependency beyond the browser's RTCPeerConnection,
+// WebSocket, fetch and TextEncoder. Two layers:
+// - the delivery layer (`ReliablePeer`, `encodeFrame`, `decodeFrame`, `encodeBatch`,
+//   `decodeContent`): sans-IO, it never reads the clock (every call takes `now` in milliseconds)
+//   and does no IO; the tests drive it directly;
+// - `connect()` / `SwitchboardClient`: the `/sync` loop, to-device sends, Switchboard's signalling
+//   WebSocket and the peer connections around it. Events are DOM events on the client (an
+//   EventTarget): `presence`, `channelup`, `channeldown`, `message`, `switchboard`, `syncstopped`,
+//   each a CustomEvent whose `detail` is described in switchboard.d.ts.
+//
+// Access tokens never go into URLs (except the homeserver's own API, as Authorization headers
+// only) nor into console output.
+
+// ---------------------------------------------------------------------------------------------
+// Codec
+
+/** The largest payload of one fragment: 16 KiB, what every browser's data channel takes. */
+export const FRAGMENT_SIZE = 16 * 1024;
+/** The largest data channel message a sender joins frames into. */
+export const BATCH_LIMIT = 16 * 1024;
+export const EVENT_MESSAGE = 'm.room.message';
+export const EVENT_ACK = 'org.switchboard.ack';
+export const STREAM_FIELD = 'org.switchboard.stream';
+export const CHANNEL_LABEL = 'switchboard';
+
+const DATA = 0x01;
+const ACK = 0x02;
+const PING = 0x03;
+const PONG = 0x04;
+const HELLO = 0x05;
+const BATCH = 0x06;
+const HELLO_LEN = 49;
+const HELD_OVERHEAD = 64;
+const MAX_U64 = (1n << 64n) - 1n;
+
+const utf8 = new TextEncoder();
+const strictUtf8 = new TextDecoder('utf-8', { fatal: true });
+const looseUtf8 = new TextDecoder('utf-8');
+
+/** A malformed frame or content: dropped by the caller. */
+export class ProtocolError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = 'ProtocolError';
+  }
+}
+
+/** 16 lower-case hex digits of a BigInt stream id (0n: "unknown"). */
+export function streamHex(id) {
+  return id.toString(16).padStart(16, '0');
+}
+
+/** Parses 16 hex digits (either case); 0n for 16 × `0`. Throws on anything else. */
+export function parseStreamHex(text) {
+  if (typeof text !== 'string' || !/^[0-9a-fA-F]{16}$/.test(text)) {
+    throw new ProtocolError('a stream id is 16 hex digits');
+  }
+  return BigInt('0x' + text);
+}
+
+/** A random non-zero 64-bit stream id (crypto.getRandomValues exists on every origin). */
+export function randomStreamId() {
+  const words = new Uint32Array(2);
+  for (;;) {
+    crypto.getRandomValues(words);
+    const id = (BigInt(words[0]) << 32n) | BigInt(words[1]);
+    if (id !== 0n) return id;
+  }
+}
+
+/**
+ * Encodes one data channel frame:
+ * `{type:'data', more, seq, payload}`, `{type:'ack', seq}`, `{type:'ping'|'pong', nonce}`,
+ * `{type:'hello', stream, firstUnacked, peerStream, delivered}` (BigInts; peerStream 0n: none).
+ */
+export function encodeFrame(frame) {
+  switch (frame.type) {
+    case 'data': {
+      const out = new Uint8Array(10 + frame.payload.length);
+      const view = new DataView(out.buffer);
+      out[0] = DATA;
+      out[1] = frame.more ? 1 : 0;
+      view.setBigUint64(2, frame.seq);
+      out.set(frame.payload, 10);
+      return out;
+    }
+    case 'ack':
+    case 'ping':
+    case 'pong': {
+      const out = new Uint8Array(9);
+      out[0] = frame.type === 'ack' ? ACK : frame.type === 'ping' ? PING : PONG;
+      new DataView(out.buffer).setBigUint64(1, frame.type === 'ack' ? frame.seq : frame.nonce);
+      return out;
+    }
+    case 'hello': {
+      const out = new Uint8Array(HELLO_LEN);
+      const view = new DataView(out.buffer);
+      out[0] = HELLO;
+      out.set(utf8.encode(streamHex(frame.stream)), 1);
+      view.setBigUint64(17, frame.firstUnacked);
+      out.set(utf8.encode(streamHex(frame.peerStream)), 25);
+      view.setBigUint64(41, frame.delivered);
+      return out;
+    }
+    default:
+      throw new TypeError(`unknown frame type ${frame.type}`);
+  }
+}
+
+/**
+ * Decodes one frame (not a BATCH). Returns `null` for an unknown type (ignored, a later version
+ * may add types); throws ProtocolError for a malformed frame.
+ */
+export function decodeFrame(bytes) {
+  if (bytes.length === 0) throw new ProtocolError('empty frame');
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const type = bytes[0];
+  switch (type) {
+    case DATA: {
+      if (bytes.length < 10) throw new ProtocolError('DATA shorter than 10 bytes');
+      if (bytes.length - 10 > FRAGMENT_SIZE) throw new ProtocolError('DATA payload over 16 KiB');
+      const seq = view.getBigUint64(2);
+      if (seq === 0n) throw new ProtocolError('seq 0');
+      return { type: 'data', more: (bytes[1] & 1) === 1, seq, payload: bytes.slice(10) };
+    }
+    case ACK:
+    case PING:
+    case PONG: {
+      if (bytes.length !== 9) throw new ProtocolError('wrong length');
+      const n = view.getBigUint64(1);
+      if (type === ACK) return { type: 'ack', seq: n };
+      return { type: type === PING ? 'ping' : 'pong', nonce: n };
+    }
+    case HELLO: {
+      if (bytes.length !== HELLO_LEN) throw new ProtocolError('HELLO of wrong length');
+      const ascii = (from) => String.fromCharCode(...bytes.subarray(from, from + 16));
+      const stream = parseStreamHex(ascii(1));
+      if (stream === 0n) throw new ProtocolError('HELLO with stream 0');
+      const firstUnacked = view.getBigUint64(17);
+      if (firstUnacked === 0n) throw new ProtocolError('first unacked 0');
+      return {
+        type: 'hello',
+        stream,
+        firstUnacked,
+        peerStream: parseStreamHex(ascii(25)),
+        delivered: view.getBigUint64(41),
+      };
+    }
+    default:
+      return null;
+  }
+}
+
+/** Joins encoded frames into one BATCH message (a single frame goes as it is). */
+export function joinFrames(frames) {
+  if (frames.length === 1) return frames[0];
+  const size = 1 + frames.reduce((sum, frame) => sum + 2 + frame.length, 0);
+  const out = new Uint8Array(size);
+  const view = new DataView(out.buffer);
+  out[0] = BATCH;
+  let at = 1;
+  for (const frame of frames) {
+    view.setUint16(at, frame.length);
+    out.set(frame, at + 2);
+    at += 2 + frame.length;
+  }
+  return out;
+}
+
+/** Splits a data channel message into its frames (one, or those of a BATCH). Throws if malformed. */
+export function splitFrames(bytes) {
+  if (bytes[0] !== BATCH) return [bytes];
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const frames = [];
+  let at = 1;
+  while (at < bytes.length) {
+    if (at + 2 > bytes.length) throw new ProtocolError('truncated BATCH length');
+    const len = view.getUint16(at);
+    at += 2;
+    if (len === 0 || at + len > bytes.length) throw new ProtocolError('empty or truncated frame in BATCH');
+    if (bytes[at] === BATCH) throw new ProtocolError('BATCH inside BATCH');
+    frames.push(bytes.subarray(at, at + len));
+    at += len;
+  }
+  return frames;
+}
+
+function toBase64(bytes) {
+  let text = '';
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  }
+  return btoa(text);
+}
+
+function fromBase64(text) {
+  if (!/^[A-Za-z0-9+/]*={0,2}$/.test(text) || text.length % 4 !== 0) {
+    throw new ProtocolError('not standard base64');
+  }
+  const raw = atob(text);
+  const out = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i++) out[i] = raw.charCodeAt(i);
+  return out;
+}
+
+/**
+ * How a line is written: `{text, b64, size}` (size: its length inside the JSON string). Base64
+ * when the payload is not UTF-8, contains `\n`, or would more than double when JSON-escaped.
+ */
+export function lineText(payload) {
+  const b64Len = Math.ceil(payload.length / 3) * 4;
+  let text = null;
+  try {
+    text = strictUtf8.decode(payload);
+  } catch {
+    text = null;
+  }
+  if (text !== null && !text.includes('\n')) {
+    const escaped = JSON.stringify(text).length - 2;
+    if (escaped <= 2 * payload.length || escaped <= b64Len) return { text, b64: false, size: escaped };
+  }
+  return { text: toBase64(payload), b64: true, size: b64Len };
+}
+
+/** The `m.room.message` content of a batch `{stream, seq, base, lines: [{more, payload}], ack?}`. */
+export function encodeBatch(batch) {
+  const texts = [];
+  const more = [];
+  const b64 = [];
+  batch.lines.forEach((line, i) => {
+    const written = lineText(line.payload);
+    texts.push(written.text);
+    if (line.more) more.push(i);
+    if (written.b64) b64.push(i);
+  });
+  const field = { id: streamHex(batch.stream), seq: Number(batch.seq), base: Number(batch.base) };
+  if (more.length) field.more = more;
+  if (b64.length) field.b64 = b64;
+  if (batch.ack) field.ack = { id: streamHex(batch.ack.stream), seq: Number(batch.ack.seq) };
+  return { msgtype: 'm.text', body: texts.join('\n'), [STREAM_FIELD]: field };
+}
+
+function seqOf(value, what) {
+  if (!Number.isSafeInteger(value) || value < 0) throw new ProtocolError(`${what} is not a count`);
+  return BigInt(value);
+}
+
+function indexes(value, count) {
+  if (value === undefined || value === null) return [];
+  if (!Array.isArray(value) || !value.every((i) => Number.isInteger(i) && i >= 0 && i < count)) {
+    throw new ProtocolError('line index out of range');
+  }
+  return value;
+}
+
+function decodeAckField(value) {
+  if (typeof value !== 'object' || value === null) throw new ProtocolError('ack is not an object');
+  const stream = parseStreamHex(value.id);
+  if (stream === 0n) throw new ProtocolError('ack of stream 0');
+  return { stream, seq: seqOf(value.seq, 'ack seq') };
+}
+
+/**
+ * Decodes an `m.room.message` to-device content: `null` when it is not `m.text` (not for this
+ * layer), `{plain: [Uint8Array…]}` for a plain Raiden node's lines, or `{batch}`. Throws
+ * ProtocolError when malformed (dropped whole).
+ */
+export function decodeContent(content) {
+  if (!content || content.msgtype !== 'm.text') return null;
+  if (typeof content.body !== 'string') throw new ProtocolError('no body');
+  const field = content[STREAM_FIELD];
+  if (field === undefined) {
+    return { plain: content.body.split('\n').filter((line) => line.length > 0).map((line) => utf8.encode(line)) };
+  }
+  if (typeof field !== 'object' || field === null) throw new ProtocolError('stream field not an object');
+  const stream = parseStreamHex(field.id);
+  if (stream === 0n) throw new ProtocolError('stream 0');
+  const seq = seqOf(field.seq, 'seq');
+  const base = seqOf(field.base, 'base');
+  if (seq === 0n || base === 0n || base > seq) throw new ProtocolError('seq and base start at 1, base ≤ seq');
+  const texts = content.body.split('\n');
+  const more = new Set(indexes(field.more, texts.length));
+  const b64 = new Set(indexes(field.b64, texts.length));
+  const lines = texts.map((text, i) => {
+    const payload = b64.has(i) ? fromBase64(text) : utf8.encode(text);
+    if (payload.length > FRAGMENT_SIZE) throw new ProtocolError('line over 16 KiB');
+    return { more: more.has(i), payload };
+  });
+  const ack = field.ack === undefined || field.ack === null ? null : decodeAckField(field.ack);
+  return { batch: { stream, seq, base, lines, ack } };
+}
+
+/** Decodes an `org.switchboard.ack` content. */
+export function decodeAck(content) {
+  return decodeAckField(content);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delivery layer (sans-IO)
+
+/** Defaults as docs/protocol.md's "Limits and defaults" (times in ms). */
+export const DEFAULT_LIMITS = Object.freeze({
+  replayBufferBytes: 1024 * 1024,
+  reorderBufferBytes: 4 * 1024 * 1024,
+  maxMessageBytes: 4 * 1024 * 1024,
+  streamsPerPeer: 4,
+  batchLines: 50,
+  batchBodyBytes: 48 * 1024,
+  ackDelay: 20,
+  matrixAckDelay: 1000,
+  ackAfterFragments: 32n,
+  resendTimeout: 10_000,
+  maxResendTimeout: 300_000,
+  pingInterval: 5000,
+  pingTimeout: 2000,
+  deadAfter: 15_000,
+});
+
+/** The sender's half: stream, seqs, the bounded replay buffer, the resend timer. */
+class Outgoing {
+  constructor(stream, limits) {
+    this.stream = stream;
+    this.limits = limits;
+    this.nextSeq = 1n;
+    /** seq (BigInt) → {more, payload, sent, accepted}, in seq order (Map keeps insertion order). */
+    this.buffer = new Map();
+    this.bufferedBytes = 0;
+    /** Seqs to send on the current transport. */
+    this.pending = new Set();
+    this.acked = 0n;
+    this.peerSpeaks = false;
+    this.round = 0;
+    this.timer = null;
+    this.rto = null;
+  }
+
+  base() {
+    for (const seq of this.buffer.keys()) return seq;
+    return this.nextSeq;
+  }
+
+  sortedPending() {
+    return [...this.pending].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+  }
+
+  releasable() {
+    if (this.peerSpeaks) return null;
+    let upto = null;
+    let bytes = 0;
+    for (const [seq, fragment] of this.buffer) {
+      if (!fragment.accepted) break;
+      bytes += fragment.payload.length;
+      if (!fragment.more) upto = { seq, bytes };
+    }
+    return upto;
+  }
+
+  fits(len) {
+    return this.bufferedBytes + len <= this.limits.replayBufferBytes;
+  }
+
+  hasRoom(len) {
+    const releasable = this.fits(len) ? 0 : (this.releasable()?.bytes ?? 0);
+    return this.bufferedBytes - releasable + len <= this.limits.replayBufferBytes;
+  }
+
+  /** Queues a message; returns false when the buffer is full (throws when it can never fit). */
+  push(now, message) {
+    const len = message.length;
+    if (len > this.limits.replayBufferBytes) {
+      throw new RangeError(`message of ${len} bytes is larger than the replay buffer (${this.limits.replayBufferBytes} bytes)`);
+    }
+    if (!this.fits(len)) {
+      const releasable = this.releasable();
+      if (releasable) this.release(now, releasable.seq);
+      if (!this.fits(len)) return false;
+    }
+    this.bufferedBytes += len;
+    if (len <= FRAGMENT_SIZE) {
+      this.insert(false, message);
+      return true;
+    }
+    let text = true;
+    try {
+      strictUtf8.decode(message);
+    } catch {
+      text = false;
+    }
+    let start = 0;
+    while (start < len) {
+      let end = Math.min(start + FRAGMENT_SIZE, len);
+      // Cut UTF-8 at a character boundary (not before a continuation byte 10xxxxxx).
+      if (text) while (end < len && end > start + 1 && (message[end] & 0xc0) === 0x80) end--;
+      this.insert(end < len, message.subarray(start, end));
+      start = end;
+    }
+    return true;
+  }
+
+  insert(more, payload) {
+    const seq = this.nextSeq;
+    this.nextSeq += 1n;
+    this.buffer.set(seq, { more, payload, sent: false, accepted: false });
+    this.pending.add(seq);
+  }
+
+  handOut(now, seq) {
+    this.pending.delete(seq);
+    const fragment = this.buffer.get(seq);
+    if (!fragment) return null;
+    fragment.sent = true;
+    if (this.timer === null) this.timer = now;
+    return fragment;
+  }
+
+  takeDcFrames(now, maxBytes) {
+    const frames = [];
+    let total = 0;
+    for (const seq of this.sortedPending()) {
+      const fragment = this.buffer.get(seq);
+      if (!fragment) {
+        this.pending.delete(seq);
+        continue;
+      }
+      const size = fragment.payload.length + 10;
+      if (frames.length && total + size > maxBytes) break;
+      this.handOut(now, seq);
+      frames.push(encodeFrame({ type: 'data', more: fragment.more, seq, payload: fragment.payload }));
+      total += size;
+    }
+    return frames;
+  }
+
+  takeMatrixBatch(now, ack) {
+    const sorted = this.sortedPending().filter((seq) => {
+      if (this.buffer.has(seq)) return true;
+      this.pending.delete(seq);
+      return false;
+    });
+    if (!sorted.length) return null;
+    const first = sorted[0];
+    const lines = [];
+    let body = 0;
+    let seq = first;
+    while (lines.length < this.limits.batchLines && this.pending.has(seq)) {
+      const fragment = this.buffer.get(seq);
+      if (!fragment) break;
+      const size = lineText(fragment.payload).size + (lines.length ? 2 : 0);
+      if (lines.length && body + size > this.limits.batchBodyBytes) break;
+      body += size;
+      lines.push({ more: fragment.more, payload: fragment.payload });
+      seq += 1n;
+    }
+    for (let s = first; s < seq; s++) this.handOut(now, s);
+    const count = lines.length;
+    const content = encodeBatch({ stream: this.stream, seq: first, base: this.base(), lines, ack });
+    let txnId = `sb.${streamHex(this.stream)}.${first}.${count}`;
+    if (this.round > 0) txnId += `.${this.round}`;
+    return { eventType: EVENT_MESSAGE, txnId, content, lines: { first, count }, ack };
+  }
+
+  onHomeserverAccepted(first, count) {
+    for (let s = first; s < first + BigInt(count); s++) {
+      const fragment = this.buffer.get(s);
+      if (fragment) fragment.accepted = true;
+    }
+  }
+
+  onMatrixFailed(first, count) {
+    for (let s = first; s < first + BigInt(count); s++) if (this.buffer.has(s)) this.pending.add(s);
+  }
+
+  onAck(now, ack) {
+    this.peerSpeaks = true;
+    if (ack.stream !== this.stream || ack.seq <= this.acked) return false;
+    this.acked = ack.seq < this.nextSeq - 1n ? ack.seq : this.nextSeq - 1n;
+    return this.release(now, this.acked);
+  }
+
+  /** Releases whole messages up to `upto` (stopping at the end of a message). */
+  release(now, upto) {
+    let end = null;
+    for (const [seq, fragment] of this.buffer) {
+      if (seq > upto) break;
+      if (!fragment.more) end = seq;
+    }
+    if (end === null) return false;
+    for (const [seq, fragment] of this.buffer) {
+      if (seq > end) break;
+      this.bufferedBytes -= fragment.payload.length;
+      this.buffer.delete(seq);
+      this.pending.delete(seq);
+    }
+    this.rto = null;
+    this.timer = [...this.buffer.values()].some((f) => f.sent) ? now : null;
+    return true;
+  }
+
+  onPeerHello(now, hello) {
+    this.peerSpeaks = true;
+    if (hello.peerStream === this.stream) this.onAck(now, { stream: this.stream, seq: hello.delivered });
+    this.pending = new Set(this.buffer.keys());
+  }
+
+  onChannelLost() {
+    for (const [seq, fragment] of this.buffer) if (!fragment.accepted) this.pending.add(seq);
+  }
+
+  pollTimeout(now) {
+    if (!this.peerSpeaks) return null;
+    if (this.timer !== null) return this.timer + (this.rto ?? this.limits.resendTimeout);
+    return [...this.buffer.values()].some((f) => f.sent) ? now : null;
+  }
+
+  handleTimeout(now) {
+    if (this.buffer.size === 0) {
+      this.timer = null;
+      return;
+    }
+    if (!this.peerSpeaks) return;
+    if (this.timer === null) {
+      if ([...this.buffer.values()].some((f) => f.sent)) this.timer = now;
+      return;
+    }
+    const rto = this.rto ?? this.limits.resendTimeout;
+    if (now < this.timer + rto) return;
+    this.round += 1;
+    this.pending = new Set(this.buffer.keys());
+    this.rto = Math.min(rto * 2, this.limits.maxResendTimeout);
+    this.timer = now;
+  }
+}
+
+function heldCost(line) {
+  return line.payload.length + HELD_OVERHEAD;
+}
+
+function concat(parts) {
+  const out = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
+}
+
+/** The receiver's half: per stream the next seq, the out-of-order buffer, reassembly, acks. */
+class Incoming {
+  constructor(limits) {
+    this.limits = limits;
+    /** Oldest first. */
+    this.streams = [];
+    this.dcStream = null;
+    this.early = [];
+    this.heldBytes = 0;
+  }
+
+  stream(id, start) {
+    let found = this.streams.find((s) => s.id === id);
+    if (found) return found;
+    const first = start > 0n ? start : 1n;
+    found = {
+      id,
+      next: first,
+      delivered: first - 1n,
+      ackedSent: first - 1n,
+      ackForced: false,
+      ackSince: null,
+      reorder: new Map(),
+      partial: [],
+      partialBytes: 0,
+      discarding: false,
+    };
+    this.streams.push(found);
+    while (this.streams.length > Math.max(1, this.limits.streamsPerPeer)) {
+      const old = this.streams.shift();
+      for (const line of old.reorder.values()) this.heldBytes -= heldCost(line);
+    }
+    return found;
+  }
+
+  helloFields() {
+    const last = this.streams[this.streams.length - 1];
+    return last ? { peerStream: last.id, delivered: last.delivered } : { peerStream: 0n, delivered: 0n };
+  }
+
+  receiveBatch(now, batch, out) {
+    const stream = this.stream(batch.stream, batch.base);
+    this.moveUp(now, stream, batch.base, out);
+    batch.lines.forEach((line, i) => this.accept(now, stream, batch.seq + BigInt(i), line, out));
+  }
+
+  moveUp(now, stream, base, out) {
+    if (stream.next >= base) return;
+    for (const [seq, line] of stream.reorder) {
+      if (seq < base) {
+        stream.reorder.delete(seq);
+        this.heldBytes -= heldCost(line);
+      }
+    }
+    stream.partial = [];
+    stream.partialBytes = 0;
+    stream.discarding = false;
+    stream.next = base;
+    stream.delivered = base - 1n;
+    if (stream.ackedSent > stream.delivered) stream.ackedSent = stream.delivered;
+    this.drain(now, stream, out);
+  }
+
+  onHello(now, hello, out) {
+    this.dcStream = hello.stream;
+    const stream = this.stream(hello.stream, hello.firstUnacked);
+    this.moveUp(now, stream, hello.firstUnacked, out);
+    const early = this.early;
+    this.early = [];
+    for (const { seq, line } of early) {
+      this.heldBytes -= heldCost(line);
+      this.accept(now, stream, seq, line, out);
+    }
+  }
+
+  receiveDcData(now, seq, line, out) {
+    if (this.dcStream === null) {
+      const cost = heldCost(line);
+      if (this.heldBytes + cost <= this.limits.reorderBufferBytes) {
+        this.heldBytes += cost;
+        this.early.push({ seq, line });
+      }
+      return;
+    }
+    this.accept(now, this.stream(this.dcStream, seq), seq, line, out);
+  }
+
+  onChannelLost() {
+    this.dcStream = null;
+    for (const { line } of this.early) this.heldBytes -= heldCost(line);
+    this.early = [];
+  }
+
+  accept(now, stream, seq, line, out) {
+    if (seq < stream.next || stream.reorder.has(seq)) {
+      stream.ackForced = true;
+      stream.ackSince ??= now;
+      return;
+    }
+    if (seq > stream.next) {
+      const cost = heldCost(line);
+      if (this.heldBytes + cost <= this.limits.reorderBufferBytes) {
+        this.heldBytes += cost;
+        stream.reorder.set(seq, line);
+      }
+      return;
+    }
+    this.consume(now, stream, line, out);
+    this.drain(now, stream, out);
+  }
+
+  drain(now, stream, out) {
+    for (;;) {
+      const line = stream.reorder.get(stream.next);
+      if (!line) return;
+      stream.reorder.delete(stream.next);
+      this.heldBytes -= heldCost(line);
+      this.consume(now, stream, line, out);
+    }
+  }
+
+  consume(now, stream, line, out) {
+    const seq = stream.next;
+    stream.next += 1n;
+    if (!stream.discarding && stream.partialBytes + line.payload.length > this.limits.maxMessageBytes) {
+      stream.discarding = true;
+      stream.partial = [];
+      stream.partialBytes = 0;
+    }
+    if (stream.discarding) {
+      if (!line.more) {
+        stream.discarding = false;
+        stream.delivered = seq;
+        stream.ackSince ??= now;
+      }
+      return;
+    }
+    if (line.more) {
+      stream.partial.push(line.payload);
+      stream.partialBytes += line.payload.length;
+      return;
+    }
+    const message = stream.partial.length ? concat([...stream.partial, line.payload]) : line.payload;
+    stream.partial = [];
+    stream.partialBytes = 0;
+    out.push(message);
+    stream.delivered = seq;
+    stream.ackSince ??= now;
+  }
+
+  static ackPending(stream) {
+    return stream.delivered > 0n && (stream.delivered > stream.ackedSent || stream.ackForced);
+  }
+
+  ackDue(stream, now, delay) {
+    return (
+      Incoming.ackPending(stream) &&
+      (stream.delivered - (stream.ackedSent < stream.delivered ? stream.ackedSent : stream.delivered) >=
+        this.limits.ackAfterFragments ||
+        stream.ackSince === null ||
+        now >= stream.ackSince + delay)
+    );
+  }
+
+  static markAcked(stream) {
+    stream.ackedSent = stream.delivered;
+    stream.ackForced = false;
+    stream.ackSince = null;
+    return { stream: stream.id, seq: stream.delivered };
+  }
+
+  pollAcks(now, viaDc) {
+    const acks = [];
+    for (const stream of this.streams) {
+      if (viaDc && stream.id !== this.dcStream) {
+        // Not the channel's stream: a previous run of the peer, which holds nothing of it.
+        if (Incoming.ackPending(stream)) Incoming.markAcked(stream);
+        continue;
+      }
+      if (this.ackDue(stream, now, viaDc ? this.limits.ackDelay : this.limits.matrixAckDelay)) {
+        acks.push(Incoming.markAcked(stream));
+      }
+    }
+    return acks;
+  }
+
+  takeAck() {
+    for (let i = this.streams.length - 1; i >= 0; i--) {
+      if (Incoming.ackPending(this.streams[i])) return Incoming.markAcked(this.streams[i]);
+    }
+    return null;
+  }
+
+  ackLost(now, ack) {
+    const stream = this.streams.find((s) => s.id === ack.stream);
+    if (!stream) return;
+    const before = ack.seq > 0n ? ack.seq - 1n : 0n;
+    if (stream.ackedSent > before) stream.ackedSent = before;
+    stream.ackForced = true;
+    stream.ackSince ??= now;
+  }
+
+  nextAckDeadline(viaDc) {
+    let next = null;
+    const delay = viaDc ? this.limits.ackDelay : this.limits.matrixAckDelay;
+    for (const stream of this.streams) {
+      if (!Incoming.ackPending(stream) || (viaDc && stream.id !== this.dcStream)) continue;
+      if (stream.ackSince === null) continue;
+      const at = stream.ackSince + delay;
+      if (next === null || at < next) next = at;
+    }
+    return next;
+  }
+}
+
+/**
+ * One peer's delivery state (sans-IO), the same rules as the Rust client's `reliable::Peer`.
+ * Times are milliseconds on any monotonic clock, passed in as `now`.
+ *
+ *   push(now, bytes) → false when the replay buffer is full (retry after acks: backpressure)
+ *   onChannelOpen(now) / onChannelLost() / dcState(now)
+ *   receiveDc(now, Uint8Array) → messages now deliverable
+ *   receiveMatrix(now, content) / receiveMatrixAck(now, content) → messages / nothing
+ *   pollDc(now, maxBytes) → frames to write on the channel
+ *   pollMatrix(now) → the next to-device send {eventType, txnId, content, lines, ack} or null
+ *   onHomeserverAccepted(send) / onMatrixFailed(now, send)
+ *   pollTimeout(now) / handleTimeout(now)
+ */
+export class ReliablePeer {
+  constructor(stream, limits = DEFAULT_LIMITS) {
+    if (typeof stream !== 'bigint' || stream <= 0n || stream > MAX_U64) throw new RangeError('stream id');
+    this.limits = { ...DEFAULT_LIMITS, ...limits };
+    this.outgoing = new Outgoing(stream, this.limits);
+    this.incoming = new Incoming(this.limits);
+    this.channel = null;
+  }
+
+  get stream() {
+    return this.outgoing.stream;
+  }
+
+  push(now, message) {
+    return this.outgoing.push(now, message);
+  }
+
+  hasRoom(len) {
+    return this.outgoing.hasRoom(len);
+  }
+
+  /** The last round trip measured on the data channel (ms), or null. */
+  rtt() {
+    return this.channel?.rtt ?? null;
+  }
+
+  onChannelOpen(now) {
+    if (this.channel) this.onChannelLost();
+    this.incoming.onChannelLost();
+    this.channel = {
+      opened: now,
+      helloSent: false,
+      peerHello: false,
+      pongs: [],
+      pingOut: null,
+      lastPong: null,
+      nextPing: null,
+      rtt: null,
+      nonce: 0n,
+      stallResent: false,
+    };
+  }
+
+  onChannelLost() {
+    this.channel = null;
+    this.incoming.onChannelLost();
+    this.outgoing.onChannelLost();
+  }
+
+  /** 'closed' | 'handshake' | 'alive' | 'stalled' | 'dead'. */
+  dcState(now) {
+    const ch = this.channel;
+    if (!ch) return 'closed';
+    if (!ch.peerHello) return now >= ch.opened + this.limits.deadAfter ? 'dead' : 'handshake';
+    if (ch.pingOut) {
+      const since = ch.lastPong === null ? ch.pingOut.sent : Math.max(ch.lastPong, ch.pingOut.sent);
+      if (now >= since + this.limits.deadAfter) return 'dead';
+      if (now >= ch.pingOut.sent + this.limits.pingTimeout) return 'stalled';
+    }
+    return ch.lastPong === null ? 'handshake' : 'alive';
+  }
+
+  receiveDc(now, message) {
+    const out = [];
+    for (const bytes of splitFrames(message)) {
+      const frame = decodeFrame(bytes);
+      if (frame === null || !this.channel) continue;
+      this.receiveFrame(now, frame, out);
+    }
+    return out;
+  }
+
+  receiveFrame(now, frame, out) {
+    const ch = this.channel;
+    switch (frame.type) {
+      case 'data':
+        this.incoming.receiveDcData(now, frame.seq, { more: frame.more, payload: frame.payload }, out);
+        break;
+      case 'ack':
+        this.outgoing.onAck(now, { stream: this.outgoing.stream, seq: frame.seq });
+        break;
+      case 'ping':
+        ch.pongs.push(frame.nonce);
+        if (ch.pongs.length > 16) ch.pongs.shift();
+        break;
+      case 'pong':
+        if (ch.pingOut && ch.pingOut.nonce === frame.nonce) {
+          ch.rtt = now - ch.pingOut.sent;
+          ch.pingOut = null;
+          ch.stallResent = false;
+          ch.lastPong = now;
+          ch.nextPing = now + this.limits.pingInterval;
+        }
+        break;
+      case 'hello':
+        ch.peerHello = true;
+        this.outgoing.onPeerHello(now, frame);
+        this.incoming.onHello(now, frame, out);
+        break;
+      default:
+        break;
+    }
+  }
+
+  pollDc(now, maxBytes = BATCH_LIMIT) {
+    const alive = this.dcState(now) === 'alive';
+    const ch = this.channel;
+    if (!ch) return [];
+    const frames = [];
+    if (!ch.helloSent) {
+      ch.helloSent = true;
+      const { peerStream, delivered } = this.incoming.helloFields();
+      frames.push(
+        encodeFrame({ type: 'hello', stream: this.outgoing.stream, firstUnacked: this.outgoing.base(), peerStream, delivered }),
+      );
+    }
+    for (const nonce of ch.pongs) frames.push(encodeFrame({ type: 'pong', nonce }));
+    ch.pongs = [];
+    if (!ch.peerHello) return frames;
+    for (const ack of this.incoming.pollAcks(now, true)) frames.push(encodeFrame({ type: 'ack', seq: ack.seq }));
+    if (!ch.pingOut && (ch.nextPing === null || now >= ch.nextPing)) {
+      ch.nonce += 1n;
+      ch.pingOut = { nonce: ch.nonce, sent: now };
+      frames.push(encodeFrame({ type: 'ping', nonce: ch.nonce }));
+    }
+    if (alive) {
+      const used = frames.reduce((sum, f) => sum + f.length, 0);
+      frames.push(...this.outgoing.takeDcFrames(now, Math.max(0, maxBytes - used)));
+    }
+    return frames;
+  }
+
+  pollMatrix(now) {
+    if (this.outgoing.pending.size) {
+      return this.outgoing.takeMatrixBatch(now, this.incoming.takeAck());
+    }
+    const [ack] = this.incoming.pollAcks(now, false);
+    if (!ack) return null;
+    return {
+      eventType: EVENT_ACK,
+      txnId: `sb-ack.${streamHex(ack.stream)}.${ack.seq}`,
+      content: { id: streamHex(ack.stream), seq: Number(ack.seq) },
+      lines: null,
+      ack,
+    };
+  }
+
+  onHomeserverAccepted(send) {
+    if (send.lines) this.outgoing.onHomeserverAccepted(send.lines.first, send.lines.count);
+  }
+
+  onMatrixFailed(now, send) {
+    if (send.lines) this.outgoing.onMatrixFailed(send.lines.first, send.lines.count);
+    if (send.ack) this.incoming.ackLost(now, send.ack);
+  }
+
+  receiveMatrix(now, content) {
+    const decoded = decodeContent(content);
+    if (decoded === null) return [];
+    if (decoded.plain) return decoded.plain;
+    this.outgoing.peerSpeaks = true;
+    if (decoded.batch.ack) this.outgoing.onAck(now, decoded.batch.ack);
+    const out = [];
+    this.incoming.receiveBatch(now, decoded.batch, out);
+    return out;
+  }
+
+  receiveMatrixAck(now, content) {
+    this.outgoing.onAck(now, decodeAck(content));
+  }
+
+  pollTimeout(now) {
+    const state = this.dcState(now);
+    const ch = this.channel;
+    let channel = null;
+    if (ch && state !== 'closed' && state !== 'dead') {
+      if (!ch.peerHello) channel = ch.opened + this.limits.deadAfter;
+      else if (state === 'stalled') channel = ch.pingOut ? ch.pingOut.sent + this.limits.deadAfter : null;
+      else if (ch.pingOut) channel = ch.pingOut.sent + this.limits.pingTimeout;
+      else channel = ch.nextPing ?? now;
+    }
+    const viaDc = Boolean(ch?.peerHello) && state !== 'dead';
+    const acks = this.incoming.nextAckDeadline(viaDc);
+    const times = [this.outgoing.pollTimeout(now), acks, channel].filter((t) => t !== null);
+    return times.length ? Math.min(...times) : null;
+  }
+
+  handleTimeout(now) {
+    this.outgoing.handleTimeout(now);
+    if (this.dcState(now) === 'stalled' && this.channel && !this.channel.stallResent) {
+      this.channel.stallResent = true;
+      this.outgoing.onChannelLost();
+    }
+  }
+}
