@@ -974,3 +974,767 @@ export class ReliablePeer {
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The client (IO): Matrix /sync and to-device sends, Switchboard's WebSocket, peer connections
+
+const ADDRESS = /^0x[0-9a-fA-F]{40}$/;
+const RAIDEN_LOCALPART = /^@(0x[0-9a-f]{40}):/;
+const API_VERSION = '1';
+const RAIDEN_PARTY = 'raiden';
+const SEEN_SIGNALS = 1024;
+const CANDIDATES_PER_SIGNAL = 8;
+/** Frames taken from the delivery layer per pump, at most (bytes). */
+const DC_POLL_BYTES = 256 * 1024;
+/** Bytes queued in the data channel above which the pump leaves frames in the delivery layer. */
+const DC_BUFFERED_LIMIT = 1024 * 1024;
+
+/** What went wrong, with a stable `code`: 'matrix', 'invalid_address', 'too_large', 'busy', 'stopped', 'switchboard'. */
+export class SwitchboardError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.name = 'SwitchboardError';
+    this.code = code;
+  }
+}
+
+function isAddress(address) {
+  return typeof address === 'string' && ADDRESS.test(address);
+}
+
+function trimSlash(url) {
+  return String(url).replace(/\/+$/, '');
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function backoff(previous, { initial, max }) {
+  return Math.min(max, previous === null ? initial : Math.max(initial, previous * 2));
+}
+
+function randomId(length = 24) {
+  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789';
+  const bytes = new Uint8Array(length);
+  crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => alphabet[b % alphabet.length]).join('');
+}
+
+/** Reads the homeserver's well-known `org.switchboard.client.base_url`: null when there is none. */
+export async function discoverSwitchboard(homeserver, fetchImpl = fetch) {
+  let response;
+  try {
+    response = await fetchImpl(`${trimSlash(homeserver)}/.well-known/matrix/client`);
+  } catch {
+    return null;
+  }
+  if (!response.ok) return null;
+  let document;
+  try {
+    document = await response.json();
+  } catch {
+    return null;
+  }
+  const key = document?.['org.switchboard.client'];
+  if (key === undefined) return null;
+  if (typeof key?.base_url !== 'string' || !/^https?:\/\//.test(key.base_url)) {
+    throw new SwitchboardError('switchboard', 'org.switchboard.client in the well-known is malformed');
+  }
+  return trimSlash(key.base_url);
+}
+
+/**
+ * Checks the token (whoami), starts the /sync loop and (in the background) connects to Switchboard:
+ * `options.switchboard`, or the one the homeserver's well-known names (none: Matrix only).
+ */
+export async function connect(options) {
+  const homeserver = trimSlash(options.homeserver);
+  const whoami = await matrixRequest(homeserver, options.accessToken, 'GET', '/_matrix/client/v3/account/whoami');
+  const switchboard =
+    options.switchboard === undefined || options.switchboard === null
+      ? await discoverSwitchboard(homeserver)
+      : trimSlash(options.switchboard);
+  const client = new SwitchboardClient({ ...options, homeserver }, whoami, switchboard);
+  client.start();
+  return client;
+}
+
+async function matrixRequest(homeserver, token, method, path, body, signal) {
+  let response;
+  try {
+    response = await fetch(homeserver + path, {
+      method,
+      headers: { Authorization: `Bearer ${token}`, ...(body === undefined ? {} : { 'Content-Type': 'application/json' }) },
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal,
+    });
+  } catch (error) {
+    if (error?.name === 'AbortError') throw error;
+    throw new SwitchboardError('matrix', `homeserver unreachable: ${error?.message ?? error}`);
+  }
+  const json = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const error = new SwitchboardError('matrix', `${method} ${path.split('?')[0]}: ${response.status} ${json.errcode ?? ''}`);
+    error.status = response.status;
+    error.errcode = json.errcode;
+    throw error;
+  }
+  return json;
+}
+
+/** A running client; see switchboard.d.ts for its events. */
+export class SwitchboardClient extends EventTarget {
+  constructor(options, whoami, switchboard) {
+    super();
+    this.options = {
+      relayOnly: false,
+      ordered: false,
+      syncTimeout: 30_000,
+      maxPeers: 10_000,
+      maxWaitingSends: 1024,
+      upgradeBackoff: { initial: 1000, max: 30_000 },
+      reconnectBackoff: { initial: 1000, max: 30_000 },
+      matrixBackoff: { initial: 1000, max: 30_000 },
+      limits: {},
+      ...options,
+    };
+    this.userId = whoami.user_id;
+    this.deviceId = whoami.device_id ?? null;
+    this.partyId = this.deviceId ?? 'switchboard';
+    this.serverName = this.userId.slice(this.userId.indexOf(':') + 1);
+    this.switchboardUrl = switchboard;
+    this.stream = randomStreamId();
+    this.peers = new Map();
+    this.watched = new Map();
+    this.seenSignals = new Set();
+    this.firstSyncDone = false;
+    this.heldInvites = [];
+    this.ws = null;
+    this.ready = null;
+    this.iceServers = null;
+    this.frameId = 0;
+    this.stopped = false;
+    this.abort = new AbortController();
+    this.timers = new Set();
+  }
+
+  /** The address this user provably holds, as Switchboard's `ready` said (null before). */
+  get address() {
+    return this.ready?.address ?? null;
+  }
+
+  start() {
+    this.syncLoop();
+    if (this.switchboardUrl) this.connectSwitchboard(null);
+    this.ticker = setInterval(() => this.pumpAll(), 10);
+  }
+
+  emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  later(ms, fn) {
+    const timer = setTimeout(() => {
+      this.timers.delete(timer);
+      if (!this.stopped) fn();
+    }, ms);
+    this.timers.add(timer);
+  }
+
+  peer(address, create = true) {
+    if (!isAddress(address)) throw new SwitchboardError('invalid_address', `not an address: ${address}`);
+    const key = address.toLowerCase();
+    let peer = this.peers.get(key);
+    if (!peer && create) {
+      if (this.peers.size >= this.options.maxPeers) throw new SwitchboardError('busy', 'too many peers');
+      peer = {
+        key,
+        address,
+        userId: `@${key}:${this.serverName}`,
+        reliable: new ReliablePeer(this.stream, this.options.limits),
+        want: false,
+        link: null,
+        inflight: null,
+        matrixRetryAt: 0,
+        matrixWait: null,
+        waiters: [],
+        upgradeWait: null,
+        callAt: null,
+        channelsUp: 0,
+        calls: 0,
+      };
+      this.peers.set(key, peer);
+    }
+    return peer ?? null;
+  }
+
+  // --- API ---------------------------------------------------------------------------------
+
+  /** Watches `address`: its presence comes as `presence` events while Switchboard is connected. */
+  async watch(address) {
+    this.checkRunning();
+    if (!isAddress(address)) throw new SwitchboardError('invalid_address', `not an address: ${address}`);
+    this.watched.set(address.toLowerCase(), address);
+    if (this.ready) this.sendFrame({ type: 'watch', addresses: [address] });
+  }
+
+  /** Wants a data channel to `address`: this side calls, and calls again whenever it dies, until close(). */
+  async open(address) {
+    this.checkRunning();
+    const peer = this.peer(address);
+    peer.want = true;
+    peer.callAt ??= 0;
+    this.pump(peer);
+  }
+
+  /** Sends bytes (or a string, as UTF-8) to `address`; resolves once it is in the replay buffer. */
+  async send(address, data) {
+    this.checkRunning();
+    const bytes = typeof data === 'string' ? utf8.encode(data) : new Uint8Array(data);
+    const peer = this.peer(address);
+    const limit = peer.reliable.limits.replayBufferBytes;
+    if (bytes.length > limit) {
+      throw new SwitchboardError('too_large', `message of ${bytes.length} bytes is larger than the replay buffer (${limit} bytes)`);
+    }
+    if (!peer.waiters.length && peer.reliable.push(performance.now(), bytes)) {
+      this.pump(peer);
+      return;
+    }
+    if (peer.waiters.length >= this.options.maxWaitingSends) {
+      throw new SwitchboardError('busy', 'too many sends waiting for room to this peer');
+    }
+    await new Promise((resolve, reject) => peer.waiters.push({ bytes, resolve, reject }));
+  }
+
+  /** Hangs up the channel to `address` and stops calling it; messages still flow through Matrix. */
+  async close(address) {
+    const peer = this.peer(address, false);
+    if (!peer) return;
+    peer.want = false;
+    peer.callAt = null;
+    const link = peer.link;
+    if (link) {
+      this.signal(peer, link, 'm.call.hangup', { reason: 'user_hangup' });
+      this.linkLost(peer, link, 'closed by the application');
+    }
+  }
+
+  /** Drops the channel to `address` as a failure would (no hangup); for tests. */
+  async resetChannel(address) {
+    const peer = this.peer(address, false);
+    if (peer?.link) this.linkLost(peer, peer.link, 'reset');
+  }
+
+  /** The figures of `address`, or null. */
+  stats(address) {
+    const peer = this.peer(address, false);
+    if (!peer) return null;
+    const now = performance.now();
+    return {
+      dcState: peer.reliable.dcState(now),
+      path: peer.link?.up ? peer.link.path : null,
+      rttMs: peer.link?.up ? peer.reliable.rtt() : null,
+      channelsUp: peer.channelsUp,
+      calls: peer.calls,
+      replayBufferedBytes: peer.reliable.outgoing.bufferedBytes,
+    };
+  }
+
+  /** Stops: hangs up channels, closes the WebSocket, ends /sync. Waiting sends are rejected. */
+  async shutdown() {
+    if (this.stopped) return;
+    for (const peer of this.peers.values()) {
+      if (peer.link) {
+        this.signal(peer, peer.link, 'm.call.hangup', { reason: 'user_hangup' });
+        this.linkLost(peer, peer.link, 'client stopped');
+      }
+      for (const waiter of peer.waiters) waiter.reject(new SwitchboardError('stopped', 'the client has stopped'));
+      peer.waiters = [];
+    }
+    this.stopped = true;
+    clearInterval(this.ticker);
+    for (const timer of this.timers) clearTimeout(timer);
+    this.abort.abort();
+    this.ws?.close(1000);
+  }
+
+  checkRunning() {
+    if (this.stopped) throw new SwitchboardError('stopped', 'the client has stopped');
+  }
+
+  // --- Matrix --------------------------------------------------------------------------------
+
+  async syncLoop() {
+    const filter = encodeURIComponent(
+      JSON.stringify({ room: { rooms: [] }, presence: { not_types: ['*'] }, account_data: { not_types: ['*'] } }),
+    );
+    let since = null;
+    let wait = null;
+    while (!this.stopped) {
+      const timeout = since === null ? 0 : this.options.syncTimeout;
+      const query = `?timeout=${timeout}&filter=${filter}${since === null ? '' : `&since=${encodeURIComponent(since)}`}`;
+      let answer;
+      try {
+        answer = await matrixRequest(this.options.homeserver, this.options.accessToken, 'GET', `/_matrix/client/v3/sync${query}`, undefined, this.abort.signal);
+      } catch (error) {
+        if (this.stopped) return;
+        if (error.status === 401) {
+          this.emit('syncstopped', { reason: error.message });
+          return;
+        }
+        wait = backoff(wait, this.options.matrixBackoff);
+        await sleep(wait);
+        continue;
+      }
+      wait = null;
+      since = answer.next_batch;
+      for (const event of answer.to_device?.events ?? []) this.handleToDevice(event);
+      if (!this.firstSyncDone) {
+        this.firstSyncDone = true;
+        const held = this.heldInvites;
+        this.heldInvites = [];
+        for (const frame of held) this.handleSignal(frame);
+      }
+    }
+  }
+
+  handleToDevice(event) {
+    const match = RAIDEN_LOCALPART.exec(event.sender ?? '');
+    if (!match || (event.type !== EVENT_MESSAGE && event.type !== EVENT_ACK)) return;
+    let peer;
+    try {
+      peer = this.peer(match[1]);
+    } catch {
+      return;
+    }
+    const now = performance.now();
+    try {
+      if (event.type === EVENT_ACK) {
+        peer.reliable.receiveMatrixAck(now, event.content);
+      } else {
+        this.deliver(peer, peer.reliable.receiveMatrix(now, event.content));
+      }
+    } catch (error) {
+      console.debug('switchboard: a to-device message dropped:', error.message);
+    }
+    this.pump(peer);
+  }
+
+  deliver(peer, messages) {
+    for (const bytes of messages) this.emit('message', { address: peer.address, bytes });
+  }
+
+  sendMatrix(peer, send) {
+    peer.inflight = send;
+    const path = `/_matrix/client/v3/sendToDevice/${encodeURIComponent(send.eventType)}/${encodeURIComponent(send.txnId)}`;
+    const body = { messages: { [peer.userId]: { '*': send.content } } };
+    matrixRequest(this.options.homeserver, this.options.accessToken, 'PUT', path, body, this.abort.signal).then(
+      () => {
+        peer.inflight = null;
+        peer.matrixWait = null;
+        peer.reliable.onHomeserverAccepted(send);
+        this.pump(peer);
+      },
+      () => {
+        if (this.stopped) return;
+        // Retried with the same txn id: the homeserver takes it once.
+        peer.matrixWait = backoff(peer.matrixWait, this.options.matrixBackoff);
+        this.later(peer.matrixWait, () => this.sendMatrix(peer, send));
+      },
+    );
+  }
+
+  // --- the pump: timers, frames, Matrix sends, waiting senders -----------------------------
+
+  pumpAll() {
+    for (const peer of this.peers.values()) this.pump(peer);
+  }
+
+  pump(peer) {
+    if (this.stopped) return;
+    const now = performance.now();
+    const reliable = peer.reliable;
+    reliable.handleTimeout(now);
+    while (peer.waiters.length && reliable.hasRoom(peer.waiters[0].bytes.length)) {
+      const waiter = peer.waiters.shift();
+      reliable.push(now, waiter.bytes);
+      waiter.resolve();
+    }
+    const link = peer.link;
+    const state = reliable.dcState(now);
+    if (link?.open) {
+      if (state === 'dead') {
+        this.linkLost(peer, link, 'data channel silent');
+      } else {
+        if (state === 'alive' && !link.up) this.channelUp(peer, link);
+        // The channel's own buffer is bounded too; a stalled channel's acks go through Matrix.
+        if (state !== 'stalled' && link.dc.bufferedAmount < DC_BUFFERED_LIMIT) {
+          this.writeFrames(peer, link, reliable.pollDc(now, DC_POLL_BYTES));
+        }
+      }
+    }
+    const alive = reliable.dcState(now) === 'alive';
+    if (!peer.inflight && (!alive || reliable.outgoing.pending.size === 0)) {
+      const send = reliable.pollMatrix(now);
+      if (send) this.sendMatrix(peer, send);
+    }
+    if (peer.want && !peer.link && peer.callAt !== null && now >= peer.callAt) this.call(peer);
+  }
+
+  writeFrames(peer, link, frames) {
+    let batch = [];
+    let size = 1;
+    const flush = () => {
+      if (!batch.length) return;
+      try {
+        link.dc.send(joinFrames(batch));
+      } catch {
+        this.linkLost(peer, link, 'data channel send failed');
+      }
+      batch = [];
+      size = 1;
+    };
+    for (const frame of frames) {
+      if (batch.length && size + 2 + frame.length > BATCH_LIMIT) flush();
+      batch.push(frame);
+      size += 2 + frame.length;
+    }
+    flush();
+  }
+
+  async channelUp(peer, link) {
+    link.up = true;
+    peer.channelsUp += 1;
+    peer.upgradeWait = null;
+    link.path = await pathOf(link.pc);
+    if (peer.link === link) this.emit('channelup', { address: peer.address, path: link.path });
+  }
+
+  // --- Switchboard's WebSocket -------------------------------------------------------------
+
+  connectSwitchboard(previousWait) {
+    if (this.stopped) return;
+    const url = `${this.switchboardUrl.replace(/^http/, 'ws')}/_switchboard/client/v1/connect`;
+    let ws;
+    try {
+      ws = new WebSocket(url);
+    } catch {
+      this.reconnect(previousWait, 1000);
+      return;
+    }
+    this.ws = ws;
+    const pending = { lastPong: performance.now(), keepalive: null };
+    ws.onopen = () => ws.send(JSON.stringify({ type: 'auth', token: this.options.accessToken }));
+    ws.onmessage = (message) => {
+      pending.lastPong = performance.now();
+      let frame;
+      try {
+        frame = JSON.parse(message.data);
+      } catch {
+        return;
+      }
+      if (frame.type === 'ready') {
+        previousWait = null;
+        this.onReady(frame, ws, pending);
+      } else {
+        this.onFrame(frame);
+      }
+    };
+    ws.onclose = (close) => {
+      clearInterval(pending.keepalive);
+      if (this.ws !== ws) return;
+      this.ws = null;
+      if (this.ready) {
+        this.ready = null;
+        this.emit('switchboard', { connected: false });
+      }
+      if (close.code === 4001) {
+        console.warn('switchboard: the token was refused; not reconnecting');
+        return;
+      }
+      this.reconnect(previousWait, close.code);
+    };
+  }
+
+  reconnect(previousWait, code) {
+    const wait = code === 1012 ? 0 : backoff(previousWait, this.options.reconnectBackoff);
+    this.later(wait + Math.random() * Math.min(wait / 4, 250), () => this.connectSwitchboard(wait || null));
+  }
+
+  onReady(frame, ws, pending) {
+    this.ready = frame;
+    this.iceServers = frame.ice_servers;
+    const every = Math.max(5, frame.limits?.keepalive_secs ?? 20) * 1000;
+    pending.keepalive = setInterval(() => {
+      if (performance.now() - pending.lastPong > every + 10_000) {
+        ws.close(4000, 'no pong');
+        return;
+      }
+      this.sendFrame({ type: 'ping' });
+    }, every);
+    this.emit('switchboard', { connected: true });
+    if (this.watched.size) this.sendFrame({ type: 'watch', addresses: [...this.watched.values()] });
+    for (const peer of this.peers.values()) if (peer.want) peer.callAt ??= 0;
+  }
+
+  sendFrame(frame) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
+    this.frameId += 1;
+    this.ws.send(JSON.stringify({ id: this.frameId, ...frame }));
+    return true;
+  }
+
+  onFrame(frame) {
+    switch (frame.type) {
+      case 'ice_servers':
+        this.iceServers = frame;
+        break;
+      case 'presence': {
+        const { type, ...presence } = frame;
+        this.emit('presence', presence);
+        break;
+      }
+      case 'signal':
+        this.handleSignal(frame);
+        break;
+      case 'glare':
+      case 'call_ended':
+        for (const peer of this.peers.values()) {
+          if (peer.link && !peer.link.open && peer.link.callId === frame.call_id) {
+            this.linkLost(peer, peer.link, frame.type === 'glare' ? 'glare' : `call ${frame.outcome}`);
+          }
+        }
+        break;
+      case 'error':
+        console.debug('switchboard: error frame', frame.code, frame.message);
+        break;
+      default:
+        break;
+    }
+  }
+
+  // --- calls ---------------------------------------------------------------------------------
+
+  signal(peer, link, eventType, fields) {
+    const content = { call_id: link.callId, party_id: this.partyId, version: API_VERSION, ...fields };
+    this.sendFrame({ type: 'signal', to: link.to, call_id: link.callId, event_type: eventType, content });
+  }
+
+  newLink(peer, callId, caller, to) {
+    const ice = this.iceServers;
+    const servers = ice ? [{ urls: ice.uris, username: ice.username, credential: ice.password }] : [];
+    const pc = new RTCPeerConnection({
+      iceServers: servers,
+      iceTransportPolicy: this.options.relayOnly ? 'relay' : 'all',
+    });
+    const link = { pc, dc: null, callId, caller, to, open: false, up: false, path: null, described: false, early: [], candidates: [], started: false, flushing: false, remoteParty: null };
+    pc.onicecandidate = (event) => {
+      link.candidates.push(event.candidate);
+      this.flushCandidates(peer, link);
+    };
+    pc.onconnectionstatechange = () => {
+      if (pc.connectionState === 'failed' || pc.connectionState === 'closed') this.linkLost(peer, link, `peer connection ${pc.connectionState}`);
+    };
+    peer.link = link;
+    return link;
+  }
+
+  flushCandidates(peer, link) {
+    if (!link.started || link.flushing || peer.link !== link) return;
+    link.flushing = true;
+    queueMicrotask(() => {
+      link.flushing = false;
+      while (link.candidates.length && peer.link === link) {
+        const batch = link.candidates.splice(0, CANDIDATES_PER_SIGNAL);
+        const list = batch.map((candidate) =>
+          candidate
+            ? { candidate: candidate.candidate, sdpMid: candidate.sdpMid ?? '0', sdpMLineIndex: candidate.sdpMLineIndex ?? 0 }
+            : { candidate: '', sdpMid: '0', sdpMLineIndex: 0 },
+        );
+        this.signal(peer, link, 'm.call.candidates', { candidates: list });
+      }
+    });
+  }
+
+  attachChannel(peer, link, dc) {
+    link.dc = dc;
+    dc.binaryType = 'arraybuffer';
+    dc.onopen = () => {
+      if (peer.link !== link) return;
+      link.open = true;
+      peer.reliable.onChannelOpen(performance.now());
+      this.sendFrame({ type: 'connected', call_id: link.callId });
+      this.pump(peer);
+    };
+    dc.onmessage = (event) => {
+      if (peer.link !== link || !(event.data instanceof ArrayBuffer)) return;
+      try {
+        this.deliver(peer, peer.reliable.receiveDc(performance.now(), new Uint8Array(event.data)));
+      } catch (error) {
+        console.debug('switchboard: a data channel message dropped:', error.message);
+      }
+      this.pump(peer);
+    };
+    dc.onclose = () => this.linkLost(peer, link, 'data channel closed');
+  }
+
+  async call(peer) {
+    if (!this.ready || !this.firstSyncDone || !this.iceServers) return;
+    peer.callAt = null;
+    peer.calls += 1;
+    const link = this.newLink(peer, randomId(), true, peer.address);
+    try {
+      const dc = link.pc.createDataChannel(CHANNEL_LABEL, { ordered: this.options.ordered });
+      this.attachChannel(peer, link, dc);
+      const offer = await link.pc.createOffer();
+      await link.pc.setLocalDescription(offer);
+      if (peer.link !== link) return;
+      this.signal(peer, link, 'm.call.invite', { lifetime: 60_000, offer: { type: 'offer', sdp: offer.sdp } });
+      link.started = true;
+      this.flushCandidates(peer, link);
+    } catch (error) {
+      console.debug('switchboard: call failed', error.message);
+      this.linkLost(peer, link, 'call failed');
+    }
+  }
+
+  handleSignal(frame) {
+    const address = frame.from_address;
+    if (!isAddress(address)) return;
+    const { 'org.switchboard.origin': _origin, ...content } = frame.content ?? {};
+    const key = `${frame.from}|${frame.call_id}|${frame.event_type}|${JSON.stringify(content)}`;
+    if (this.seenSignals.has(key)) return;
+    this.seenSignals.add(key);
+    if (this.seenSignals.size > SEEN_SIGNALS) this.seenSignals.delete(this.seenSignals.values().next().value);
+    let peer;
+    try {
+      peer = this.peer(address);
+    } catch {
+      return;
+    }
+    if (peer.address !== address && peer.address.toLowerCase() === peer.address) peer.address = address;
+    const link = peer.link?.callId === frame.call_id ? peer.link : null;
+    switch (frame.event_type) {
+      case 'm.call.invite':
+        if (!this.firstSyncDone || !this.ready) {
+          if (this.heldInvites.length < 64) this.heldInvites.push(frame);
+          return;
+        }
+        this.answer(peer, frame, content);
+        break;
+      case 'm.call.answer':
+        if (link?.caller && !link.described) this.onAnswer(peer, link, content);
+        break;
+      case 'm.call.candidates':
+        if (link) this.onCandidates(link, content.candidates);
+        break;
+      case 'm.call.select_answer':
+        if (link && !link.caller && content.selected_party_id !== this.partyId) this.linkLost(peer, link, 'another device answered');
+        break;
+      case 'm.call.hangup':
+      case 'm.call.reject':
+        if (link) this.linkLost(peer, link, 'peer hung up');
+        break;
+      default:
+        break;
+    }
+  }
+
+  async onAnswer(peer, link, content) {
+    const sdp = content.answer?.sdp;
+    if (typeof sdp !== 'string') return;
+    try {
+      await link.pc.setRemoteDescription({ type: 'answer', sdp });
+      link.described = true;
+      link.remoteParty = content.party_id ?? 'legacy';
+      for (const candidate of link.early.splice(0)) await link.pc.addIceCandidate(candidate).catch(() => {});
+      if (link.remoteParty !== RAIDEN_PARTY) this.signal(peer, link, 'm.call.select_answer', { selected_party_id: link.remoteParty });
+    } catch (error) {
+      console.debug('switchboard: answer not usable', error.message);
+      this.linkLost(peer, link, 'answer not usable');
+    }
+  }
+
+  onCandidates(link, candidates) {
+    if (!Array.isArray(candidates)) return;
+    for (const c of candidates) {
+      if (typeof c?.candidate !== 'string' || c.candidate === '') continue;
+      const init = { candidate: c.candidate, sdpMid: typeof c.sdpMid === 'string' ? c.sdpMid : '0', sdpMLineIndex: Number.isInteger(c.sdpMLineIndex) ? c.sdpMLineIndex : 0 };
+      if (link.described) link.pc.addIceCandidate(init).catch(() => {});
+      else if (link.early.length < 256) link.early.push(init);
+    }
+  }
+
+  async answer(peer, frame, content) {
+    const sdp = content.offer?.sdp;
+    if (typeof sdp !== 'string' || !this.iceServers) return;
+    const ours = peer.link;
+    if (ours) {
+      if (ours.callId === frame.call_id) return;
+      // Glare: the broker keeps the lower call id; a newer invite replaces an open channel.
+      if (ours.caller && !ours.open && ours.callId < frame.call_id) return;
+      this.linkLost(peer, ours, 'replaced by a new call');
+    }
+    const link = this.newLink(peer, frame.call_id, false, frame.from);
+    link.pc.ondatachannel = (event) => {
+      if (event.channel.label === CHANNEL_LABEL && !link.dc) this.attachChannel(peer, link, event.channel);
+    };
+    try {
+      await link.pc.setRemoteDescription({ type: 'offer', sdp });
+      link.described = true;
+      link.remoteParty = content.party_id ?? 'legacy';
+      const answer = await link.pc.createAnswer();
+      await link.pc.setLocalDescription(answer);
+      if (peer.link !== link) return;
+      this.signal(peer, link, 'm.call.answer', { answer: { type: 'answer', sdp: answer.sdp } });
+      link.started = true;
+      for (const candidate of link.early.splice(0)) await link.pc.addIceCandidate(candidate).catch(() => {});
+      this.flushCandidates(peer, link);
+    } catch (error) {
+      console.debug('switchboard: invite not answered', error.message);
+      this.linkLost(peer, link, 'invite not usable');
+    }
+  }
+
+  linkLost(peer, link, reason) {
+    if (peer.link !== link) return;
+    peer.link = null;
+    try {
+      link.dc?.close();
+      link.pc.close();
+    } catch {
+      // already closed
+    }
+    if (link.open) peer.reliable.onChannelLost();
+    if (link.up) this.emit('channeldown', { address: peer.address, reason });
+    if (peer.want && !this.stopped) {
+      peer.upgradeWait = backoff(link.up ? null : peer.upgradeWait, this.options.upgradeBackoff);
+      peer.callAt = performance.now() + peer.upgradeWait;
+    }
+    this.pump(peer);
+  }
+}
+
+/** "relay" when the selected candidate pair goes through TURN on either side, else "direct". */
+async function pathOf(pc) {
+  try {
+    const stats = await pc.getStats();
+    let pairId = null;
+    stats.forEach((report) => {
+      if (report.type === 'transport' && report.selectedCandidatePairId) pairId = report.selectedCandidatePairId;
+    });
+    let pair = pairId ? stats.get(pairId) : null;
+    if (!pair) {
+      stats.forEach((report) => {
+        if (report.type === 'candidate-pair' && report.state === 'succeeded' && report.nominated) pair = report;
+      });
+    }
+    if (!pair) return 'relay';
+    const local = stats.get(pair.localCandidateId);
+    const remote = stats.get(pair.remoteCandidateId);
+    return local?.candidateType === 'relay' || remote?.candidateType === 'relay' ? 'relay' : 'direct';
+  } catch {
+    return 'relay';
+  }
+}
