@@ -165,7 +165,10 @@ impl Browser {
             while let Ok(Some(line)) = reader.next_line().await {
                 let value: Value =
                     serde_json::from_str(&line).unwrap_or_else(|_| json!({"ev": "raw", "line": line}));
-                if matches!(value["ev"].as_str(), Some("pageerror" | "console" | "failed" | "raw")) {
+                if matches!(value["ev"].as_str(), Some("pageerror" | "failed" | "raw"))
+                    || (value["ev"] == "console"
+                        && matches!(value["type"].as_str(), Some("error" | "warning")))
+                {
                     eprintln!("browser: {line}");
                 }
                 tx.send_modify(|lines| lines.push(value));
@@ -362,6 +365,11 @@ async fn interop(opener: Opener, screenshot: Option<&FsPath>) {
     assert_rust_got(&seen.borrow(), total);
     assert_browser_got(&browser, total);
     assert_eq!(seen.borrow().ups, [Path::Relay, Path::Relay]);
+    let console = browser.events("console");
+    assert!(
+        console.iter().all(|line| !line.to_string().contains(&bob.user.access_token)),
+        "no token in the page's console"
+    );
     eprintln!("scenario: {:?}", started.elapsed());
     browser.quit().await;
     rust.shutdown().await;
@@ -377,6 +385,26 @@ fn send_range(client: &Client, to: &str, range: std::ops::Range<usize>) -> tokio
             client.send(&to, rust_message(i)).await.unwrap_or_else(|error| panic!("send {i}: {error}"));
         }
     })
+}
+
+/// The delivery layer's own tests (clients/browser/switchboard.test.mjs: the byte examples of
+/// docs/protocol.md, and two peers over a simulated network that reorders, fails and cuts, over
+/// 200 seeds), run with Node's test runner.
+#[tokio::test]
+async fn delivery_layer_unit_tests_pass_under_node() {
+    if std::process::Command::new("node").arg("--version").output().is_err() {
+        return common::skip("no node");
+    }
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new("node").arg("--test").arg(common::repo_root().join("clients/browser/")).output(),
+    )
+    .await
+    .expect("node --test in time")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("# pass 6") && stdout.contains("# fail 0"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
