@@ -404,7 +404,7 @@ async fn delivery_layer_unit_tests_pass_under_node() {
     .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("# pass 6") && stdout.contains("# fail 0"), "{stdout}");
+    assert!(stdout.contains("# pass 8") && stdout.contains("# fail 0"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

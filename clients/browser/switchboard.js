@@ -222,10 +222,21 @@ export function lineText(payload) {
     text = null;
   }
   if (text !== null && !text.includes('\n')) {
-    const escaped = JSON.stringify(text).length - 2;
-    if (escaped <= 2 * payload.length || escaped <= b64Len) return { text, b64: false, size: escaped };
+    const escaped = escapedLen(payload);
+    if (escaped <= 2 * payload.length) return { text, b64: false, size: escaped };
   }
   return { text: toBase64(payload), b64: true, size: b64Len };
+}
+
+/** Bytes of UTF-8 `payload` inside a JSON string (as the Rust client counts them). */
+function escapedLen(payload) {
+  let len = 0;
+  for (const b of payload) {
+    if (b === 0x22 || b === 0x5c || b === 0x0a || b === 0x0d || b === 0x09 || b === 0x08 || b === 0x0c) len += 2;
+    else if (b < 0x20) len += 6;
+    else len += 1;
+  }
+  return len;
 }
 
 /** The `m.room.message` content of a batch `{stream, seq, base, lines: [{more, payload}], ack?}`. */
@@ -1407,8 +1418,11 @@ export class SwitchboardClient extends EventTarget {
     link.up = true;
     peer.channelsUp += 1;
     peer.upgradeWait = null;
-    link.path = await pathOf(link.pc);
-    if (peer.link === link) this.emit('channelup', { address: peer.address, path: link.path });
+    // Unknown only if the stats have no selected pair yet; relay-only ICE has no other path.
+    link.path = (await pathOf(link.pc)) ?? (this.options.relayOnly ? 'relay' : 'direct');
+    if (peer.link !== link) return;
+    link.announced = true;
+    this.emit('channelup', { address: peer.address, path: link.path });
   }
 
   // --- Switchboard's WebSocket -------------------------------------------------------------
@@ -1528,7 +1542,7 @@ export class SwitchboardClient extends EventTarget {
       iceServers: servers,
       iceTransportPolicy: this.options.relayOnly ? 'relay' : 'all',
     });
-    const link = { pc, dc: null, callId, caller, to, open: false, up: false, path: null, described: false, early: [], candidates: [], started: false, flushing: false, remoteParty: null };
+    const link = { pc, dc: null, callId, caller, to, open: false, up: false, announced: false, path: null, described: false, early: [], candidates: [], started: false, flushing: false, remoteParty: null };
     pc.onicecandidate = (event) => {
       link.candidates.push(event.candidate);
       this.flushCandidates(peer, link);
@@ -1707,7 +1721,7 @@ export class SwitchboardClient extends EventTarget {
       // already closed
     }
     if (link.open) peer.reliable.onChannelLost();
-    if (link.up) this.emit('channeldown', { address: peer.address, reason });
+    if (link.announced) this.emit('channeldown', { address: peer.address, reason });
     if (peer.want && !this.stopped) {
       peer.upgradeWait = backoff(link.up ? null : peer.upgradeWait, this.options.upgradeBackoff);
       peer.callAt = performance.now() + peer.upgradeWait;
@@ -1730,11 +1744,11 @@ async function pathOf(pc) {
         if (report.type === 'candidate-pair' && report.state === 'succeeded' && report.nominated) pair = report;
       });
     }
-    if (!pair) return 'relay';
+    if (!pair) return null;
     const local = stats.get(pair.localCandidateId);
     const remote = stats.get(pair.remoteCandidateId);
     return local?.candidateType === 'relay' || remote?.candidateType === 'relay' ? 'relay' : 'direct';
   } catch {
-    return 'relay';
+    return null;
   }
 }

@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   ReliablePeer, encodeFrame, decodeFrame, joinFrames, splitFrames, encodeBatch, decodeContent,
-  ProtocolError, FRAGMENT_SIZE, BATCH_LIMIT,
+  ProtocolError, FRAGMENT_SIZE, BATCH_LIMIT, lineText, discoverSwitchboard,
 } from './switchboard.js';
 
 const hex = (bytes) => Buffer.from(bytes).toString('hex');
@@ -67,6 +67,24 @@ test('Matrix content: the example of docs/protocol.md, base64 lines, bad content
     assert.throws(() => decodeContent({ ...content, 'org.switchboard.stream': bad }), ProtocolError);
   }
   assert.throws(() => decodeContent({ ...content, body: 'a\nb\n!!!' }), ProtocolError, 'bad base64');
+});
+
+test('lines are base64 when not UTF-8, with a newline, or more than doubled by escaping', () => {
+  assert.deepEqual(lineText(text('{"a":"é"}')), { text: '{"a":"é"}', b64: false, size: 14 });
+  assert.equal(lineText(text('a\nb')).b64, true);
+  assert.equal(lineText(Uint8Array.of(0xff)).b64, true);
+  assert.equal(lineText(Uint8Array.of(1, 2, 3)).b64, true, 'control characters: 6 bytes each escaped');
+  assert.deepEqual(lineText(new Uint8Array(0)), { text: '', b64: false, size: 0 });
+});
+
+test('the well-known names Switchboard, or nothing; a malformed key is an error', async () => {
+  const answer = (status, body) => async () => ({ ok: status === 200, json: async () => body });
+  const key = 'org.switchboard.client';
+  assert.equal(await discoverSwitchboard('https://hs', answer(200, { [key]: { base_url: 'https://sb/' } })), 'https://sb');
+  assert.equal(await discoverSwitchboard('https://hs', answer(200, { 'm.homeserver': {} })), null);
+  assert.equal(await discoverSwitchboard('https://hs', answer(404, {})), null);
+  assert.equal(await discoverSwitchboard('https://hs', async () => { throw new TypeError('down'); }), null);
+  await assert.rejects(discoverSwitchboard('https://hs', answer(200, { [key]: { base_url: 7 } })));
 });
 
 test('a full replay buffer refuses (backpressure) until an ack releases', () => {
