@@ -19,7 +19,7 @@ const CAPS: &str = "webRTC=1&toDevice=1&switchboard=1";
 /// How long any one step may take.
 const STEP: Duration = Duration::from_secs(60);
 /// Messages each way in the first data channel phase.
-const COUNT: usize = 120;
+const COUNT: usize = 400;
 /// Messages each way sent across the cut.
 const ACROSS_CUT: usize = 60;
 /// Messages each way over the channel that comes up again.
@@ -324,23 +324,39 @@ async fn interop(opener: Opener, screenshot: Option<&FsPath>) {
     }
 
     // The cut, mid-stream: the side that did not open drops the channel.
-    let sending = send_range(&rust, &bob.address, COUNT..COUNT + ACROSS_CUT);
+    let matrix_before = rust.stats(&bob.address).await.unwrap().unwrap().matrix_lines;
+    let half = COUNT + ACROSS_CUT / 2;
+    let sending = send_range(&rust, &bob.address, COUNT..half);
     match opener {
         Opener::Rust => {
             browser.run(json!({"cmd": "reset", "address": alice.address})).await;
         }
         Opener::Browser => rust.reset_channel(&bob.address).await.unwrap(),
     }
-    browser.run(json!({"cmd": "send", "address": alice.address, "from": COUNT, "count": ACROSS_CUT})).await;
+    browser.run(json!({"cmd": "send", "address": alice.address, "from": COUNT, "count": half - COUNT})).await;
     sending.await.unwrap();
     wait(&mut seen, "the Rust side's channel down", |seen| !seen.downs.is_empty()).await;
     browser.until("the browser's channel down", |ev| ev["ev"] == "channeldown").await;
+    // With the channel down (the opener waits its backoff before calling again): Matrix.
+    let sending = send_range(&rust, &bob.address, half..COUNT + ACROSS_CUT);
+    let count = COUNT + ACROSS_CUT - half;
+    browser.run(json!({"cmd": "send", "address": alice.address, "from": half, "count": count})).await;
+    sending.await.unwrap();
     let total = COUNT + ACROSS_CUT;
     wait(&mut seen, "the messages across the cut", |seen| seen.messages.len() >= total).await;
     wait(&mut browser.lines, "the messages across the cut in the browser", |lines| {
         lines.iter().filter(|ev| ev["ev"] == "message").count() >= total
     })
     .await;
+
+    let carried = rust.stats(&bob.address).await.unwrap().unwrap().matrix_lines - matrix_before;
+    eprintln!("across the cut: {carried} of the Rust side's fragments went through Matrix");
+    assert!(carried > 0, "Matrix carried messages while the channel was down");
+    eprintln!(
+        "channel down: rust {:?}, browser {}",
+        seen.borrow().downs,
+        browser.events("channeldown")[0]["reason"]
+    );
 
     // The opener calls again; more messages over the new channel.
     wait(&mut seen, "the Rust side's channel up again", |seen| seen.ups.len() >= 2).await;
