@@ -1594,7 +1594,7 @@ export class SwitchboardClient extends EventTarget {
   }
 
   async call(peer) {
-    if (!this.ready || !this.firstSyncDone || !this.iceServers) return;
+    if (!this.ready || !this.firstSyncDone || (this.options.relayOnly && !this.iceServers)) return;
     peer.callAt = null;
     peer.calls += 1;
     const link = this.newLink(peer, randomId(), true, peer.address);
@@ -1682,7 +1682,7 @@ export class SwitchboardClient extends EventTarget {
 
   async answer(peer, frame, content) {
     const sdp = content.offer?.sdp;
-    if (typeof sdp !== 'string' || !this.iceServers) return;
+    if (typeof sdp !== 'string' || (this.options.relayOnly && !this.iceServers)) return;
     const ours = peer.link;
     if (ours) {
       if (ours.callId === frame.call_id) return;
