@@ -122,7 +122,7 @@ async fn wait<T>(rx: &mut watch::Receiver<T>, what: &str, done: impl FnMut(&T) -
 }
 
 /// Where playwright-core is, or why the browser tests cannot run here.
-fn browser_tools() -> Result<(), String> {
+fn browser_tools() -> Result<PathBuf, String> {
     let modules = std::env::var_os("SWITCHBOARD_TEST_BROWSER_MODULES")
         .map_or_else(|| common::repo_root().join("tests/browser/node_modules"), PathBuf::from);
     if !FsPath::new("/usr/bin/chromium").exists() {
@@ -134,7 +134,7 @@ fn browser_tools() -> Result<(), String> {
     if std::process::Command::new("node").arg("--version").output().is_err() {
         return Err("no node".to_owned());
     }
-    Ok(())
+    Ok(modules)
 }
 
 /// The browser: drive.mjs, its commands on stdin and its JSON lines on stdout.
@@ -146,12 +146,13 @@ struct Browser {
 }
 
 impl Browser {
-    async fn launch(page: &str) -> Browser {
+    async fn launch(page: &str, modules: &FsPath) -> Browser {
         let profile = tempfile::tempdir().unwrap();
         let mut child = Command::new("node")
             .arg(common::repo_root().join("tests/browser/drive.mjs"))
             .arg(page)
             .arg(profile.path())
+            .env("SWITCHBOARD_TEST_BROWSER_MODULES", modules)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -243,9 +244,10 @@ enum Opener {
 /// calls again and more messages cross the new channel. Returns the browser (for a screenshot).
 #[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 async fn interop(opener: Opener, screenshot: Option<&FsPath>) {
-    if let Err(why) = browser_tools() {
-        return common::skip(&why);
-    }
+    let modules = match browser_tools() {
+        Ok(modules) => modules,
+        Err(why) => return common::skip(&why),
+    };
     let dir = tempfile::tempdir().unwrap();
     let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
         return;
@@ -261,7 +263,8 @@ async fn interop(opener: Opener, screenshot: Option<&FsPath>) {
     let mut seen = log(events);
     wait(&mut seen, "the Rust client on Switchboard", |seen| seen.switchboard == [true]).await;
 
-    let mut browser = Browser::launch(&format!("{switchboard}/_switchboard/client/v1/demo.html")).await;
+    let mut browser =
+        Browser::launch(&format!("{switchboard}/_switchboard/client/v1/demo.html"), &modules).await;
     let options = json!({
         "homeserver": synapse.base_url, "accessToken": bob.user.access_token,
         "switchboard": switchboard, "relayOnly": true,

@@ -9,7 +9,13 @@
 // {"cmd":"reset","address"}, {"cmd":"stats","address"}, {"cmd":"screenshot","path"}, {"cmd":"quit"}.
 // Each is answered {"ev":"done","cmd",…} or {"ev":"failed","cmd","error"}.
 import { createInterface } from 'node:readline';
-import { chromium } from 'playwright-core';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+
+// playwright-core from SWITCHBOARD_TEST_BROWSER_MODULES (tests/browser-tools prints it), else the
+// node_modules next to this script.
+const modules = process.env.SWITCHBOARD_TEST_BROWSER_MODULES ?? join(import.meta.dirname, 'node_modules');
+const { chromium } = await import(pathToFileURL(join(modules, 'playwright-core', 'index.mjs')).href);
 
 const [pageUrl, userDataDir] = process.argv.slice(2);
 const out = (object) => process.stdout.write(`${JSON.stringify(object)}\n`);
