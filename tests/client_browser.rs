@@ -214,10 +214,15 @@ impl Browser {
 
 /// Every message from the Rust side reached the browser once, in order, intact: `r0`… `r<count-1>`.
 fn assert_browser_got(browser: &Browser, count: usize) {
+    assert_browser_got_from(browser, count, rust_message);
+}
+
+/// Every message `from(i)` reached the browser once, in order, intact.
+fn assert_browser_got_from(browser: &Browser, count: usize, from: fn(usize) -> Bytes) {
     let got = browser.events("message");
     assert_eq!(got.len(), count, "messages in the browser");
     for (i, message) in got.iter().enumerate() {
-        let expected = rust_message(i);
+        let expected = from(i);
         assert_eq!(message["len"], expected.len(), "message {i}: {message}");
         assert_eq!(message["sum"], checksum(&expected), "message {i} intact and in order: {message}");
     }
@@ -435,4 +440,54 @@ async fn rust_opens_to_the_browser_through_the_relay_and_survives_a_cut() {
 async fn browser_opens_to_rust_through_the_relay_and_survives_a_cut() {
     let screenshot = common::repo_root().join("docs/browser-demo.png");
     interop(Opener::Browser, Some(&screenshot)).await;
+}
+
+/// Two browsers (two Chromium processes, the module against itself): one opens, the channel comes
+/// up through the relay on both sides, and 100 messages each way arrive once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_upgrade_through_the_relay_and_exchange_messages_in_order() {
+    let modules = match browser_tools() {
+        Ok(modules) => modules,
+        Err(why) => return common::skip(&why),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
+        return;
+    };
+    let switchboard = format!("http://{}", running.client);
+    let page = format!("{switchboard}/_switchboard/client/v1/demo.html");
+    let alice = synapse.register_raiden(CAPS).await;
+    let bob = synapse.register_raiden(CAPS).await;
+    let mut a = Browser::launch(&page, &modules).await;
+    let mut b = Browser::launch(&page, &modules).await;
+    for (browser, user, peer) in [(&mut a, &alice, &bob), (&mut b, &bob, &alice)] {
+        let options = json!({
+            "homeserver": synapse.base_url, "accessToken": user.user.access_token,
+            "switchboard": switchboard, "relayOnly": true,
+        });
+        browser.run(json!({"cmd": "start", "options": options, "watch": [peer.address]})).await;
+        browser.until("on Switchboard", |ev| ev["ev"] == "switchboard" && ev["connected"] == true).await;
+    }
+    a.run(json!({"cmd": "open", "address": bob.address})).await;
+    a.until("alice's channel up", |ev| ev["ev"] == "channelup").await;
+    b.until("bob's channel up", |ev| ev["ev"] == "channelup").await;
+    assert_eq!(a.events("channelup")[0]["path"], "relay");
+    assert_eq!(b.events("channelup")[0]["path"], "relay");
+    a.run(json!({"cmd": "send", "address": bob.address, "from": 0, "count": 100})).await;
+    b.run(json!({"cmd": "send", "address": alice.address, "from": 0, "count": 100})).await;
+    for browser in [&mut a, &mut b] {
+        wait(&mut browser.lines, "100 messages", |lines| {
+            lines.iter().filter(|ev| ev["ev"] == "message").count() >= 100
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(6000)).await; // a second PING/PONG round
+    let stats = a.run(json!({"cmd": "stats", "address": bob.address})).await;
+    eprintln!("alice's stats: {}", stats["stats"]);
+    assert_eq!(stats["stats"]["dcState"], "alive");
+    assert_browser_got_from(&a, 100, browser_message);
+    assert_browser_got_from(&b, 100, browser_message);
+    a.quit().await;
+    b.quit().await;
+    running.stop().await.unwrap();
 }
