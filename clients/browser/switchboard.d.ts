@@ -136,14 +136,16 @@ export class SwitchboardClient extends EventTarget {
   shutdown(): Promise<void>;
   addEventListener<K extends keyof ClientEventMap>(
     type: K,
-    listener: (event: ClientEventMap[K]) => void,
+    listener: (this: SwitchboardClient, event: ClientEventMap[K]) => void,
     options?: boolean | AddEventListenerOptions,
   ): void;
+  addEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | AddEventListenerOptions): void;
   removeEventListener<K extends keyof ClientEventMap>(
     type: K,
-    listener: (event: ClientEventMap[K]) => void,
+    listener: (this: SwitchboardClient, event: ClientEventMap[K]) => void,
     options?: boolean | EventListenerOptions,
   ): void;
+  removeEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | EventListenerOptions): void;
 }
 
 /** Checks the token (whoami), starts /sync and connects to Switchboard in the background. */
