@@ -481,7 +481,7 @@ async fn two_browsers_upgrade_through_the_relay_and_exchange_messages_in_order()
         })
         .await;
     }
-    tokio::time::sleep(Duration::from_millis(6000)).await; // a second PING/PONG round
+    tokio::time::sleep(Duration::from_secs(6)).await; // a second PING/PONG round
     let stats = a.run(json!({"cmd": "stats", "address": bob.address})).await;
     eprintln!("alice's stats: {}", stats["stats"]);
     assert_eq!(stats["stats"]["dcState"], "alive");
