@@ -995,6 +995,8 @@ const API_VERSION = '1';
 const RAIDEN_PARTY = 'raiden';
 const SEEN_SIGNALS = 1024;
 const CANDIDATES_PER_SIGNAL = 8;
+/** A call whose channel is not open this long after it started is given up (and retried), as the Rust client does. */
+const CALL_TIMEOUT = 30_000;
 /** Frames taken from the delivery layer per pump, at most (bytes). */
 const DC_POLL_BYTES = 256 * 1024;
 /** Bytes queued in the data channel above which the pump leaves frames in the delivery layer. */
@@ -1305,7 +1307,9 @@ export class SwitchboardClient extends EventTarget {
         this.firstSyncDone = true;
         const held = this.heldInvites;
         this.heldInvites = [];
+        this.replaying = true;
         for (const frame of held) this.handleSignal(frame);
+        this.replaying = false;
       }
     }
   }
@@ -1373,6 +1377,10 @@ export class SwitchboardClient extends EventTarget {
       waiter.resolve();
     }
     const link = peer.link;
+    if (link && !link.open && now >= link.createdAt + CALL_TIMEOUT) {
+      this.linkLost(peer, link, 'no channel in time');
+      return;
+    }
     const state = reliable.dcState(now);
     if (link?.open) {
       if (state === 'dead') {
@@ -1542,7 +1550,7 @@ export class SwitchboardClient extends EventTarget {
       iceServers: servers,
       iceTransportPolicy: this.options.relayOnly ? 'relay' : 'all',
     });
-    const link = { pc, dc: null, callId, caller, to, open: false, up: false, announced: false, path: null, described: false, early: [], candidates: [], started: false, flushing: false, remoteParty: null };
+    const link = { pc, dc: null, callId, caller, to, createdAt: performance.now(), open: false, up: false, announced: false, path: null, described: false, early: [], candidates: [], started: false, flushing: false, remoteParty: null };
     pc.onicecandidate = (event) => {
       link.candidates.push(event.candidate);
       this.flushCandidates(peer, link);
@@ -1618,7 +1626,7 @@ export class SwitchboardClient extends EventTarget {
     if (!isAddress(address)) return;
     const { 'org.switchboard.origin': _origin, ...content } = frame.content ?? {};
     const key = `${frame.from}|${frame.call_id}|${frame.event_type}|${JSON.stringify(content)}`;
-    if (this.seenSignals.has(key)) return;
+    if (this.seenSignals.has(key) && !this.replaying) return;
     this.seenSignals.add(key);
     if (this.seenSignals.size > SEEN_SIGNALS) this.seenSignals.delete(this.seenSignals.values().next().value);
     let peer;
@@ -1628,13 +1636,15 @@ export class SwitchboardClient extends EventTarget {
       return;
     }
     if (peer.address !== address && peer.address.toLowerCase() === peer.address) peer.address = address;
+    // Until the first /sync is handled, an invite waits, and so do the signals of its call that
+    // follow it (its candidates): all are handled in order afterwards.
+    if (!this.firstSyncDone && (frame.event_type === 'm.call.invite' || this.heldInvites.some((held) => held.call_id === frame.call_id))) {
+      if (this.heldInvites.length < 64) this.heldInvites.push(frame);
+      return;
+    }
     const link = peer.link?.callId === frame.call_id ? peer.link : null;
     switch (frame.event_type) {
       case 'm.call.invite':
-        if (!this.firstSyncDone || !this.ready) {
-          if (this.heldInvites.length < 64) this.heldInvites.push(frame);
-          return;
-        }
         this.answer(peer, frame, content);
         break;
       case 'm.call.answer':
