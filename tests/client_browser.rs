@@ -166,10 +166,8 @@ impl Browser {
             while let Ok(Some(line)) = reader.next_line().await {
                 let value: Value =
                     serde_json::from_str(&line).unwrap_or_else(|_| json!({"ev": "raw", "line": line}));
-                if matches!(value["ev"].as_str(), Some("pageerror" | "failed" | "raw"))
-                    || (value["ev"] == "console"
-                        && matches!(value["type"].as_str(), Some("error" | "warning")))
-                {
+                // The page's errors and its own log lines (calls that ended, frames dropped).
+                if matches!(value["ev"].as_str(), Some("pageerror" | "failed" | "raw" | "console")) {
                     eprintln!("browser: {line}");
                 }
                 tx.send_modify(|lines| lines.push(value));
@@ -468,9 +466,11 @@ async fn two_browsers_upgrade_through_the_relay_and_exchange_messages_in_order()
         browser.run(json!({"cmd": "start", "options": options, "watch": [peer.address]})).await;
         browser.until("on Switchboard", |ev| ev["ev"] == "switchboard" && ev["connected"] == true).await;
     }
+    let upgrade = Instant::now();
     a.run(json!({"cmd": "open", "address": bob.address})).await;
     a.until("alice's channel up", |ev| ev["ev"] == "channelup").await;
     b.until("bob's channel up", |ev| ev["ev"] == "channelup").await;
+    eprintln!("upgrade: {:?}", upgrade.elapsed());
     assert_eq!(a.events("channelup")[0]["path"], "relay");
     assert_eq!(b.events("channelup")[0]["path"], "relay");
     a.run(json!({"cmd": "send", "address": bob.address, "from": 0, "count": 100})).await;

@@ -997,6 +997,8 @@ const SEEN_SIGNALS = 1024;
 const CANDIDATES_PER_SIGNAL = 8;
 /** A call whose channel is not open this long after it started is given up (and retried), as the Rust client does. */
 const CALL_TIMEOUT = 30_000;
+/** Answers to an invite that end its call (`glare` and `duplicate` do not: the broker's glare frame and the first invite decide). */
+const INVITE_FAILURES = new Set(['unknown_peer', 'undeliverable', 'refused', 'late', 'invalid']);
 /** Frames taken from the delivery layer per pump, at most (bytes). */
 const DC_POLL_BYTES = 256 * 1024;
 /** Bytes queued in the data channel above which the pump leaves frames in the delivery layer. */
@@ -1121,6 +1123,8 @@ export class SwitchboardClient extends EventTarget {
     this.peers = new Map();
     this.watched = new Map();
     this.seenSignals = new Set();
+    /** Frame id of an invite of ours → its call, until Switchboard answers the frame. */
+    this.invites = new Map();
     this.firstSyncDone = false;
     this.heldInvites = [];
     this.ws = null;
@@ -1501,10 +1505,10 @@ export class SwitchboardClient extends EventTarget {
   }
 
   sendFrame(frame) {
-    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return null;
     this.frameId += 1;
     this.ws.send(JSON.stringify({ id: this.frameId, ...frame }));
-    return true;
+    return this.frameId;
   }
 
   onFrame(frame) {
@@ -1530,6 +1534,10 @@ export class SwitchboardClient extends EventTarget {
         break;
       case 'error':
         console.debug('switchboard: error frame', frame.code, frame.message);
+        this.onInviteAnswer(frame);
+        break;
+      case 'delivered':
+        this.onInviteAnswer(frame);
         break;
       default:
         break;
@@ -1540,7 +1548,22 @@ export class SwitchboardClient extends EventTarget {
 
   signal(peer, link, eventType, fields) {
     const content = { call_id: link.callId, party_id: this.partyId, version: API_VERSION, ...fields };
-    this.sendFrame({ type: 'signal', to: link.to, call_id: link.callId, event_type: eventType, content });
+    const id = this.sendFrame({ type: 'signal', to: link.to, call_id: link.callId, event_type: eventType, content });
+    if (id !== null && eventType === 'm.call.invite') {
+      // Its answer (`delivered` or `error`) tells whether the call can go on.
+      this.invites.set(id, { peer, link });
+      if (this.invites.size > 256) this.invites.delete(this.invites.keys().next().value);
+    }
+  }
+
+  /** An invite of ours that Switchboard could not deliver ends its call at once (retried after the backoff). */
+  onInviteAnswer(frame) {
+    const invite = this.invites.get(frame.ref);
+    if (!invite) return;
+    this.invites.delete(frame.ref);
+    if (frame.type === 'error' && INVITE_FAILURES.has(frame.code)) {
+      this.linkLost(invite.peer, invite.link, `invite not delivered: ${frame.code}`);
+    }
   }
 
   newLink(peer, callId, caller, to) {
@@ -1724,6 +1747,7 @@ export class SwitchboardClient extends EventTarget {
   linkLost(peer, link, reason) {
     if (peer.link !== link) return;
     peer.link = null;
+    console.debug(`switchboard: call ${link.callId} to ${peer.address} ended: ${reason}`);
     try {
       link.dc?.close();
       link.pc.close();
