@@ -18,6 +18,7 @@
 //!   who is connected where.
 //! - [`clock`]: wall and monotonic time, passed in; a manual clock that tests step.
 //! - [`store`]: SQLite or PostgreSQL behind one type, with per-backend migrations.
+//! - [`browser`]: the browser client module (`clients/browser/`) served on the client listener.
 //! - [`ops`]: `/health`, `/ready`, `/metrics`.
 //! - [`http`], [`telemetry`]: Matrix error JSON, serving with limits, who calls the client API;
 //!   logs and metrics.
@@ -25,6 +26,7 @@
 //! [`run`] takes already-bound listeners and a shutdown token, so tests bind port 0 and call it.
 
 pub mod appservice;
+pub mod browser;
 pub mod calls;
 #[cfg(feature = "client")]
 pub mod client;
@@ -323,8 +325,10 @@ fn client_router(
             .merge(turn::api::router(Arc::new(turn_api)))
             .merge(signalling::api::router(signalling)),
     );
-    match http::cors(&config.client.cors_allowed_origins) {
+    let router = match http::cors(&config.client.cors_allowed_origins) {
         Some(cors) => router.layer(cors),
         None => router,
-    }
+    };
+    // The public files answer `Access-Control-Allow-Origin: *` themselves, outside the API's CORS.
+    browser::router().merge(router)
 }

@@ -1,0 +1,493 @@
+//! The browser client (`clients/browser/switchboard.js`): Switchboard serves it with caching and
+//! CORS headers, and a real Chromium (driven by playwright-core, `tests/browser/drive.mjs`) loads it
+//! from Switchboard's origin and talks to the Rust client through Matrix and the TURN relay.
+
+mod common;
+
+use std::path::{Path as FsPath, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use switchboard::client::{Client, ClientConfig, ClientEvent, ClientEvents, Path};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::watch;
+
+const CAPS: &str = "webRTC=1&toDevice=1&switchboard=1";
+/// How long any one step may take.
+const STEP: Duration = Duration::from_secs(60);
+/// Messages each way in the first data channel phase.
+const COUNT: usize = 400;
+/// Messages each way sent across the cut.
+const ACROSS_CUT: usize = 60;
+/// Messages each way over the channel that comes up again.
+const AFTER: usize = 40;
+
+const FILES: [(&str, &str); 3] = [
+    ("switchboard.js", "text/javascript; charset=utf-8"),
+    ("switchboard.d.ts", "application/typescript; charset=utf-8"),
+    ("demo.html", "text/html; charset=utf-8"),
+];
+
+#[tokio::test]
+async fn client_files_are_served_with_caching_and_cors_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(&common::sqlite_url(dir.path()), "http://127.0.0.1:9");
+    // The API's own CORS list must not narrow the public files' `*`.
+    config.client.cors_allowed_origins = vec!["https://app.example.org".to_owned()];
+    let running = common::start(config).await;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    for (name, content_type) in FILES {
+        let url = format!("http://{}/_switchboard/client/v1/{name}", running.client);
+        let first = client.get(&url).header("Origin", "https://other.example").send().await.unwrap();
+        assert_eq!(first.status(), 200, "{name}");
+        let headers = first.headers().clone();
+        assert_eq!(headers["content-type"], content_type, "{name}");
+        assert_eq!(headers["access-control-allow-origin"], "*", "{name}");
+        assert_eq!(headers["cache-control"], "public, max-age=300, must-revalidate", "{name}");
+        let etag = headers["etag"].to_str().unwrap().to_owned();
+        assert!(etag.starts_with('"') && etag.ends_with('"'), "{name}: a strong ETag {etag}");
+        let body = first.bytes().await.unwrap();
+        let on_disk = std::fs::read(common::repo_root().join("clients/browser").join(name)).unwrap();
+        assert_eq!(body.as_ref(), on_disk.as_slice(), "{name}: the embedded file");
+
+        let again = client.get(&url).header("If-None-Match", &etag).send().await.unwrap();
+        assert_eq!(again.status(), 304, "{name}");
+        assert_eq!(again.headers()["etag"], etag.as_str());
+        assert_eq!(again.headers()["access-control-allow-origin"], "*");
+        assert!(again.bytes().await.unwrap().is_empty(), "{name}: 304 has no body");
+
+        let listed =
+            client.get(&url).header("If-None-Match", format!("\"x\", W/{etag}")).send().await.unwrap();
+        assert_eq!(listed.status(), 304, "{name}: a tag in a list (weak comparison)");
+        let stale = client.get(&url).header("If-None-Match", "\"stale\"").send().await.unwrap();
+        assert_eq!(stale.status(), 200, "{name}: another tag gets the file");
+    }
+    let api = format!("http://{}/_switchboard/client/versions", running.client);
+    let api = client.get(&api).header("Origin", "https://other.example").send().await.unwrap();
+    assert!(api.headers().get("access-control-allow-origin").is_none(), "the API keeps its own CORS");
+    running.stop().await.unwrap();
+}
+
+/// Message `i` from the Rust side: `r<i>:` and 60 `y`; number 50 is 40,002 bytes of two-byte
+/// characters (three fragments).
+fn rust_message(i: usize) -> Bytes {
+    let body = if i == 50 { "é".repeat(20_000) } else { "y".repeat(60) };
+    Bytes::from(format!("r{i}:{body}"))
+}
+
+/// Message `i` from the browser (drive.mjs builds the same).
+fn browser_message(i: usize) -> Bytes {
+    let body = if i == 50 { "é".repeat(20_000) } else { "x".repeat(60) };
+    Bytes::from(format!("b{i}:{body}"))
+}
+
+/// drive.mjs's checksum of a message.
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(7u32, |acc, &b| acc.wrapping_mul(31).wrapping_add(u32::from(b))).into()
+}
+
+/// What the Rust client saw.
+#[derive(Default)]
+struct Seen {
+    messages: Vec<Bytes>,
+    ups: Vec<Path>,
+    downs: Vec<String>,
+    switchboard: Vec<bool>,
+}
+
+fn log(mut events: ClientEvents) -> watch::Receiver<Seen> {
+    let (tx, rx) = watch::channel(Seen::default());
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            tx.send_modify(|seen| match event {
+                ClientEvent::Message { bytes, .. } => seen.messages.push(bytes),
+                ClientEvent::ChannelUp { path, .. } => seen.ups.push(path),
+                ClientEvent::ChannelDown { reason, .. } => seen.downs.push(reason),
+                ClientEvent::Switchboard { connected } => seen.switchboard.push(connected),
+                _ => {}
+            });
+        }
+    });
+    rx
+}
+
+async fn wait<T>(rx: &mut watch::Receiver<T>, what: &str, done: impl FnMut(&T) -> bool) {
+    tokio::time::timeout(STEP, rx.wait_for(done))
+        .await
+        .unwrap_or_else(|_| panic!("{what} within {STEP:?}"))
+        .expect("the log ended");
+}
+
+/// Where playwright-core is, or why the browser tests cannot run here.
+fn browser_tools() -> Result<PathBuf, String> {
+    let modules = std::env::var_os("SWITCHBOARD_TEST_BROWSER_MODULES")
+        .map_or_else(|| common::repo_root().join("tests/browser/node_modules"), PathBuf::from);
+    if !FsPath::new("/usr/bin/chromium").exists() {
+        return Err("no /usr/bin/chromium (deploy/prerequisites --tests)".to_owned());
+    }
+    if !modules.join("playwright-core/package.json").exists() {
+        return Err(format!("no playwright-core in {} (tests/browser-tools)", modules.display()));
+    }
+    if std::process::Command::new("node").arg("--version").output().is_err() {
+        return Err("no node".to_owned());
+    }
+    Ok(modules)
+}
+
+/// The browser: drive.mjs, its commands on stdin and its JSON lines on stdout.
+struct Browser {
+    child: Child,
+    stdin: ChildStdin,
+    lines: watch::Receiver<Vec<Value>>,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn launch(page: &str, modules: &FsPath) -> Browser {
+        let profile = tempfile::tempdir().unwrap();
+        let mut child = Command::new("node")
+            .arg(common::repo_root().join("tests/browser/drive.mjs"))
+            .arg(page)
+            .arg(profile.path())
+            .env("SWITCHBOARD_TEST_BROWSER_MODULES", modules)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = watch::channel(Vec::new());
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let value: Value =
+                    serde_json::from_str(&line).unwrap_or_else(|_| json!({"ev": "raw", "line": line}));
+                // The page's errors and its own log lines (calls that ended, frames dropped).
+                if matches!(value["ev"].as_str(), Some("pageerror" | "failed" | "raw" | "console")) {
+                    eprintln!("browser: {line}");
+                }
+                tx.send_modify(|lines| lines.push(value));
+            }
+        });
+        let mut browser = Browser { child, stdin, lines, _profile: profile };
+        browser.until("the page loaded", |ev| ev["ev"] == "loaded").await;
+        browser
+    }
+
+    /// Runs a command and returns its answer.
+    async fn run(&mut self, command: Value) -> Value {
+        let name = command["cmd"].as_str().unwrap().to_owned();
+        let before = self.lines.borrow().len();
+        let mut line = command.to_string();
+        line.push('\n');
+        self.stdin.write_all(line.as_bytes()).await.unwrap();
+        let what = format!("the browser's {name}");
+        wait(&mut self.lines, &what, |lines| {
+            lines[before..].iter().any(|ev| ev["cmd"] == name.as_str() && ev["ev"] != "raw")
+        })
+        .await;
+        let answer =
+            self.lines.borrow()[before..].iter().find(|ev| ev["cmd"] == name.as_str()).cloned().unwrap();
+        assert_eq!(answer["ev"], "done", "{name}: {answer}");
+        answer
+    }
+
+    async fn until(&mut self, what: &str, mut check: impl FnMut(&Value) -> bool) {
+        wait(&mut self.lines, what, |lines| lines.iter().any(&mut check)).await;
+    }
+
+    fn events(&self, ev: &str) -> Vec<Value> {
+        self.lines.borrow().iter().filter(|line| line["ev"] == ev).cloned().collect()
+    }
+
+    async fn quit(mut self) {
+        let _ = self.stdin.write_all(b"{\"cmd\":\"quit\"}\n").await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+    }
+}
+
+/// Every message from the Rust side reached the browser once, in order, intact: `r0`… `r<count-1>`.
+fn assert_browser_got(browser: &Browser, count: usize) {
+    assert_browser_got_from(browser, count, rust_message);
+}
+
+/// Every message `from(i)` reached the browser once, in order, intact.
+fn assert_browser_got_from(browser: &Browser, count: usize, from: fn(usize) -> Bytes) {
+    let got = browser.events("message");
+    assert_eq!(got.len(), count, "messages in the browser");
+    for (i, message) in got.iter().enumerate() {
+        let expected = from(i);
+        assert_eq!(message["len"], expected.len(), "message {i}: {message}");
+        assert_eq!(message["sum"], checksum(&expected), "message {i} intact and in order: {message}");
+    }
+}
+
+/// Every message from the browser reached the Rust client once, in order, intact.
+fn assert_rust_got(seen: &Seen, count: usize) {
+    assert_eq!(seen.messages.len(), count, "messages in the Rust client");
+    for (i, bytes) in seen.messages.iter().enumerate() {
+        assert_eq!(*bytes, browser_message(i), "message {i} intact and in order");
+    }
+}
+
+/// Who calls in [`interop`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Opener {
+    Rust,
+    Browser,
+}
+
+/// The scenario: both on Switchboard; messages through Matrix before any channel; the opener
+/// calls, both sides see the channel up through the relay; messages both ways over it; the channel
+/// is cut mid-stream (by the side that did not open) and messages continue over Matrix; the opener
+/// calls again and more messages cross the new channel. Returns the browser (for a screenshot).
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
+async fn interop(opener: Opener, screenshot: Option<&FsPath>) {
+    let modules = match browser_tools() {
+        Ok(modules) => modules,
+        Err(why) => return common::skip(&why),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
+        return;
+    };
+    let started = Instant::now();
+    let alice = synapse.register_raiden(CAPS).await;
+    let bob = synapse.register_raiden(CAPS).await;
+    let switchboard = format!("http://{}", running.client);
+    let mut config = ClientConfig::new(synapse.base_url.parse().unwrap(), &alice.user.access_token);
+    config.switchboard = Some(switchboard.parse().unwrap());
+    config.relay_only = true;
+    let (rust, events) = Client::connect(config).await.unwrap();
+    let mut seen = log(events);
+    wait(&mut seen, "the Rust client on Switchboard", |seen| seen.switchboard == [true]).await;
+
+    let mut browser =
+        Browser::launch(&format!("{switchboard}/_switchboard/client/v1/demo.html"), &modules).await;
+    let options = json!({
+        "homeserver": synapse.base_url, "accessToken": bob.user.access_token,
+        "switchboard": switchboard, "relayOnly": true,
+        "upgradeBackoff": {"initial": 500, "max": 2000},
+    });
+    browser.run(json!({"cmd": "start", "options": options, "watch": [alice.address]})).await;
+    browser
+        .until("the browser on Switchboard", |ev| ev["ev"] == "switchboard" && ev["connected"] == true)
+        .await;
+    browser
+        .until("alice's presence", |ev| {
+            ev["ev"] == "presence"
+                && ev["address"].as_str().is_some_and(|a| a.eq_ignore_ascii_case(&alice.address))
+        })
+        .await;
+
+    // Through Matrix first: the delivery layer alone, before any channel.
+    for i in 0..10 {
+        rust.send(&bob.address, rust_message(i)).await.unwrap();
+    }
+    browser.run(json!({"cmd": "send", "address": alice.address, "from": 0, "count": 10})).await;
+    wait(&mut seen, "10 messages through Matrix", |seen| seen.messages.len() >= 10).await;
+    wait(&mut browser.lines, "10 messages in the browser", |lines| {
+        lines.iter().filter(|ev| ev["ev"] == "message").count() >= 10
+    })
+    .await;
+    assert!(seen.borrow().ups.is_empty(), "no channel yet");
+
+    // The upgrade.
+    let upgrade = Instant::now();
+    match opener {
+        Opener::Rust => rust.open(&bob.address).await.unwrap(),
+        Opener::Browser => {
+            browser.run(json!({"cmd": "open", "address": alice.address})).await;
+        }
+    }
+    wait(&mut seen, "the Rust side's channel up", |seen| !seen.ups.is_empty()).await;
+    browser.until("the browser's channel up", |ev| ev["ev"] == "channelup").await;
+    eprintln!("upgrade: {:?}", upgrade.elapsed());
+    assert_eq!(seen.borrow().ups, [Path::Relay], "relay-only ICE: through the TURN relay");
+    assert_eq!(browser.events("channelup")[0]["path"], "relay");
+
+    // Both ways over the channel.
+    let frames_before = rust.stats(&bob.address).await.unwrap().unwrap().dc_data_frames;
+    let sending = send_range(&rust, &bob.address, 10..COUNT);
+    browser.run(json!({"cmd": "send", "address": alice.address, "from": 10, "count": COUNT - 10})).await;
+    sending.await.unwrap();
+    wait(&mut seen, "the browser's messages", |seen| seen.messages.len() >= COUNT).await;
+    wait(&mut browser.lines, "the Rust side's messages", |lines| {
+        lines.iter().filter(|ev| ev["ev"] == "message").count() >= COUNT
+    })
+    .await;
+    let stats = rust.stats(&bob.address).await.unwrap().unwrap();
+    assert!(stats.dc_data_frames >= frames_before + (COUNT as u64) - 10, "over the channel: {stats:?}");
+    let rtt = browser.run(json!({"cmd": "stats", "address": alice.address})).await;
+    eprintln!("browser stats: {}", rtt["stats"]);
+    assert_eq!(rtt["stats"]["path"], "relay");
+    if let Some(path) = screenshot {
+        browser.run(json!({"cmd": "screenshot", "path": path})).await;
+    }
+
+    // The cut, mid-stream: the side that did not open drops the channel.
+    let matrix_before = rust.stats(&bob.address).await.unwrap().unwrap().matrix_lines;
+    let half = COUNT + ACROSS_CUT / 2;
+    let sending = send_range(&rust, &bob.address, COUNT..half);
+    match opener {
+        Opener::Rust => {
+            browser.run(json!({"cmd": "reset", "address": alice.address})).await;
+        }
+        Opener::Browser => rust.reset_channel(&bob.address).await.unwrap(),
+    }
+    browser.run(json!({"cmd": "send", "address": alice.address, "from": COUNT, "count": half - COUNT})).await;
+    sending.await.unwrap();
+    wait(&mut seen, "the Rust side's channel down", |seen| !seen.downs.is_empty()).await;
+    browser.until("the browser's channel down", |ev| ev["ev"] == "channeldown").await;
+    // With the channel down (the opener waits its backoff before calling again): Matrix.
+    let sending = send_range(&rust, &bob.address, half..COUNT + ACROSS_CUT);
+    let count = COUNT + ACROSS_CUT - half;
+    browser.run(json!({"cmd": "send", "address": alice.address, "from": half, "count": count})).await;
+    sending.await.unwrap();
+    let total = COUNT + ACROSS_CUT;
+    wait(&mut seen, "the messages across the cut", |seen| seen.messages.len() >= total).await;
+    wait(&mut browser.lines, "the messages across the cut in the browser", |lines| {
+        lines.iter().filter(|ev| ev["ev"] == "message").count() >= total
+    })
+    .await;
+
+    let carried = rust.stats(&bob.address).await.unwrap().unwrap().matrix_lines - matrix_before;
+    eprintln!("across the cut: {carried} of the Rust side's fragments went through Matrix");
+    assert!(carried > 0, "Matrix carried messages while the channel was down");
+    eprintln!(
+        "channel down: rust {:?}, browser {}",
+        seen.borrow().downs,
+        browser.events("channeldown")[0]["reason"]
+    );
+
+    // The opener calls again; more messages over the new channel.
+    wait(&mut seen, "the Rust side's channel up again", |seen| seen.ups.len() >= 2).await;
+    wait(&mut browser.lines, "the browser's channel up again", |lines| {
+        lines.iter().filter(|ev| ev["ev"] == "channelup").count() >= 2
+    })
+    .await;
+    let frames_before = rust.stats(&bob.address).await.unwrap().unwrap().dc_data_frames;
+    let sending = send_range(&rust, &bob.address, total..total + AFTER);
+    browser.run(json!({"cmd": "send", "address": alice.address, "from": total, "count": AFTER})).await;
+    sending.await.unwrap();
+    let total = total + AFTER;
+    wait(&mut seen, "the messages over the new channel", |seen| seen.messages.len() >= total).await;
+    wait(&mut browser.lines, "the messages over the new channel in the browser", |lines| {
+        lines.iter().filter(|ev| ev["ev"] == "message").count() >= total
+    })
+    .await;
+    let stats = rust.stats(&bob.address).await.unwrap().unwrap();
+    assert!(stats.dc_data_frames >= frames_before + AFTER as u64, "over the new channel: {stats:?}");
+    // Settle: nothing arrives twice late.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_rust_got(&seen.borrow(), total);
+    assert_browser_got(&browser, total);
+    assert_eq!(seen.borrow().ups, [Path::Relay, Path::Relay]);
+    let console = browser.events("console");
+    assert!(
+        console.iter().all(|line| !line.to_string().contains(&bob.user.access_token)),
+        "no token in the page's console"
+    );
+    eprintln!("scenario: {:?}", started.elapsed());
+    browser.quit().await;
+    rust.shutdown().await;
+    running.stop().await.unwrap();
+}
+
+/// Sends Rust messages `range` to `to`, in order, each awaited.
+fn send_range(client: &Client, to: &str, range: std::ops::Range<usize>) -> tokio::task::JoinHandle<()> {
+    let client = client.clone();
+    let to = to.to_owned();
+    tokio::spawn(async move {
+        for i in range {
+            client.send(&to, rust_message(i)).await.unwrap_or_else(|error| panic!("send {i}: {error}"));
+        }
+    })
+}
+
+/// The delivery layer's own tests (clients/browser/switchboard.test.mjs: the byte examples of
+/// docs/protocol.md, and two peers over a simulated network that reorders, fails and cuts, over
+/// 200 seeds), run with Node's test runner.
+#[tokio::test]
+async fn delivery_layer_unit_tests_pass_under_node() {
+    if std::process::Command::new("node").arg("--version").output().is_err() {
+        return common::skip("no node");
+    }
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        Command::new("node").arg("--test").arg(common::repo_root().join("clients/browser/")).output(),
+    )
+    .await
+    .expect("node --test in time")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("# pass 8") && stdout.contains("# fail 0"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_opens_to_the_browser_through_the_relay_and_survives_a_cut() {
+    interop(Opener::Rust, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_opens_to_rust_through_the_relay_and_survives_a_cut() {
+    let screenshot = common::repo_root().join("docs/browser-demo.png");
+    interop(Opener::Browser, Some(&screenshot)).await;
+}
+
+/// Two browsers (two Chromium processes, the module against itself): one opens, the channel comes
+/// up through the relay on both sides, and 100 messages each way arrive once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_upgrade_through_the_relay_and_exchange_messages_in_order() {
+    let modules = match browser_tools() {
+        Ok(modules) => modules,
+        Err(why) => return common::skip(&why),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
+        return;
+    };
+    let switchboard = format!("http://{}", running.client);
+    let page = format!("{switchboard}/_switchboard/client/v1/demo.html");
+    let alice = synapse.register_raiden(CAPS).await;
+    let bob = synapse.register_raiden(CAPS).await;
+    let mut a = Browser::launch(&page, &modules).await;
+    let mut b = Browser::launch(&page, &modules).await;
+    for (browser, user, peer) in [(&mut a, &alice, &bob), (&mut b, &bob, &alice)] {
+        let options = json!({
+            "homeserver": synapse.base_url, "accessToken": user.user.access_token,
+            "switchboard": switchboard, "relayOnly": true,
+        });
+        browser.run(json!({"cmd": "start", "options": options, "watch": [peer.address]})).await;
+        browser.until("on Switchboard", |ev| ev["ev"] == "switchboard" && ev["connected"] == true).await;
+    }
+    let upgrade = Instant::now();
+    a.run(json!({"cmd": "open", "address": bob.address})).await;
+    a.until("alice's channel up", |ev| ev["ev"] == "channelup").await;
+    b.until("bob's channel up", |ev| ev["ev"] == "channelup").await;
+    eprintln!("upgrade: {:?}", upgrade.elapsed());
+    assert_eq!(a.events("channelup")[0]["path"], "relay");
+    assert_eq!(b.events("channelup")[0]["path"], "relay");
+    a.run(json!({"cmd": "send", "address": bob.address, "from": 0, "count": 100})).await;
+    b.run(json!({"cmd": "send", "address": alice.address, "from": 0, "count": 100})).await;
+    for browser in [&mut a, &mut b] {
+        wait(&mut browser.lines, "100 messages", |lines| {
+            lines.iter().filter(|ev| ev["ev"] == "message").count() >= 100
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await; // a second PING/PONG round
+    let stats = a.run(json!({"cmd": "stats", "address": bob.address})).await;
+    eprintln!("alice's stats: {}", stats["stats"]);
+    assert_eq!(stats["stats"]["dcState"], "alive");
+    assert_browser_got_from(&a, 100, browser_message);
+    assert_browser_got_from(&b, 100, browser_message);
+    a.quit().await;
+    b.quit().await;
+    running.stop().await.unwrap();
+}
