@@ -436,8 +436,16 @@ async fn rust_opens_to_the_browser_through_the_relay_and_survives_a_cut() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_opens_to_rust_through_the_relay_and_survives_a_cut() {
-    let screenshot = common::repo_root().join("docs/browser-demo.png");
+    // The demo page with its live channel, as docs/browser-demo.png shows it: refreshed with
+    // `SWITCHBOARD_TEST_SCREENSHOT=docs/browser-demo.png cargo nextest run --test client_browser
+    // browser_opens` (a relative path is from the repository); by default into a temporary
+    // directory, so that a test run leaves the tree as it was.
+    let dir = tempfile::tempdir().unwrap();
+    let screenshot = std::env::var_os("SWITCHBOARD_TEST_SCREENSHOT")
+        .map_or_else(|| dir.path().join("demo.png"), |path| common::repo_root().join(path));
     interop(Opener::Browser, Some(&screenshot)).await;
+    let png = std::fs::read(&screenshot).expect("the screenshot was written");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
 }
 
 /// Two browsers (two Chromium processes, the module against itself): one opens, the channel comes
