@@ -4,15 +4,15 @@
 
 mod common;
 
-use std::path::{Path as FsPath, PathBuf};
-use std::process::Stdio;
+use common::browser::{Browser, browser_tools, checksum};
+
+use std::path::Path as FsPath;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::json;
 use switchboard::client::{Client, ClientConfig, ClientEvent, ClientEvents, Path};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::process::Command;
 use tokio::sync::watch;
 
 const CAPS: &str = "webRTC=1&toDevice=1&switchboard=1";
@@ -84,11 +84,6 @@ fn browser_message(i: usize) -> Bytes {
     Bytes::from(format!("b{i}:{body}"))
 }
 
-/// drive.mjs's checksum of a message.
-fn checksum(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(7u32, |acc, &b| acc.wrapping_mul(31).wrapping_add(u32::from(b))).into()
-}
-
 /// What the Rust client saw.
 #[derive(Default)]
 struct Seen {
@@ -119,95 +114,6 @@ async fn wait<T>(rx: &mut watch::Receiver<T>, what: &str, done: impl FnMut(&T) -
         .await
         .unwrap_or_else(|_| panic!("{what} within {STEP:?}"))
         .expect("the log ended");
-}
-
-/// Where playwright-core is, or why the browser tests cannot run here.
-fn browser_tools() -> Result<PathBuf, String> {
-    let modules = std::env::var_os("SWITCHBOARD_TEST_BROWSER_MODULES")
-        .map_or_else(|| common::repo_root().join("tests/browser/node_modules"), PathBuf::from);
-    if !FsPath::new("/usr/bin/chromium").exists() {
-        return Err("no /usr/bin/chromium (deploy/prerequisites --tests)".to_owned());
-    }
-    if !modules.join("playwright-core/package.json").exists() {
-        return Err(format!("no playwright-core in {} (tests/browser-tools)", modules.display()));
-    }
-    if std::process::Command::new("node").arg("--version").output().is_err() {
-        return Err("no node".to_owned());
-    }
-    Ok(modules)
-}
-
-/// The browser: drive.mjs, its commands on stdin and its JSON lines on stdout.
-struct Browser {
-    child: Child,
-    stdin: ChildStdin,
-    lines: watch::Receiver<Vec<Value>>,
-    _profile: tempfile::TempDir,
-}
-
-impl Browser {
-    async fn launch(page: &str, modules: &FsPath) -> Browser {
-        let profile = tempfile::tempdir().unwrap();
-        let mut child = Command::new("node")
-            .arg(common::repo_root().join("tests/browser/drive.mjs"))
-            .arg(page)
-            .arg(profile.path())
-            .env("SWITCHBOARD_TEST_BROWSER_MODULES", modules)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("node runs");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = watch::channel(Vec::new());
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                let value: Value =
-                    serde_json::from_str(&line).unwrap_or_else(|_| json!({"ev": "raw", "line": line}));
-                // The page's errors and its own log lines (calls that ended, frames dropped).
-                if matches!(value["ev"].as_str(), Some("pageerror" | "failed" | "raw" | "console")) {
-                    eprintln!("browser: {line}");
-                }
-                tx.send_modify(|lines| lines.push(value));
-            }
-        });
-        let mut browser = Browser { child, stdin, lines, _profile: profile };
-        browser.until("the page loaded", |ev| ev["ev"] == "loaded").await;
-        browser
-    }
-
-    /// Runs a command and returns its answer.
-    async fn run(&mut self, command: Value) -> Value {
-        let name = command["cmd"].as_str().unwrap().to_owned();
-        let before = self.lines.borrow().len();
-        let mut line = command.to_string();
-        line.push('\n');
-        self.stdin.write_all(line.as_bytes()).await.unwrap();
-        let what = format!("the browser's {name}");
-        wait(&mut self.lines, &what, |lines| {
-            lines[before..].iter().any(|ev| ev["cmd"] == name.as_str() && ev["ev"] != "raw")
-        })
-        .await;
-        let answer =
-            self.lines.borrow()[before..].iter().find(|ev| ev["cmd"] == name.as_str()).cloned().unwrap();
-        assert_eq!(answer["ev"], "done", "{name}: {answer}");
-        answer
-    }
-
-    async fn until(&mut self, what: &str, mut check: impl FnMut(&Value) -> bool) {
-        wait(&mut self.lines, what, |lines| lines.iter().any(&mut check)).await;
-    }
-
-    fn events(&self, ev: &str) -> Vec<Value> {
-        self.lines.borrow().iter().filter(|line| line["ev"] == ev).cloned().collect()
-    }
-
-    async fn quit(mut self) {
-        let _ = self.stdin.write_all(b"{\"cmd\":\"quit\"}\n").await;
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
-    }
 }
 
 /// Every message from the Rust side reached the browser once, in order, intact: `r0`… `r<count-1>`.
@@ -497,5 +403,67 @@ async fn two_browsers_upgrade_through_the_relay_and_exchange_messages_in_order()
     assert_browser_got_from(&b, 100, browser_message);
     a.quit().await;
     b.quit().await;
+    running.stop().await.unwrap();
+}
+
+/// The Rust client and the browser open at the same moment: the broker's glare rule keeps one call,
+/// and the pair ends with one channel, which carries messages both ways once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_and_the_browser_opening_at_once_end_with_one_channel() {
+    let modules = match browser_tools() {
+        Ok(modules) => modules,
+        Err(why) => return common::skip(&why),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
+        return;
+    };
+    let alice = synapse.register_raiden(CAPS).await;
+    let bob = synapse.register_raiden(CAPS).await;
+    let switchboard = format!("http://{}", running.client);
+    let mut config = ClientConfig::new(synapse.base_url.parse().unwrap(), &alice.user.access_token);
+    config.switchboard = Some(switchboard.parse().unwrap());
+    config.relay_only = true;
+    let (rust, events) = Client::connect(config).await.unwrap();
+    let mut seen = log(events);
+    wait(&mut seen, "the Rust client on Switchboard", |seen| seen.switchboard == [true]).await;
+    let mut browser =
+        Browser::launch(&format!("{switchboard}/_switchboard/client/v1/demo.html"), &modules).await;
+    let options = json!({
+        "homeserver": synapse.base_url, "accessToken": bob.user.access_token,
+        "switchboard": switchboard, "relayOnly": true,
+    });
+    browser.run(json!({"cmd": "start", "options": options, "watch": [alice.address]})).await;
+    browser
+        .until("the browser on Switchboard", |ev| ev["ev"] == "switchboard" && ev["connected"] == true)
+        .await;
+
+    let browser_opens = browser.run(json!({"cmd": "open", "address": alice.address}));
+    let (_, opened) = tokio::join!(browser_opens, rust.open(&bob.address));
+    opened.unwrap();
+    wait(&mut seen, "the Rust side's channel up", |seen| !seen.ups.is_empty()).await;
+    browser.until("the browser's channel up", |ev| ev["ev"] == "channelup").await;
+
+    let count = 100;
+    let sending = send_range(&rust, &bob.address, 0..count);
+    browser.run(json!({"cmd": "send", "address": alice.address, "from": 0, "count": count})).await;
+    sending.await.unwrap();
+    wait(&mut seen, "the browser's messages", |seen| seen.messages.len() >= count).await;
+    wait(&mut browser.lines, "the Rust side's messages", |lines| {
+        lines.iter().filter(|ev| ev["ev"] == "message").count() >= count
+    })
+    .await;
+    let (rust_ups, rust_downs) = (seen.borrow().ups.len(), seen.borrow().downs.len());
+    let (browser_ups, browser_downs) =
+        (browser.events("channelup").len(), browser.events("channeldown").len());
+    println!("rust: {rust_ups} up, {rust_downs} down; browser: {browser_ups} up, {browser_downs} down");
+    assert_eq!(rust_ups, rust_downs + 1, "rust: one channel up");
+    assert_eq!(browser_ups, browser_downs + 1, "browser: one channel up");
+    let stats = rust.stats(&bob.address).await.unwrap().unwrap();
+    assert!(stats.dc_data_frames >= count as u64, "the channel carried them: {stats:?}");
+    assert_rust_got(&seen.borrow(), count);
+    assert_browser_got(&browser, count);
+    browser.quit().await;
+    rust.shutdown().await;
     running.stop().await.unwrap();
 }

@@ -11,15 +11,13 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Stdio;
+use common::pypeer::{PyPeer, python};
+
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use bytes::Bytes;
 use switchboard::client::{Client, ClientConfig, ClientEvent, ClientEvents, Path};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::process::Command;
 use tokio::sync::watch;
 
 const CAPS: &str = "webRTC=1&toDevice=1&switchboard=1";
@@ -29,23 +27,6 @@ const STEP: Duration = Duration::from_secs(60);
 const COUNT: usize = 100;
 /// A binary message that takes three fragments.
 const BIG: usize = 40_000;
-
-/// The test venv's Python with the package and aiortc, or `None` (skipped, or failed when every
-/// piece is required).
-fn python() -> Option<PathBuf> {
-    let python = std::env::var_os("SWITCHBOARD_TEST_PYTHON")
-        .map_or_else(|| common::repo_root().join(".cache/test-venv/bin/python"), PathBuf::from);
-    let ok = std::process::Command::new(&python)
-        .args(["-c", "import switchboard_client, aiortc, aiohttp, pytest"])
-        .output()
-        .is_ok_and(|out| out.status.success());
-    if ok {
-        Some(python)
-    } else {
-        common::skip("no Python with switchboard_client and aiortc (run tests/python-tools)");
-        None
-    }
-}
 
 fn big_message() -> Vec<u8> {
     (0..BIG).map(|i| u8::try_from((i * 7 + 3) % 256).unwrap()).collect()
@@ -89,95 +70,6 @@ async fn python_package_tests_pass_against_the_real_stack() {
     assert!(summary.contains(" passed"), "{summary}");
     assert!(!summary.contains("skipped") && !summary.contains("failed"), "nothing skipped: {summary}");
     running.stop().await.unwrap();
-}
-
-/// What the Python client said so far (its JSON lines).
-#[derive(Default)]
-struct PySeen {
-    ready: bool,
-    switchboard: Vec<bool>,
-    ups: Vec<String>,
-    downs: usize,
-    messages: Vec<Vec<u8>>,
-    done: usize,
-}
-
-/// The Python client as a child process driven through stdin, its events in a watch channel.
-struct PyPeer {
-    child: Child,
-    stdin: ChildStdin,
-    seen: watch::Receiver<PySeen>,
-}
-
-impl PyPeer {
-    fn start(
-        python: &std::path::Path,
-        homeserver: &str,
-        switchboard: &str,
-        token_file: &std::path::Path,
-    ) -> Self {
-        let mut child = Command::new(python)
-            .arg(common::repo_root().join("clients/python/tests/driven_peer.py"))
-            .args([homeserver, switchboard])
-            .arg(token_file)
-            .arg("--relay-only")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (tx, seen) = watch::channel(PySeen::default());
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
-                tx.send_modify(|seen| match event["event"].as_str() {
-                    Some("ready") => seen.ready = true,
-                    Some("switchboard") => seen.switchboard.push(event["connected"].as_bool().unwrap()),
-                    Some("up") => seen.ups.push(event["path"].as_str().unwrap().to_owned()),
-                    Some("down") => {
-                        println!("python: channel down: {}", event["reason"]);
-                        seen.downs += 1;
-                    }
-                    Some("done") => seen.done += 1,
-                    Some("message") => seen.messages.push(
-                        base64::engine::general_purpose::STANDARD
-                            .decode(event["b64"].as_str().unwrap())
-                            .unwrap(),
-                    ),
-                    _ => {}
-                });
-            }
-        });
-        Self { child, stdin, seen }
-    }
-
-    /// Sends a command and waits until the Python side has carried it out.
-    async fn command(&mut self, line: &str) {
-        let before = self.seen.borrow().done;
-        self.stdin.write_all(format!("{line}\n").as_bytes()).await.unwrap();
-        self.stdin.flush().await.unwrap();
-        self.wait(line, |seen| seen.done > before).await;
-    }
-
-    /// Stops the Python client (it answers nothing to `quit`).
-    async fn quit(mut self) {
-        self.stdin.write_all(b"quit\n").await.unwrap();
-        self.stdin.flush().await.unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await;
-        assert!(
-            status.is_ok_and(|status| status.is_ok_and(|s| s.success())),
-            "the Python client exited cleanly"
-        );
-    }
-
-    async fn wait(&mut self, what: &str, mut done: impl FnMut(&PySeen) -> bool) {
-        tokio::time::timeout(STEP, self.seen.wait_for(|seen| done(seen)))
-            .await
-            .unwrap_or_else(|_| panic!("python: {what} within {STEP:?}"))
-            .expect("the Python client's output ended");
-    }
 }
 
 /// What the Rust client's event stream brought so far.

@@ -13,7 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod browser;
 pub mod netns;
+pub mod pypeer;
 pub mod raiden;
 pub mod turn_client;
 pub mod ws;

@@ -2,7 +2,7 @@
 
 Usage: python driven_peer.py HOMESERVER SWITCHBOARD TOKEN_FILE [--relay-only]
 stdin:  ``open ADDR`` | ``send ADDR START COUNT`` (messages ``py-<i>``) | ``sendbin ADDR SIZE``
-        | ``reset ADDR`` | ``quit``
+        | ``reset ADDR`` | ``stats ADDR`` | ``quit``
 stdout: one JSON object a line: {"event": "up"|"down"|"message"|"switchboard"|"ready", ...}
 """
 
@@ -56,6 +56,10 @@ async def main() -> None:
             await client.send(words[1], bytes((i * 7 + 3) % 256 for i in range(int(words[2]))))
         elif words[0] == "reset":
             await client.reset_channel(words[1])
+        elif words[0] == "stats":
+            stats = client.stats(words[1])
+            out(event="stats", matrix_lines=stats.matrix_lines if stats else 0,
+                dc_data_frames=stats.dc_data_frames if stats else 0)
         elif words[0] == "quit":
             break
         out(event="done", command=words[0])
