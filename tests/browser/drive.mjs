@@ -6,7 +6,10 @@
 //
 // Commands: {"cmd":"start","options":{…connect options…},"watch":[addresses]}, {"cmd":"open","address"},
 // {"cmd":"send","address","from","count"} (messages `b<i>:…`, see message() below),
-// {"cmd":"reset","address"}, {"cmd":"stats","address"}, {"cmd":"screenshot","path"}, {"cmd":"quit"}.
+// {"cmd":"reset","address"}, {"cmd":"stats","address"}, {"cmd":"screenshot","path"},
+// {"cmd":"echo"} (from then on every message is sent back to its sender, as `switchboard peer
+// --listen` does), {"cmd":"pingpong","address","count","size"} (`switchboard peer --to`'s messages,
+// one at a time, each timed until its echo: answers `rtt_ms` p50/p99 and `upgrade_ms`), {"cmd":"quit"}.
 // Each is answered {"ev":"done","cmd",…} or {"ev":"failed","cmd","error"}.
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
@@ -86,6 +89,67 @@ const commands = {
   },
   async stats({ address }) {
     return { stats: await page.evaluate((address) => window.demo.client.stats(address), address) };
+  },
+  async echo() {
+    await page.evaluate(() => {
+      const client = window.demo.client;
+      client.addEventListener('message', (event) => {
+        client.send(event.detail.address, event.detail.bytes).catch(() => {});
+      });
+    });
+    return {};
+  },
+  async pingpong({ address, count, size }) {
+    return await page.evaluate(
+      async ({ address, count, size }) => {
+        const client = window.demo.client;
+        // The Raiden-shaped messages of `switchboard peer` (src/client/peer.rs, message()).
+        const message = (index) => {
+          const head = JSON.stringify({
+            type: 'LockedTransfer', message_identifier: String(index), chain_id: '1',
+            nonce: '1', transferred_amount: '0', locked_amount: '1000000000000000',
+          });
+          const fixed = head.length - 1 + ',"padding":""}'.length;
+          return `${head.slice(0, -1)},"padding":"${'x'.repeat(Math.max(0, size - fixed))}"}`;
+        };
+        // `promise`, or an error after `ms` (the timer cleared either way).
+        const within = (promise, ms, what) => {
+          let timer;
+          const late = new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(what)), ms); });
+          return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+        };
+        const text = new TextDecoder();
+        let waiting = null;
+        const onMessage = (event) => {
+          if (waiting && text.decode(event.detail.bytes) === waiting.expected) waiting.resolve();
+        };
+        const up = new Promise((resolve) => {
+          const onUp = (event) => {
+            if (event.detail.address.toLowerCase() === address.toLowerCase()) resolve();
+          };
+          client.addEventListener('channelup', onUp);
+        });
+        client.addEventListener('message', onMessage);
+        const called = performance.now();
+        await client.open(address);
+        await within(up, 30_000, 'no channel in 30 s');
+        const upgradeMs = performance.now() - called;
+        const rtts = [];
+        for (let i = 0; i < count; i++) {
+          const expected = message(i);
+          const echoed = new Promise((resolve) => { waiting = { expected, resolve }; });
+          const started = performance.now();
+          await client.send(address, expected);
+          await within(echoed, 10_000, `no echo of ${i} in 10 s`);
+          rtts.push(performance.now() - started);
+        }
+        client.removeEventListener('message', onMessage);
+        rtts.sort((a, b) => a - b);
+        const at = (p) => rtts[Math.round((rtts.length - 1) * p / 100)];
+        return { upgrade_ms: upgradeMs, rtt_ms: { p50: at(50), p99: at(99) }, path: client.stats(address)?.path ?? null };
+      },
+      { address, count, size },
+    );
   },
   async screenshot({ path }) {
     await page.waitForTimeout(1200);
