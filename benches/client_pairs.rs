@@ -9,7 +9,8 @@
 //!   relay-only channel to it and sends `SWITCHBOARD_BENCH_PAIR_MESSAGES` (default 200) messages of
 //!   3,200 bytes one at a time, each timed until its echo (`switchboard peer --to … --json`, the
 //!   Python peer's twin, or drive.mjs's `pingpong`, which build the same messages). Every pair has
-//!   two fresh Raiden users.
+//!   two fresh Raiden users; the sender starts once Switchboard's discovery shows the listener
+//!   reachable.
 //! - Upgrade: from the sender's `open` to its channel up (the CLIs time it from the call, once on
 //!   Switchboard; the browser from `open`).
 //!
@@ -87,7 +88,8 @@ impl Env {
             "homeserver": self.homeserver, "accessToken": token,
             "switchboard": self.switchboard, "relayOnly": true,
         });
-        browser.run(json!({"cmd": "start", "options": options, "watch": []})).await;
+        // `quiet`: message events are not reported to Node one by one (the echo path stays in the page).
+        browser.run(json!({"cmd": "start", "options": options, "watch": [], "quiet": true})).await;
         browser
             .until("the browser on Switchboard", |ev| ev["ev"] == "switchboard" && ev["connected"] == true)
             .await;
@@ -155,6 +157,25 @@ async fn send(env: &Env, kind: Kind, token: &str, token_file: &Path, to: &str, c
     serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("the --json line")
 }
 
+/// Waits (at most 30 s) until Switchboard's discovery says `address` is reachable, as a client
+/// watching it would see: a user that has just registered and connected may not be yet (its
+/// profile is being verified), and a call to it then goes through Matrix.
+async fn reachable(env: &Env, token: &str, address: &str) {
+    let url = format!("{}/_switchboard/client/v1/peers/{address}", env.switchboard);
+    let http = reqwest::Client::new();
+    for _ in 0..300 {
+        let answer = http.get(&url).bearer_auth(token).send().await;
+        if let Ok(answer) = answer
+            && let Ok(body) = answer.json::<Value>().await
+            && body["reachable"] == true
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{address} not reachable through Switchboard within 30 s");
+}
+
 fn bench_toml(toml: &str) -> String {
     toml.replace("allowed_peers = [\"127.0.0.0/8\"]", "allowed_peers = [\"127.0.0.0/8\"]\nbandwidth_bytes_per_sec = 0")
         .replace(
@@ -203,6 +224,7 @@ async fn run() {
             std::fs::write(&from_file, &from.user.access_token).unwrap();
             std::fs::write(&to_file, &to.user.access_token).unwrap();
             let echo = listen(&env, listener, &to.user.access_token, &to_file).await;
+            reachable(&env, &from.user.access_token, &to.address).await;
             let report = send(&env, sender, &from.user.access_token, &from_file, &to.address, count).await;
             match echo {
                 Listener::Cli(mut child) => {

@@ -1645,7 +1645,12 @@ export class SwitchboardClient extends EventTarget {
   }
 
   handleSignal(frame) {
-    const address = frame.from_address;
+    // The address Switchboard verified; until it has (a user that has just published its
+    // profile), the one its user id claims, as for Matrix messages (the Rust and Python clients do
+    // the same). Dropping the signal instead lost a fresh peer's first call for 30 s.
+    const address = isAddress(frame.from_address)
+      ? frame.from_address
+      : RAIDEN_LOCALPART.exec(frame.from ?? '')?.[1];
     if (!isAddress(address)) return;
     const { 'org.switchboard.origin': _origin, ...content } = frame.content ?? {};
     const key = `${frame.from}|${frame.call_id}|${frame.event_type}|${JSON.stringify(content)}`;
