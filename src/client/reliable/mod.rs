@@ -355,7 +355,7 @@ impl Peer {
             let (peer_stream, delivered) = self.incoming.hello_fields();
             let hello = Hello {
                 stream: self.outgoing.stream(),
-                first_unacked: self.outgoing.base(),
+                first_unacked: self.outgoing.hello_first_unacked(),
                 peer_stream,
                 delivered,
             };

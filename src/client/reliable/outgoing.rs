@@ -75,6 +75,14 @@ pub struct Outgoing {
     /// Resend rounds so far: part of the txn id of a resent batch, so the homeserver does not
     /// take it for a retry of the first send.
     round: u32,
+    /// The lowest seq released without an ack and not acked since (fragments the homeserver took
+    /// that may still be in the peer's to-device inbox): a HELLO names it, not the base, so that
+    /// the peer does not skip them (docs/protocol.md, HELLO).
+    #[serde(default)]
+    released_unacked_from: Option<u64>,
+    /// The highest seq released without an ack (meaningful with `released_unacked_from`).
+    #[serde(default)]
+    released_unacked_upto: u64,
     limits: Limits,
     counters: OutgoingCounters,
     /// Start of the current wait for an ack (transient).
@@ -94,6 +102,10 @@ struct Stored {
     acked: u64,
     peer_speaks: bool,
     round: u32,
+    #[serde(default)]
+    released_unacked_from: Option<u64>,
+    #[serde(default)]
+    released_unacked_upto: u64,
     limits: Limits,
     counters: OutgoingCounters,
 }
@@ -110,6 +122,8 @@ impl From<Stored> for Outgoing {
             acked: s.acked,
             peer_speaks: s.peer_speaks,
             round: s.round,
+            released_unacked_from: s.released_unacked_from,
+            released_unacked_upto: s.released_unacked_upto,
             limits: s.limits,
             counters: s.counters,
             timer: None,
@@ -130,6 +144,8 @@ impl Outgoing {
             acked: 0,
             peer_speaks: false,
             round: 0,
+            released_unacked_from: None,
+            released_unacked_upto: 0,
             limits,
             counters: OutgoingCounters::default(),
             timer: None,
@@ -144,6 +160,12 @@ impl Outgoing {
     /// The lowest seq still held (what HELLO's first-unacked and a batch's `base` say).
     pub fn base(&self) -> u64 {
         self.buffer.keys().next().copied().unwrap_or(self.next_seq)
+    }
+
+    /// What a HELLO says is the first unacked seq: the base, or lower when fragments below it were
+    /// released without an ack (they went through Matrix and may not have reached the peer yet).
+    pub fn hello_first_unacked(&self) -> u64 {
+        self.released_unacked_from.map_or(self.base(), |from| from.min(self.base()))
     }
 
     /// The seq the next fragment will get.
@@ -212,6 +234,8 @@ impl Outgoing {
             if let Some((upto, _)) = self.releasable() {
                 let released = self.buffer.range(..=upto).count();
                 self.counters.released_unacked += released as u64;
+                self.released_unacked_from = self.released_unacked_from.or(Some(self.base()));
+                self.released_unacked_upto = self.released_unacked_upto.max(upto);
                 self.release(now, upto);
             }
             if !self.fits(len) {
@@ -373,6 +397,10 @@ impl Outgoing {
             return false;
         }
         self.acked = ack.seq.min(self.next_seq - 1);
+        if self.released_unacked_from.is_some() && self.released_unacked_upto <= self.acked {
+            // The peer has them all (an ack covers a whole prefix of the stream).
+            self.released_unacked_from = None;
+        }
         self.release(now, self.acked)
     }
 
