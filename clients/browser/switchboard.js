@@ -347,6 +347,10 @@ class Outgoing {
     this.acked = 0n;
     this.peerSpeaks = false;
     this.round = 0;
+    /** The lowest and highest seqs released without an ack and not acked since (null: none): a
+     * HELLO names the lowest, not the base, so that the peer does not skip them. */
+    this.releasedUnackedFrom = null;
+    this.releasedUnackedUpto = 0n;
     this.timer = null;
     this.rto = null;
   }
@@ -354,6 +358,12 @@ class Outgoing {
   base() {
     for (const seq of this.buffer.keys()) return seq;
     return this.nextSeq;
+  }
+
+  /** What a HELLO says: the base, or lower when fragments below it were released without an ack. */
+  helloFirstUnacked() {
+    const base = this.base();
+    return this.releasedUnackedFrom !== null && this.releasedUnackedFrom < base ? this.releasedUnackedFrom : base;
   }
 
   sortedPending() {
@@ -389,7 +399,11 @@ class Outgoing {
     }
     if (!this.fits(len)) {
       const releasable = this.releasable();
-      if (releasable) this.release(now, releasable.seq);
+      if (releasable) {
+        this.releasedUnackedFrom ??= this.base();
+        if (releasable.seq > this.releasedUnackedUpto) this.releasedUnackedUpto = releasable.seq;
+        this.release(now, releasable.seq);
+      }
       if (!this.fits(len)) return false;
     }
     this.bufferedBytes += len;
@@ -491,6 +505,8 @@ class Outgoing {
     this.peerSpeaks = true;
     if (ack.stream !== this.stream || ack.seq <= this.acked) return false;
     this.acked = ack.seq < this.nextSeq - 1n ? ack.seq : this.nextSeq - 1n;
+    // The peer has every fragment released without an ack once an ack covers the highest.
+    if (this.releasedUnackedFrom !== null && this.releasedUnackedUpto <= this.acked) this.releasedUnackedFrom = null;
     return this.release(now, this.acked);
   }
 
@@ -903,7 +919,7 @@ export class ReliablePeer {
       ch.helloSent = true;
       const { peerStream, delivered } = this.incoming.helloFields();
       frames.push(
-        encodeFrame({ type: 'hello', stream: this.outgoing.stream, firstUnacked: this.outgoing.base(), peerStream, delivered }),
+        encodeFrame({ type: 'hello', stream: this.outgoing.stream, firstUnacked: this.outgoing.helloFirstUnacked(), peerStream, delivered }),
       );
     }
     for (const nonce of ch.pongs) frames.push(encodeFrame({ type: 'pong', nonce }));

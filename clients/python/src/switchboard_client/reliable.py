@@ -131,6 +131,10 @@ class Outgoing:
         self.acked = 0
         self.peer_speaks = False
         self.round = 0
+        # The lowest and highest seqs released without an ack and not acked since: a HELLO names
+        # the lowest, not the base, so that the peer does not skip them (docs/protocol.md, HELLO).
+        self.released_unacked_from: int | None = None
+        self.released_unacked_upto = 0
         self.limits = limits
         self.counters = OutgoingCounters()
         self._timer: float | None = None
@@ -138,6 +142,11 @@ class Outgoing:
 
     def base(self) -> int:
         return next(iter(self.buffer), self.next_seq)
+
+    def hello_first_unacked(self) -> int:
+        """The base, or lower when fragments below it were released without an ack."""
+        base = self.base()
+        return base if self.released_unacked_from is None else min(self.released_unacked_from, base)
 
     def has_pending(self) -> bool:
         return bool(self.pending)
@@ -162,6 +171,9 @@ class Outgoing:
             if found is not None:
                 upto = found[0]
                 self.counters.released_unacked += sum(1 for s in self.buffer if s <= upto)
+                if self.released_unacked_from is None:
+                    self.released_unacked_from = self.base()
+                self.released_unacked_upto = max(self.released_unacked_upto, upto)
                 self._release(now, upto)
             if not self._fits(length):
                 raise Full(f"replay buffer full ({self.buffered_bytes} of {limit} bytes, message of {length})")
@@ -267,6 +279,8 @@ class Outgoing:
         if ack.stream != self.stream or ack.seq <= self.acked:
             return False
         self.acked = min(ack.seq, self.next_seq - 1)
+        if self.released_unacked_from is not None and self.released_unacked_upto <= self.acked:
+            self.released_unacked_from = None  # the peer has them all
         return self._release(now, self.acked)
 
     def _release(self, now: float, upto: int) -> bool:
@@ -689,7 +703,7 @@ class Peer:
         if not ch.hello_sent:
             ch.hello_sent = True
             peer_stream, delivered = self.incoming.hello_fields()
-            hello = Hello(self.outgoing.stream, self.outgoing.base(), peer_stream, delivered)
+            hello = Hello(self.outgoing.stream, self.outgoing.hello_first_unacked(), peer_stream, delivered)
             frames.append(codec.encode_frame(hello))
         frames.extend(codec.encode_frame(Pong(n)) for n in ch.pongs)
         ch.pongs = []
