@@ -176,14 +176,6 @@ async fn reachable(env: &Env, token: &str, address: &str) {
     panic!("{address} not reachable through Switchboard within 30 s");
 }
 
-fn bench_toml(toml: &str) -> String {
-    toml.replace("allowed_peers = [\"127.0.0.0/8\"]", "allowed_peers = [\"127.0.0.0/8\"]\nbandwidth_bytes_per_sec = 0")
-        .replace(
-            "level = \"info,switchboard=debug\"",
-            "level = \"warn,switchboard=info,switchboard::signalling=warn,switchboard::directory=warn,switchboard::http=warn,switchboard::appservice=warn,switchboard::homeserver=warn\"",
-        )
-}
-
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(run());
@@ -195,7 +187,7 @@ async fn run() {
     let dir = tempfile::tempdir().unwrap();
     let db = common::sqlite_url(dir.path());
     let Some((synapse, switchboard)) =
-        common::synapse_and_process(dir.path(), &db, |toml| bench_toml(&toml)).await
+        common::synapse_and_process(dir.path(), &db, |toml| common::client_bench_toml(&toml)).await
     else {
         eprintln!("no Synapse venv: run deploy/synapse/install");
         return;

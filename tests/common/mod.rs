@@ -909,3 +909,14 @@ impl Drop for Redis {
         self.stop();
     }
 }
+
+/// The client benchmarks' Switchboard config: the relay's per-allocation cap
+/// (`bandwidth_bytes_per_sec`, 1 MiB/s by default) would measure the cap, not the channel, so it is
+/// off (as coturn's default); quieter logs.
+pub fn client_bench_toml(toml: &str) -> String {
+    toml.replace("allowed_peers = [\"127.0.0.0/8\"]", "allowed_peers = [\"127.0.0.0/8\"]\nbandwidth_bytes_per_sec = 0")
+        .replace(
+            "level = \"info,switchboard=debug\"",
+            "level = \"warn,switchboard=info,switchboard::signalling=warn,switchboard::directory=warn,switchboard::http=warn,switchboard::appservice=warn,switchboard::homeserver=warn\"",
+        )
+}
