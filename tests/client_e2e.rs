@@ -387,11 +387,16 @@ async fn a_full_replay_buffer_holds_sends_up_to_max_waiting_sends_and_max_peers_
     signal(synapse.pid(), "STOP");
     let resume = Resume(synapse.pid());
     a.send(&bob.address, message(0)).await.unwrap();
-    let waiting = [send_range(&a, &bob.address, 1..2), send_range(&a, &bob.address, 2..3)];
-    common::eventually(STEP, "two sends waiting", || async {
-        a.stats(&bob.address).await.unwrap().filter(|s| s.waiting_sends == 2)
-    })
-    .await;
+    // Two sends wait, 1 before 2: each is queued before the next one starts (two tasks started at
+    // once could queue in either order, and bob would rightly get 0, 2, 1).
+    let mut waiting = Vec::new();
+    for i in 1..3 {
+        waiting.push(send_range(&a, &bob.address, i..i + 1));
+        common::eventually(STEP, "the send waiting", || async {
+            a.stats(&bob.address).await.unwrap().filter(|s| s.waiting_sends == i)
+        })
+        .await;
+    }
     let refused =
         tokio::time::timeout(STEP, a.send(&bob.address, message(3))).await.expect("answered at once");
     assert!(
