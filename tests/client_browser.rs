@@ -10,7 +10,7 @@ use std::path::Path as FsPath;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::json;
+use serde_json::{Value, json};
 use switchboard::client::{Client, ClientConfig, ClientEvent, ClientEvents, Path};
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -355,9 +355,11 @@ async fn browser_opens_to_rust_through_the_relay_and_survives_a_cut() {
 }
 
 /// Two browsers (two Chromium processes, the module against itself): one opens, the channel comes
-/// up through the relay on both sides, and 100 messages each way arrive once and in order.
+/// up through the relay on both sides and carries 100 messages each way; the other cuts it
+/// mid-stream, the next messages go through Matrix, the opener calls again, and 100 more each way
+/// cross the new channel: every message once and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_browsers_upgrade_through_the_relay_and_exchange_messages_in_order() {
+async fn two_browsers_upgrade_through_the_relay_survive_a_cut_and_upgrade_again() {
     let modules = match browser_tools() {
         Ok(modules) => modules,
         Err(why) => return common::skip(&why),
@@ -376,6 +378,7 @@ async fn two_browsers_upgrade_through_the_relay_and_exchange_messages_in_order()
         let options = json!({
             "homeserver": synapse.base_url, "accessToken": user.user.access_token,
             "switchboard": switchboard, "relayOnly": true,
+            "upgradeBackoff": {"initial": 500, "max": 2000},
         });
         browser.run(json!({"cmd": "start", "options": options, "watch": [peer.address]})).await;
         browser.until("on Switchboard", |ev| ev["ev"] == "switchboard" && ev["connected"] == true).await;
@@ -387,20 +390,52 @@ async fn two_browsers_upgrade_through_the_relay_and_exchange_messages_in_order()
     eprintln!("upgrade: {:?}", upgrade.elapsed());
     assert_eq!(a.events("channelup")[0]["path"], "relay");
     assert_eq!(b.events("channelup")[0]["path"], "relay");
-    a.run(json!({"cmd": "send", "address": bob.address, "from": 0, "count": 100})).await;
-    b.run(json!({"cmd": "send", "address": alice.address, "from": 0, "count": 100})).await;
+    let messages = |lines: &Vec<Value>| lines.iter().filter(|ev| ev["ev"] == "message").count();
+    let stats = async |browser: &mut Browser, address: &str| {
+        browser.run(json!({"cmd": "stats", "address": address})).await["stats"].clone()
+    };
+    a.run(json!({"cmd": "send", "address": bob.address, "from": 0, "count": COUNT})).await;
+    b.run(json!({"cmd": "send", "address": alice.address, "from": 0, "count": COUNT})).await;
     for browser in [&mut a, &mut b] {
-        wait(&mut browser.lines, "100 messages", |lines| {
-            lines.iter().filter(|ev| ev["ev"] == "message").count() >= 100
+        wait(&mut browser.lines, "the messages over the channel", |lines| messages(lines) >= COUNT).await;
+    }
+    let before = stats(&mut b, &alice.address).await;
+    assert!(before["dcDataFrames"].as_u64().unwrap() >= COUNT as u64, "over the channel: {before}");
+
+    // The cut, by the side that did not open; both go on sending.
+    b.run(json!({"cmd": "reset", "address": alice.address})).await;
+    let total = COUNT + ACROSS_CUT;
+    a.run(json!({"cmd": "send", "address": bob.address, "from": COUNT, "count": ACROSS_CUT})).await;
+    b.run(json!({"cmd": "send", "address": alice.address, "from": COUNT, "count": ACROSS_CUT})).await;
+    for browser in [&mut a, &mut b] {
+        browser.until("the channel down", |ev| ev["ev"] == "channeldown").await;
+        wait(&mut browser.lines, "the messages across the cut", |lines| messages(lines) >= total).await;
+    }
+    let after = stats(&mut b, &alice.address).await;
+    let carried = after["matrixLines"].as_u64().unwrap() - before["matrixLines"].as_u64().unwrap();
+    eprintln!("across the cut: {carried} of bob's fragments went through Matrix");
+    assert!(carried > 0, "Matrix carried messages while the channel was down: {after}");
+
+    // The opener calls again; more messages over the new channel.
+    for browser in [&mut a, &mut b] {
+        wait(&mut browser.lines, "the channel up again", |lines| {
+            lines.iter().filter(|ev| ev["ev"] == "channelup").count() >= 2
         })
         .await;
     }
-    tokio::time::sleep(Duration::from_secs(6)).await; // a second PING/PONG round
-    let stats = a.run(json!({"cmd": "stats", "address": bob.address})).await;
-    eprintln!("alice's stats: {}", stats["stats"]);
-    assert_eq!(stats["stats"]["dcState"], "alive");
-    assert_browser_got_from(&a, 100, browser_message);
-    assert_browser_got_from(&b, 100, browser_message);
+    let frames_before = stats(&mut a, &bob.address).await["dcDataFrames"].as_u64().unwrap();
+    a.run(json!({"cmd": "send", "address": bob.address, "from": total, "count": AFTER})).await;
+    b.run(json!({"cmd": "send", "address": alice.address, "from": total, "count": AFTER})).await;
+    let total = total + AFTER;
+    for browser in [&mut a, &mut b] {
+        wait(&mut browser.lines, "the messages over the new channel", |lines| messages(lines) >= total).await;
+    }
+    let frames = stats(&mut a, &bob.address).await["dcDataFrames"].as_u64().unwrap();
+    assert!(frames >= frames_before + AFTER as u64, "over the new channel: {frames_before} → {frames}");
+    // Settle: nothing arrives twice late.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_browser_got_from(&a, total, browser_message);
+    assert_browser_got_from(&b, total, browser_message);
     a.quit().await;
     b.quit().await;
     running.stop().await.unwrap();

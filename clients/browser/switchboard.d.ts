@@ -103,6 +103,10 @@ export interface PeerStats {
   channelsUp: number;
   /** Calls started by this side. */
   calls: number;
+  /** DATA frames written to data channels. */
+  dcDataFrames: number;
+  /** Message lines (fragments) in to-device batches the homeserver accepted. */
+  matrixLines: number;
   replayBufferedBytes: number;
 }
 

@@ -1195,6 +1195,8 @@ export class SwitchboardClient extends EventTarget {
         upgradeWait: null,
         callAt: null,
         channelsUp: 0,
+        dcDataFrames: 0,
+        matrixLines: 0,
         calls: 0,
       };
       this.peers.set(key, peer);
@@ -1270,6 +1272,8 @@ export class SwitchboardClient extends EventTarget {
       rttMs: peer.link?.up ? peer.reliable.rtt() : null,
       channelsUp: peer.channelsUp,
       calls: peer.calls,
+      dcDataFrames: peer.dcDataFrames,
+      matrixLines: peer.matrixLines,
       replayBufferedBytes: peer.reliable.outgoing.bufferedBytes,
     };
   }
@@ -1369,6 +1373,7 @@ export class SwitchboardClient extends EventTarget {
         peer.inflight = null;
         peer.matrixWait = null;
         peer.reliable.onHomeserverAccepted(send);
+        if (send.lines) peer.matrixLines += send.lines.count;
         this.pump(peer);
       },
       () => {
@@ -1435,6 +1440,7 @@ export class SwitchboardClient extends EventTarget {
       size = 1;
     };
     for (const frame of frames) {
+      if (frame[0] === DATA) peer.dcDataFrames += 1;
       if (batch.length && size + 2 + frame.length > BATCH_LIMIT) flush();
       batch.push(frame);
       size += 2 + frame.length;
