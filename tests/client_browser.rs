@@ -441,6 +441,55 @@ async fn two_browsers_upgrade_through_the_relay_survive_a_cut_and_upgrade_again(
     running.stop().await.unwrap();
 }
 
+/// The browser sends to two peers through Matrix alone (no channel): each gets every message once,
+/// in order. The module once gave all its peers one stream id, so the first batch to the second
+/// peer had the txn id of the first batch to the first one; the homeserver took it as a retry and
+/// never delivered it, and the message was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_reaches_two_peers_through_matrix_alone() {
+    let modules = match browser_tools() {
+        Ok(modules) => modules,
+        Err(why) => return common::skip(&why),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
+        return;
+    };
+    let switchboard = format!("http://{}", running.client);
+    let [alice, bob, carol] = [
+        synapse.register_raiden(CAPS).await,
+        synapse.register_raiden(CAPS).await,
+        synapse.register_raiden(CAPS).await,
+    ];
+    let mut peers = Vec::new();
+    for user in [&bob, &carol] {
+        // Rust clients without Switchboard: Matrix is the only way.
+        let config = ClientConfig::new(synapse.base_url.parse().unwrap(), &user.user.access_token);
+        let (client, events) = Client::connect(config).await.unwrap();
+        peers.push((client, log(events), &user.address));
+    }
+    let mut browser =
+        Browser::launch(&format!("{switchboard}/_switchboard/client/v1/demo.html"), &modules).await;
+    let options = json!({"homeserver": synapse.base_url, "accessToken": alice.user.access_token, "switchboard": switchboard});
+    browser.run(json!({"cmd": "start", "options": options, "watch": []})).await;
+    for (_, _, address) in &peers {
+        browser.run(json!({"cmd": "send", "address": address, "from": 0, "count": 20})).await;
+    }
+    for (client, seen, address) in &mut peers {
+        wait(seen, &format!("{address}'s 20 messages"), |seen| seen.messages.len() >= 20).await;
+        let seen = seen.borrow();
+        assert_eq!(seen.messages, (0..20).map(browser_message).collect::<Vec<_>>(), "once, in order");
+        assert!(seen.ups.is_empty(), "no channel: Matrix carried them");
+        let stats = client.stats(&alice.address).await.unwrap().unwrap();
+        assert_eq!(stats.dc_data_frames, 0, "{stats:?}");
+    }
+    for (client, _, _) in peers {
+        client.shutdown().await;
+    }
+    browser.quit().await;
+    running.stop().await.unwrap();
+}
+
 /// The Rust client and the browser open at the same moment: the broker's glare rule keeps one call,
 /// and the pair ends with one channel, which carries messages both ways once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1135,7 +1135,6 @@ export class SwitchboardClient extends EventTarget {
     this.partyId = this.deviceId ?? 'switchboard';
     this.serverName = this.userId.slice(this.userId.indexOf(':') + 1);
     this.switchboardUrl = switchboard;
-    this.stream = randomStreamId();
     this.peers = new Map();
     this.watched = new Map();
     this.seenSignals = new Set();
@@ -1185,7 +1184,10 @@ export class SwitchboardClient extends EventTarget {
         key,
         address,
         userId: `@${key}:${this.serverName}`,
-        reliable: new ReliablePeer(this.stream, this.options.limits),
+        // A stream of its own per peer (docs/protocol.md): txn ids are `sb.<stream>.<seq>.<lines>`, and
+        // the homeserver takes a txn id once per device, so a stream shared by two peers would have
+        // the second peer's batches taken as retries of the first's, and never delivered.
+        reliable: new ReliablePeer(randomStreamId(), this.options.limits),
         want: false,
         link: null,
         inflight: null,
