@@ -5,11 +5,16 @@
 //   node drive.mjs <demo page URL> <fresh user-data dir>
 //
 // Commands: {"cmd":"start","options":{…connect options…},"watch":[addresses]}, {"cmd":"open","address"},
-// {"cmd":"send","address","from","count"} (messages `b<i>:…`, see message() below),
+// {"cmd":"send","address","from","count"} (messages `b<i>:…`),
 // {"cmd":"reset","address"}, {"cmd":"stats","address"}, {"cmd":"screenshot","path"},
 // {"cmd":"echo"} (from then on every message is sent back to its sender, as `switchboard peer
 // --listen` does), {"cmd":"pingpong","address","count","size"} (`switchboard peer --to`'s messages,
-// one at a time, each timed until its echo: answers `rtt_ms` p50/p99 and `upgrade_ms`), {"cmd":"quit"}.
+// one at a time, each timed until its echo: answers `rtt_ms`, every round trip, and `upgrade_ms`),
+// and for benches/client_pairs.rs: {"cmd":"stamp"} (from then on every message's one-way latency is
+// recorded from its `sent_ms` wall-clock stamp, and the message echoed), {"cmd":"oneway"} (answers
+// the recorded latencies `ms` and forgets them), {"cmd":"payer","role","addresses":{"I","M","T"}}
+// (plays `role` of a 1-mediator payment, as driven_peer.py's Payer does: reports
+// {"ev":"paid","payment","last_ms"} when its last message of a payment came), {"cmd":"quit"}.
 // Each is answered {"ev":"done","cmd",…} or {"ev":"failed","cmd","error"}.
 import { createInterface } from 'node:readline';
 import { join } from 'node:path';
@@ -43,6 +48,17 @@ page.on('console', (message) => out({ ev: 'console', type: message.type(), text:
 await page.exposeFunction('report', (object) => out(object));
 await page.goto(pageUrl);
 await page.waitForFunction(() => window.demo !== undefined, null, { timeout: 10_000 });
+// The benchmark's messages and clock in the page (as driven_peer.py's bench_message and now_ms):
+// Raiden-shaped JSON of `size` bytes stamped with the wall-clock time in milliseconds.
+await page.evaluate(() => {
+  const nowMs = () => performance.timeOrigin + performance.now();
+  const message = (type, payment, hop, ident, size) => {
+    const head = JSON.stringify({ type, payment, hop, message_identifier: String(ident), sent_ms: nowMs() });
+    const fixed = head.length - 1 + ',"padding":""}'.length;
+    return `${head.slice(0, -1)},"padding":"${'x'.repeat(Math.max(0, size - fixed))}"}`;
+  };
+  window.bench = { nowMs, message, oneway: [] };
+});
 out({ ev: 'loaded' });
 
 const commands = {
@@ -104,15 +120,6 @@ const commands = {
     return await page.evaluate(
       async ({ address, count, size }) => {
         const client = window.demo.client;
-        // The Raiden-shaped messages of `switchboard peer` (src/client/peer.rs, message()).
-        const message = (index) => {
-          const head = JSON.stringify({
-            type: 'LockedTransfer', message_identifier: String(index), chain_id: '1',
-            nonce: '1', transferred_amount: '0', locked_amount: '1000000000000000',
-          });
-          const fixed = head.length - 1 + ',"padding":""}'.length;
-          return `${head.slice(0, -1)},"padding":"${'x'.repeat(Math.max(0, size - fixed))}"}`;
-        };
         // `promise`, or an error after `ms` (the timer cleared either way).
         const within = (promise, ms, what) => {
           let timer;
@@ -139,7 +146,7 @@ const commands = {
         const upgradeMs = performance.now() - called;
         const rtts = [];
         for (let i = 0; i < count; i++) {
-          const expected = message(i);
+          const expected = window.bench.message('LockedTransfer', 0, 0, i, size);
           const echoed = new Promise((resolve) => { waiting = { expected, resolve }; });
           const started = performance.now();
           await client.send(address, expected);
@@ -147,12 +154,69 @@ const commands = {
           rtts.push(performance.now() - started);
         }
         client.removeEventListener('message', onMessage);
-        rtts.sort((a, b) => a - b);
-        const at = (p) => rtts[Math.round((rtts.length - 1) * p / 100)];
-        return { upgrade_ms: upgradeMs, rtt_ms: { p50: at(50), p99: at(99) }, path: client.stats(address)?.path ?? null };
+        return { upgrade_ms: upgradeMs, rtt_ms: rtts, path: client.stats(address)?.path ?? null };
       },
       { address, count, size },
     );
+  },
+  async stamp() {
+    await page.evaluate(() => {
+      const client = window.demo.client;
+      const text = new TextDecoder();
+      client.addEventListener('message', (event) => {
+        const arrived = window.bench.nowMs();
+        window.bench.oneway.push(arrived - JSON.parse(text.decode(event.detail.bytes)).sent_ms);
+        client.send(event.detail.address, event.detail.bytes).catch(() => {});
+      });
+    });
+    return {};
+  },
+  async oneway() {
+    return { ms: await page.evaluate(() => window.bench.oneway.splice(0)) };
+  },
+  async payer({ role, addresses }) {
+    await page.evaluate(
+      ({ role, addresses }) => {
+        // The 8 hops of a 1-mediator payment (benches/client.rs, HOPS).
+        const HOPS = [
+          ['I', 'M', 'LockedTransfer', 3200, true], ['M', 'T', 'LockedTransfer', 3200, true],
+          ['T', 'I', 'SecretRequest', 536, false], ['I', 'T', 'RevealSecret', 297, false],
+          ['T', 'M', 'RevealSecret', 297, false], ['M', 'I', 'RevealSecret', 297, false],
+          ['I', 'M', 'Unlock', 568, true], ['M', 'T', 'Unlock', 568, true],
+        ];
+        const expected = HOPS.reduce((n, [from, to, , , processed]) =>
+          n + (to === role ? 1 : 0) + (from === role ? 1 + (processed ? 1 : 0) : 0), 0);
+        const client = window.demo.client;
+        const text = new TextDecoder();
+        const arrived = new Map();
+        let ident = 0;
+        // Sends are queued in call order (send() takes a message synchronously when it has room).
+        const send = (to, type, payment, hop, size) => {
+          ident += 1;
+          client.send(addresses[to], window.bench.message(type, payment, hop, ident, size))
+            .catch((error) => console.error(`payer: a send to ${to} failed: ${error}`));
+        };
+        client.addEventListener('message', (event) => {
+          const arrivedMs = window.bench.nowMs();
+          const { type, payment, hop } = JSON.parse(text.decode(event.detail.bytes));
+          if (type !== 'Processed' && type !== 'Delivered') {
+            const [from, , , , processed] = HOPS[hop];
+            if (processed) send(from, 'Processed', payment, hop, 216);
+            send(from, 'Delivered', payment, hop, 226);
+            const next = HOPS[hop + 1];
+            if (next && next[0] === role) send(next[1], next[2], payment, hop + 1, next[3]);
+          }
+          const count = (arrived.get(payment) ?? 0) + 1;
+          arrived.set(payment, count);
+          if (count === expected) {
+            arrived.delete(payment);
+            window.report({ ev: 'paid', payment, last_ms: arrivedMs });
+          }
+        });
+      },
+      { role, addresses },
+    );
+    return {};
   },
   async screenshot({ path }) {
     await page.waitForTimeout(1200);

@@ -41,6 +41,8 @@ pub struct PySeen {
     pub done: usize,
     /// The last `stats` answer: (Matrix lines sent, DATA frames sent).
     pub stats: Option<(u64, u64)>,
+    /// Every other line (the benchmark's `pingpong`, `oneway` and `paid` answers).
+    pub other: Vec<serde_json::Value>,
 }
 
 /// The Python client as a child process driven through stdin, its events in a watch channel.
@@ -93,7 +95,7 @@ impl PyPeer {
                             .decode(event["b64"].as_str().unwrap())
                             .unwrap(),
                     ),
-                    _ => {}
+                    _ => seen.other.push(event.clone()),
                 });
             }
         });
