@@ -1158,7 +1158,12 @@ impl Ctx {
             let _ = reply.send(push(peer, now, bytes));
         }
         if let Some(link) = &peer.link {
-            let stuck = link.handle.as_ref().is_some_and(|handle| now >= handle.progress + WRITE_STALL);
+            // Stuck only with frames waiting: an idle channel's `progress` is as old as its last
+            // pump, and its own PING timer (as long as WRITE_STALL) must not read as a stall.
+            let stuck = link
+                .handle
+                .as_ref()
+                .is_some_and(|handle| !handle.outbox.is_empty() && now >= handle.progress + WRITE_STALL);
             if link.open && stuck {
                 self.drop_link(peer, now, "the data channel stopped draining", true);
                 self.schedule_retry(peer, now);
