@@ -6,7 +6,8 @@
 //
 // Commands: {"cmd":"start","options":{…connect options…},"watch":[addresses]}, {"cmd":"open","address"},
 // {"cmd":"send","address","from","count"} (messages `b<i>:…`, see message() below),
-// {"cmd":"reset","address"}, {"cmd":"stats","address"}, {"cmd":"screenshot","path"},
+// {"cmd":"reset","address"}, {"cmd":"stats","address"} (the client's stats, and `matrixSends`: the
+// page's to-device sends of messages so far, any peer, retries included), {"cmd":"screenshot","path"},
 // {"cmd":"echo"} (from then on every message is sent back to its sender, as `switchboard peer
 // --listen` does), {"cmd":"pingpong","address","count","size"} (`switchboard peer --to`'s messages,
 // one at a time, each timed until its echo: answers `rtt_ms` p50/p99 and `upgrade_ms`), {"cmd":"quit"}.
@@ -40,6 +41,11 @@ const page = context.pages()[0] ?? (await context.newPage());
 page.on('pageerror', (error) => out({ ev: 'pageerror', error: String(error) }));
 // Every console line, so the test can check that no token is ever logged.
 page.on('console', (message) => out({ ev: 'console', type: message.type(), text: message.text() }));
+// What the client handed to Matrix, seen from outside: its PUTs of to-device messages (not acks).
+let matrixSends = 0;
+page.on('request', (request) => {
+  if (request.method() === 'PUT' && request.url().includes('/sendToDevice/m.room.message/')) matrixSends += 1;
+});
 await page.exposeFunction('report', (object) => out(object));
 await page.goto(pageUrl);
 await page.waitForFunction(() => window.demo !== undefined, null, { timeout: 10_000 });
@@ -89,7 +95,8 @@ const commands = {
     return {};
   },
   async stats({ address }) {
-    return { stats: await page.evaluate((address) => window.demo.client.stats(address), address) };
+    const stats = await page.evaluate((address) => window.demo.client.stats(address), address);
+    return { stats, matrixSends };
   },
   async echo() {
     await page.evaluate(() => {
@@ -175,3 +182,5 @@ for await (const line of lines) {
 }
 await context.close();
 out({ ev: 'closed' });
+// stdin, still open, would keep node running (the test's quit then waited its full 10 s).
+process.exit(0);
