@@ -6,7 +6,7 @@
 //
 // Commands: {"cmd":"start","options":{…connect options…},"watch":[addresses]}, {"cmd":"open","address"},
 // {"cmd":"send","address","from","count"} (messages `b<i>:…`),
-// {"cmd":"reset","address"}, {"cmd":"stats","address"}, {"cmd":"screenshot","path"},
+// {"cmd":"reset","address"}, {"cmd":"stats","address"} (the client's stats()), {"cmd":"screenshot","path"},
 // {"cmd":"echo"} (from then on every message is sent back to its sender, as `switchboard peer
 // --listen` does), {"cmd":"pingpong","address","count","size"} (`switchboard peer --to`'s messages,
 // one at a time, each timed until its echo: answers `rtt_ms`, every round trip, and `upgrade_ms`),
@@ -239,3 +239,5 @@ for await (const line of lines) {
 }
 await context.close();
 out({ ev: 'closed' });
+// stdin, still open, would keep node running (the test's quit then waited its full 10 s).
+process.exit(0);

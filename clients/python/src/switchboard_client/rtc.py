@@ -34,6 +34,8 @@ CHANNEL_LABEL = "switchboard"
 VERSION = "1"
 RAIDEN_PARTY = "raiden"
 MAX_EARLY_CANDIDATES = 256
+# Messages kept while the caller's channel waits for the DATA_CHANNEL_ACK (see PeerLink._adopt).
+MAX_EARLY_MESSAGES = 64
 INVITE_LIFETIME_MS = 60_000
 
 # (kind, value): ("open", path) | ("message", bytes) | ("closed", reason)
@@ -95,6 +97,7 @@ class PeerLink:
         self._early: list[dict[str, Any]] = []
         self._ended = False
         self._opened = False
+        self._early_messages: list[bytes] = []
 
         @self.pc.on("connectionstatechange")
         def _state() -> None:
@@ -119,8 +122,18 @@ class PeerLink:
 
         @channel.on("message")
         def _message(message: bytes | str) -> None:
-            if isinstance(message, bytes) and not self._ended:
-                self._callback("message", message)
+            if not isinstance(message, bytes) or self._ended:
+                return
+            if not self._opened:
+                # The channel is unordered, so the peer's first messages can come before the
+                # DATA_CHANNEL_ACK that opens our end (the Rust client's webrtc-rs sends queued
+                # unordered chunks ahead of the ordered ACK). They wait for the open: dropped, the
+                # peer's HELLO would never come again, and the channel would sit in its handshake
+                # until given up as dead. Past the bound, the sender's resend timer brings DATA again.
+                if len(self._early_messages) < MAX_EARLY_MESSAGES:
+                    self._early_messages.append(message)
+                return
+            self._callback("message", message)
 
         @channel.on("close")
         def _close() -> None:
@@ -131,6 +144,11 @@ class PeerLink:
             return
         self._opened = True
         self._callback("open", self.path())
+        early, self._early_messages = self._early_messages, []
+        for message in early:
+            if self._ended:
+                return
+            self._callback("message", message)
 
     def _end(self, reason: str) -> None:
         if self._ended:
