@@ -679,8 +679,8 @@ fn draw_chart(
     let root = BitMapBackend::new(path, (1500, 620)).into_drawing_area();
     root.fill(&WHITE)?;
     let (left, right) = root.split_horizontally(760);
-    // The sender's kind is the hue, the listener's the shade; the mediator's kind the hue, the path
-    // the line (solid: data channels).
+    // The sender's kind is the hue, the listener's the shade; the mediator's kind is the hue, and
+    // to-device the lighter line.
     let hue = |kind: Kind| match kind {
         Kind::Rust => (200u8, 70u8, 40u8),
         Kind::Python => (40, 110, 200),
@@ -703,7 +703,9 @@ fn draw_chart(
         .iter()
         .map(|p| {
             let (r, g, b) = hue(p.mediator);
-            let color = if p.channels { RGBColor(r, g, b) } else { shade((r, g, b), Kind::Browser) };
+            // To-device: the same hue, lighter.
+            let light = |c: u8| c + (255 - c) / 2;
+            let color = if p.channels { RGBColor(r, g, b) } else { RGBColor(light(r), light(g), light(b)) };
             (p.name(), color, &p.times)
         })
         .collect();
