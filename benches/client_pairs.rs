@@ -28,7 +28,8 @@
 //!   written to `SWITCHBOARD_BENCH_PAIRS_CHART` (default docs/client-pairs.png).
 //!
 //! Run: `cargo bench --bench client_pairs` (after tests/run: Synapse's venv, the test venv with the
-//! Python client, Chromium and playwright-core). Kinds that cannot run here are left out with a line.
+//! Python client, Chromium and playwright-core). Kinds that cannot run here are left out with a line;
+//! `SWITCHBOARD_BENCH_PAIR_KINDS` (e.g. `rust,browser`) keeps only those.
 
 // Counts and milliseconds far below 2^52.
 #![allow(clippy::cast_precision_loss)]
@@ -583,10 +584,9 @@ async fn run() {
             env.available(*k) && wanted.split(',').any(|w| w.trim().eq_ignore_ascii_case(&format!("{k:?}")))
         })
         .collect();
-    let pairs_too = std::env::var("SWITCHBOARD_BENCH_PAIR_SKIP").is_err();
 
     let mut pairs = Vec::new();
-    for &sender in kinds.iter().filter(|_| pairs_too) {
+    for &sender in &kinds {
         for &listener in &kinds {
             println!("{sender:?} → {listener:?}…");
             let run = pair_run(&env, sender, listener, count).await;
