@@ -30,6 +30,13 @@ export interface ConnectOptions {
   maxPeers?: number;
   /** Sends waiting for room in one peer's replay buffer, at most (more: SwitchboardError 'busy'). Default 1,024. */
   maxWaitingSends?: number;
+  /**
+   * Bytes held for undelivered incoming messages (out of order, being reassembled) across all peers, at most.
+   * Past it the peers holding the most let go of what they hold undelivered and take it again from the senders'
+   * resends. Default 64 MiB; below `limits.maxMessageBytes + limits.reorderBufferBytes`, connect() throws
+   * SwitchboardError 'config'.
+   */
+  maxHeldBytes?: number;
   /** Wait before calling again after a channel died: 1,000 doubling to 30,000. */
   upgradeBackoff?: Backoff;
   /** Wait before reconnecting to Switchboard: 1,000 doubling to 30,000 (at once after close 1012). */
@@ -110,7 +117,7 @@ export interface PeerStats {
   replayBufferedBytes: number;
 }
 
-export type ErrorCode = 'matrix' | 'invalid_address' | 'too_large' | 'busy' | 'stopped' | 'switchboard';
+export type ErrorCode = 'matrix' | 'invalid_address' | 'too_large' | 'busy' | 'stopped' | 'switchboard' | 'config';
 export class SwitchboardError extends Error {
   readonly code: ErrorCode;
   /** For 'matrix': the homeserver's HTTP status and errcode, when it answered. */
@@ -219,6 +226,10 @@ export class ReliablePeer {
   /** false: the replay buffer is full (push again after acks); throws RangeError for a message larger than the buffer. */
   push(now: number, message: Uint8Array): boolean;
   hasRoom(len: number): boolean;
+  /** Bytes held for undelivered incoming messages: out of order, before the HELLO, being reassembled. */
+  retainedBytes(): number;
+  /** Lets go of all incoming fragments not yet delivered (nothing of it was acked: the sender resends it). */
+  shedIncoming(): void;
   rtt(): number | null;
   onChannelOpen(now: number): void;
   onChannelLost(): void;

@@ -587,6 +587,33 @@ class Incoming {
     this.dcStream = null;
     this.early = [];
     this.heldBytes = 0;
+    /** Times everything undelivered was let go of (shed(): the client's memory budget across peers was exceeded). */
+    this.sheds = 0;
+  }
+
+  /** Bytes held for the peer: the out-of-order buffer (and early DATA) and the messages being reassembled. */
+  retainedBytes() {
+    return this.heldBytes + this.streams.reduce((sum, s) => sum + s.partialBytes, 0);
+  }
+
+  /**
+   * Lets go of everything not yet delivered: each stream goes back to the first fragment after its
+   * last delivered message (and DATA held before a HELLO is dropped). Nothing undelivered was acked,
+   * so a sender that speaks the protocol sends it all again (its resend timer); fragments it released
+   * unacked (to a peer it did not know to speak the protocol) are lost. For a client over its memory
+   * budget across peers.
+   */
+  shed() {
+    for (const stream of this.streams) {
+      stream.reorder.clear();
+      stream.partial = [];
+      stream.partialBytes = 0;
+      stream.discarding = false;
+      stream.next = stream.delivered + 1n;
+    }
+    this.early = [];
+    this.heldBytes = 0;
+    this.sheds += 1;
   }
 
   stream(id, start) {
@@ -832,6 +859,16 @@ export class ReliablePeer {
     return this.channel?.rtt ?? null;
   }
 
+  /** Bytes held for undelivered incoming messages (out of order, early, being reassembled). */
+  retainedBytes() {
+    return this.incoming.retainedBytes();
+  }
+
+  /** Lets go of all incoming fragments not yet delivered; the sender's resends bring them again. */
+  shedIncoming() {
+    this.incoming.shed();
+  }
+
   onChannelOpen(now) {
     if (this.channel) this.onChannelLost();
     this.incoming.onChannelLost();
@@ -1020,7 +1057,10 @@ const DC_POLL_BYTES = 256 * 1024;
 /** Bytes queued in the data channel above which the pump leaves frames in the delivery layer. */
 const DC_BUFFERED_LIMIT = 1024 * 1024;
 
-/** What went wrong, with a stable `code`: 'matrix', 'invalid_address', 'too_large', 'busy', 'stopped', 'switchboard'. */
+/** Bytes held for undelivered incoming messages across all peers, at most, by default (as the Rust client's `max_held_bytes`). */
+const DEFAULT_MAX_HELD_BYTES = 64 * 1024 * 1024;
+
+/** What went wrong, with a stable `code`: 'matrix', 'invalid_address', 'too_large', 'busy', 'stopped', 'switchboard', 'config'. */
 export class SwitchboardError extends Error {
   constructor(code, message) {
     super(message);
@@ -1080,6 +1120,16 @@ export async function discoverSwitchboard(homeserver, fetchImpl = fetch) {
  * `options.switchboard`, or the one the homeserver's well-known names (none: Matrix only).
  */
 export async function connect(options) {
+  const limits = { ...DEFAULT_LIMITS, ...options.limits };
+  const needed = limits.maxMessageBytes + limits.reorderBufferBytes;
+  const maxHeldBytes = options.maxHeldBytes ?? DEFAULT_MAX_HELD_BYTES;
+  if (!(maxHeldBytes >= needed)) {
+    // One peer may rightly hold this much; below it, a large message could never complete.
+    throw new SwitchboardError(
+      'config',
+      `maxHeldBytes (${maxHeldBytes}) is below one peer's maxMessageBytes + reorderBufferBytes (${needed})`,
+    );
+  }
   const homeserver = trimSlash(options.homeserver);
   const whoami = await matrixRequest(homeserver, options.accessToken, 'GET', '/_matrix/client/v3/account/whoami');
   const switchboard =
@@ -1124,18 +1174,22 @@ export class SwitchboardClient extends EventTarget {
       syncTimeout: 30_000,
       maxPeers: 10_000,
       maxWaitingSends: 1024,
+      maxHeldBytes: DEFAULT_MAX_HELD_BYTES,
       upgradeBackoff: { initial: 1000, max: 30_000 },
       reconnectBackoff: { initial: 1000, max: 30_000 },
       matrixBackoff: { initial: 1000, max: 30_000 },
       limits: {},
       ...options,
     };
+    this.options.maxHeldBytes ??= DEFAULT_MAX_HELD_BYTES;
     this.userId = whoami.user_id;
     this.deviceId = whoami.device_id ?? null;
     this.partyId = this.deviceId ?? 'switchboard';
     this.serverName = this.userId.slice(this.userId.indexOf(':') + 1);
     this.switchboardUrl = switchboard;
     this.peers = new Map();
+    /** Bytes held for undelivered incoming messages across peers (bounded by maxHeldBytes). */
+    this.heldBytes = 0;
     this.watched = new Map();
     this.seenSignals = new Set();
     /** Frame id of an invite of ours → its call, until Switchboard answers the frame. */
@@ -1200,6 +1254,8 @@ export class SwitchboardClient extends EventTarget {
         dcDataFrames: 0,
         matrixLines: 0,
         calls: 0,
+        // This peer's share of this.heldBytes, as last accounted.
+        heldBytes: 0,
       };
       this.peers.set(key, peer);
     }
@@ -1359,11 +1415,39 @@ export class SwitchboardClient extends EventTarget {
     } catch (error) {
       console.debug('switchboard: a to-device message dropped:', error.message);
     }
+    this.accountHeld(peer);
+    this.keepHeldBytesBounded();
     this.pump(peer);
   }
 
   deliver(peer, messages) {
     for (const bytes of messages) this.emit('message', { address: peer.address, bytes });
+  }
+
+  /** Brings `peer`'s share of the bytes held for undelivered incoming messages up to date. */
+  accountHeld(peer) {
+    const held = peer.reliable.retainedBytes();
+    this.heldBytes += held - peer.heldBytes;
+    peer.heldBytes = held;
+  }
+
+  /**
+   * Past maxHeldBytes across peers, the peers holding the most let go of what they hold undelivered
+   * (their senders send it again), largest first, until the total is within it.
+   */
+  keepHeldBytesBounded() {
+    // Bounded: each pass empties one peer's share.
+    for (let pass = 0; pass < this.peers.size; pass++) {
+      if (this.heldBytes <= this.options.maxHeldBytes) return;
+      let peer = null;
+      for (const candidate of this.peers.values()) if (!peer || candidate.heldBytes > peer.heldBytes) peer = candidate;
+      if (!peer) return;
+      console.warn(
+        `switchboard: maxHeldBytes reached (${this.heldBytes} bytes held); ${peer.address}'s undelivered fragments (${peer.heldBytes} bytes) are let go`,
+      );
+      peer.reliable.shedIncoming();
+      this.accountHeld(peer);
+    }
   }
 
   sendMatrix(peer, send) {
@@ -1643,6 +1727,8 @@ export class SwitchboardClient extends EventTarget {
       } catch (error) {
         console.debug('switchboard: a data channel message dropped:', error.message);
       }
+      this.accountHeld(peer);
+      this.keepHeldBytesBounded();
       this.pump(peer);
     };
     dc.onclose = () => this.linkLost(peer, link, 'data channel closed');

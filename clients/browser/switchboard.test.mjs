@@ -6,7 +6,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   ReliablePeer, encodeFrame, decodeFrame, joinFrames, splitFrames, encodeBatch, decodeContent,
-  ProtocolError, FRAGMENT_SIZE, BATCH_LIMIT, lineText, discoverSwitchboard,
+  ProtocolError, FRAGMENT_SIZE, BATCH_LIMIT, lineText, discoverSwitchboard, connect, SwitchboardClient,
+  SwitchboardError, DEFAULT_LIMITS,
 } from './switchboard.js';
 
 const hex = (bytes) => Buffer.from(bytes).toString('hex');
@@ -96,6 +97,111 @@ test('a full replay buffer refuses (backpressure) until an ack releases', () => 
   assert.equal(send.txnId, 'sb.0000000000000001.1.1');
   a.receiveMatrixAck(1, { id: '0000000000000001', seq: 1 });
   assert.equal(a.push(1, new Uint8Array(60)), true);
+});
+
+/** Writes each side's frames to the other at once, `steps` times 10 ms; returns the time reached. */
+function exchange(a, b, t, steps, gotB, until = () => false) {
+  for (let i = 0; i < steps && !until(); i++) {
+    t += 10;
+    for (const [from, to] of [[a, b], [b, a]]) {
+      from.handleTimeout(t);
+      for (const frame of from.pollDc(t)) {
+        const got = to.receiveDc(t, frame);
+        if (to === b) gotB.push(...got);
+      }
+    }
+  }
+  return t;
+}
+
+test('shedding what is held undelivered loses nothing the sender still holds', () => {
+  const a = new ReliablePeer(1n);
+  const b = new ReliablePeer(2n);
+  const gotB = [];
+  a.onChannelOpen(0);
+  b.onChannelOpen(0);
+  let t = exchange(a, b, 0, 20, gotB);
+  assert.equal(a.dcState(t), 'alive');
+  // A large message (7 fragments) between two small ones.
+  const big = Uint8Array.from({ length: 100 * 1024 }, (_, i) => (i * 7 + 0x80) & 0xff);
+  const sent = [text('first'), big, text('last')];
+  for (const m of sent) assert.equal(a.push(t, m), true);
+  const data = a.pollDc(t, 1 << 20).filter((frame) => decodeFrame(frame).type === 'data');
+  assert.equal(data.length, 9);
+  // B takes the first message, half of the large one, and the last one out of order.
+  for (const frame of [...data.slice(0, 4), data[8]]) gotB.push(...b.receiveDc(t, frame));
+  assert.deepEqual(gotB, sent.slice(0, 1));
+  assert.ok(b.retainedBytes() > 3 * FRAGMENT_SIZE, String(b.retainedBytes()));
+
+  b.shedIncoming();
+  assert.deepEqual([b.retainedBytes(), b.incoming.sheds], [0, 1]);
+  // What is still in flight arrives, then the sender's resend timer brings the rest: every
+  // message once, in order, the large one intact.
+  for (const frame of data.slice(4, 8)) gotB.push(...b.receiveDc(t, frame));
+  t = exchange(a, b, t, 6000, gotB, () => gotB.length === 3 && a.outgoing.bufferedBytes === 0);
+  assert.deepEqual(gotB, sent);
+  assert.equal(a.outgoing.bufferedBytes, 0);
+  assert.ok(a.outgoing.round >= 1, 'the sender resent on its timer');
+  assert.equal(b.retainedBytes(), 0);
+});
+
+test('retainedBytes counts out-of-order, early and half-reassembled fragments', () => {
+  const b = new ReliablePeer(2n);
+  const batch = (seq, lines) => encodeBatch({ stream: 5n, seq, base: 1n, lines, ack: null });
+  const bytes = (n) => new Uint8Array(n).fill(0x61);
+  assert.equal(b.retainedBytes(), 0);
+  // Out of order: payload plus 64 per fragment.
+  assert.deepEqual(b.receiveMatrix(0, batch(3n, [{ more: false, payload: bytes(10) }])), []);
+  assert.equal(b.retainedBytes(), 10 + 64);
+  // Being reassembled: the payload.
+  assert.deepEqual(b.receiveMatrix(0, batch(1n, [{ more: true, payload: bytes(20) }])), []);
+  assert.equal(b.retainedBytes(), 10 + 64 + 20);
+  // Delivered: nothing held.
+  const out = b.receiveMatrix(0, batch(2n, [{ more: false, payload: bytes(5) }]));
+  assert.deepEqual(out.map((m) => m.length), [25, 10]);
+  assert.equal(b.retainedBytes(), 0);
+  // DATA on a channel before its HELLO is held too, and shed.
+  b.onChannelOpen(0);
+  b.receiveDc(0, encodeFrame({ type: 'data', more: false, seq: 1n, payload: bytes(7) }));
+  assert.equal(b.retainedBytes(), 7 + 64);
+  b.shedIncoming();
+  assert.equal(b.retainedBytes(), 0);
+  assert.equal(b.incoming.sheds, 1);
+});
+
+test('the client sheds the peers holding the most past maxHeldBytes; connect refuses a budget below one peer', async () => {
+  const warn = console.warn;
+  console.warn = () => {};
+  try {
+    const client = new SwitchboardClient({ homeserver: 'https://hs', accessToken: 't', maxHeldBytes: 300 }, { user_id: '@me:hs' }, null);
+    client.pump = () => {};
+    const bytes = (n) => new Uint8Array(n).fill(0x62);
+    const event = (address, seq, n) => ({
+      sender: `@${address}:hs`,
+      type: 'm.room.message',
+      content: encodeBatch({ stream: 9n, seq, base: 1n, lines: [{ more: false, payload: bytes(n) }], ack: null }),
+    });
+    const small = '0x' + '1'.repeat(40);
+    const large = '0x' + '2'.repeat(40);
+    client.handleToDevice(event(small, 2n, 36)); // 100 held
+    client.handleToDevice(event(large, 2n, 136)); // 200 held: 300 in all, within
+    assert.equal(client.heldBytes, 300);
+    client.handleToDevice(event(large, 3n, 36)); // 400 in all: the larger peer lets go
+    assert.equal(client.heldBytes, 100);
+    assert.equal(client.peer(large).reliable.retainedBytes(), 0);
+    assert.equal(client.peer(large).reliable.incoming.sheds, 1);
+    assert.equal(client.peer(small).reliable.retainedBytes(), 100);
+    assert.equal(client.peer(small).heldBytes, 100);
+  } finally {
+    console.warn = warn;
+  }
+  const below = DEFAULT_LIMITS.maxMessageBytes + DEFAULT_LIMITS.reorderBufferBytes - 1;
+  await assert.rejects(connect({ homeserver: 'https://hs.invalid', accessToken: 't', maxHeldBytes: below }), (error) => {
+    assert.ok(error instanceof SwitchboardError);
+    assert.equal(error.code, 'config');
+    assert.match(error.message, /maxHeldBytes/);
+    return true;
+  });
 });
 
 function prng(seed) {
