@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import deque
 
 import pytest
 
 from switchboard_client import codec
-from switchboard_client.reliable import DcState, Full, Limits, Peer, ToDevice, TooLarge
+from switchboard_client.client import Client, ClientConfig, ConfigError, Message
+from switchboard_client.identity import address_of_user
+from switchboard_client.matrix import ToDeviceEvent
+from switchboard_client.reliable import HELD_OVERHEAD, DcState, Full, Limits, Peer, ToDevice, TooLarge
 
 
 class Sim:
@@ -297,3 +301,113 @@ def test_every_message_arrives_once_in_order_over_random_interleavings(seed: int
     sim.settle()
     assert sim.got["b"] == sent["a"]
     assert sim.got["a"] == sent["b"]
+
+
+def test_shedding_what_is_held_undelivered_loses_nothing_the_sender_still_holds() -> None:
+    sim = Sim()
+    sim.handshake()
+    # A large message (7 fragments) between two small ones.
+    sent = [msg(0), bytes(range(256)) * 400, msg(2)]
+    for m in sent:
+        sim.peers["a"].push(sim.now, m)
+    sim.poll_dc("a")
+    # B takes the first message, half of the large one, and the last one out of order.
+    last = sim.dc["b"].pop()
+    for _ in range(4):
+        sim.deliver_dc("b")
+    sim.dc["b"].appendleft(last)
+    sim.deliver_dc("b")
+    b = sim.peers["b"]
+    assert sim.got["b"] == sent[:1]
+    assert b.retained_bytes() > 3 * codec.FRAGMENT_SIZE, b.retained_bytes()
+
+    b.shed_incoming()
+    assert (b.retained_bytes(), b.incoming.counters.sheds) == (0, 1)
+    # What is still in flight arrives, then the sender's resend timer brings the rest: every
+    # message once, in order, the large one intact.
+    sim.settle()
+    assert sim.got["b"] == sent
+    assert sim.peers["a"].outgoing.counters.resend_timeouts >= 1
+
+
+def test_retained_bytes_count_out_of_order_fragments_early_data_and_partial_messages() -> None:
+    incoming = Peer(0xB1).incoming
+    assert incoming.retained_bytes() == 0
+    # DATA before the HELLO: payload plus the per-fragment overhead.
+    assert incoming.receive_dc_data(0.0, 3, codec.Line(False, b"c" * 100)) == []
+    assert incoming.retained_bytes() == 100 + HELD_OVERHEAD
+    # Out of order on a stream: held likewise; the head of a message: its bytes.
+    out = incoming.receive_batch(0.0, codec.Batch(0xA1, 3, 1, [codec.Line(False, b"z" * 50)]))
+    assert out == []
+    assert incoming.retained_bytes() == 100 + 50 + 2 * HELD_OVERHEAD
+    assert incoming.receive_batch(0.0, codec.Batch(0xA1, 1, 1, [codec.Line(True, b"x" * 1000)])) == []
+    assert incoming.retained_bytes() == 100 + 50 + 1000 + 2 * HELD_OVERHEAD
+    # The gap filled: both messages delivered, only the early DATA is left.
+    out = incoming.receive_batch(0.0, codec.Batch(0xA1, 2, 1, [codec.Line(False, b"y")]))
+    assert out == [b"x" * 1000 + b"y", b"z" * 50]
+    assert incoming.retained_bytes() == 100 + HELD_OVERHEAD
+    incoming.on_channel_lost()
+    assert incoming.retained_bytes() == 0
+    # A shed stream starts again after its last delivered message; what it sent again is taken.
+    incoming.receive_batch(0.0, codec.Batch(0xA1, 4, 1, [codec.Line(True, b"p" * 10)]))
+    incoming.receive_batch(0.0, codec.Batch(0xA1, 6, 1, [codec.Line(False, b"r")]))
+    assert incoming.retained_bytes() == 10 + 1 + HELD_OVERHEAD
+    incoming.shed()
+    assert (incoming.retained_bytes(), incoming.counters.sheds) == (0, 1)
+    again = [codec.Line(True, b"p" * 10), codec.Line(False, b"q")]
+    out = incoming.receive_batch(0.0, codec.Batch(0xA1, 4, 1, again))
+    assert out == [b"p" * 10 + b"q"]
+    assert incoming.counters.duplicates_dropped == 0
+
+
+def test_client_over_max_held_bytes_sheds_the_peer_holding_the_most() -> None:
+    # No network: the client's Matrix handling is fed directly.
+    limits = Limits(max_message_bytes=128 * 1024, reorder_buffer_bytes=4 * 1024)
+    config = ClientConfig("http://127.0.0.1:9", "token", limits=limits, max_held_bytes=132 * 1024)
+    client = Client(config, None, None)  # type: ignore[arg-type]
+    client._server_name = "example.org"
+    senders = {f"@0x{c * 40}:example.org": Peer(int(c, 16), limits) for c in ("1", "2")}
+    sends: dict[str, list[ToDevice]] = {}
+    big = {user: bytes([i]) * n for i, (user, n) in enumerate(zip(senders, (100 * 1024, 80 * 1024)))}
+    for user, sender in senders.items():
+        sender.outgoing.on_peer_speaks()
+        sender.push(0.0, big[user])
+        sends[user] = []
+        while (send := sender.poll_matrix(0.0)) is not None:
+            sender.on_homeserver_accepted(*send.lines)  # type: ignore[misc]
+            sends[user].append(send)
+    first, second = senders
+    # All but the last batch of each: both messages partly reassembled (96 KiB and 64 KiB).
+    for send in sends[first][:-1]:
+        client._to_device(ToDeviceEvent(first, send.event_type, send.content))
+    peers = {first: client._peers[address_of_user(first)]}  # type: ignore[index]
+    assert client._held_bytes == peers[first].held_bytes == 96 * 1024
+    for send in sends[second][:-1]:
+        client._to_device(ToDeviceEvent(second, send.event_type, send.content))
+    peers[second] = client._peers[address_of_user(second)]  # type: ignore[index]
+    # The peer holding the most (the first) let go when the second took the total over the budget.
+    assert peers[first].reliable.incoming.counters.sheds == 1
+    assert peers[second].reliable.incoming.counters.sheds == 0
+    assert client._held_bytes == sum(p.held_bytes for p in peers.values()) <= config.max_held_bytes
+    assert (peers[first].held_bytes, peers[second].held_bytes) == (0, 64 * 1024)
+    # The sender's resend brings the first message whole; the second completes as it was.
+    for user in (first, second):
+        client._to_device(ToDeviceEvent(user, sends[user][-1].event_type, sends[user][-1].content))
+    sender = senders[first]
+    deadline = sender.poll_timeout(0.0)
+    assert deadline is not None
+    sender.handle_timeout(deadline)
+    assert sender.outgoing.counters.resend_timeouts == 1
+    while (send := sender.poll_matrix(deadline)) is not None:
+        client._to_device(ToDeviceEvent(first, send.event_type, send.content))
+    got = [(e.address, e.data) for e in client._outbox if isinstance(e, Message)]
+    assert got == [(address_of_user(second), big[second]), (address_of_user(first), big[first])]
+    assert client._held_bytes == 0
+
+
+def test_connect_refuses_a_memory_budget_below_one_peers_bounds_before_any_request() -> None:
+    # Nothing listens on port 9 of loopback: the check comes before the homeserver is asked.
+    config = ClientConfig("http://127.0.0.1:9", "token")
+    config.max_held_bytes = config.limits.max_message_bytes
+    with pytest.raises(ConfigError, match="max_held_bytes"):
+        asyncio.run(Client.connect(config))

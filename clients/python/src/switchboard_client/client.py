@@ -67,6 +67,10 @@ class MessageTooLarge(ClientError):
     """A message larger than the whole replay buffer."""
 
 
+class ConfigError(ClientError):
+    """The configuration is not usable (the Rust client's ``ClientError::Config``)."""
+
+
 @dataclass
 class Backoff:
     initial: float = 1.0
@@ -91,6 +95,13 @@ class ClientConfig:
     events_capacity: int = 1024
     max_peers: int = 10_000
     max_waiting_sends: int = 1024
+    max_held_bytes: int = 64 * 1024 * 1024
+    """Bytes held for incoming messages not yet delivered (out-of-order fragments, messages being
+    reassembled), across all peers, at most. Each peer is bounded by :class:`Limits` (4 MiB out of
+    order, 4 MiB per message); this bounds their sum. Past it, the peers holding the most let go
+    of everything they held undelivered, largest first (``IncomingCounters.sheds``; their senders
+    send it again). At least ``limits.max_message_bytes + limits.reorder_buffer_bytes``
+    (:meth:`Client.connect` raises :class:`ConfigError` otherwise). Default 64 MiB."""
     upgrade_backoff: Backoff = field(default_factory=Backoff)
     reconnect_backoff: Backoff = field(default_factory=Backoff)
     matrix_backoff: Backoff = field(default_factory=Backoff)
@@ -182,6 +193,8 @@ class _PeerState:
     matrix_batches: int = 0
     matrix_lines: int = 0
     matrix_acks: int = 0
+    held_bytes: int = 0
+    """This peer's share of ``Client._held_bytes``, as last accounted."""
 
 
 class Client:
@@ -195,6 +208,8 @@ class Client:
         self._device_id = "PYTHON"
         self._server_name = ""
         self._peers: dict[str, _PeerState] = {}
+        # Bytes held for undelivered incoming messages across peers (bounded by max_held_bytes).
+        self._held_bytes = 0
         self._watched: set[str] = set()
         self._outbox: deque[ClientEvent] = deque()
         self._outbox_ready = asyncio.Event()
@@ -212,7 +227,16 @@ class Client:
     @classmethod
     async def connect(cls, config: ClientConfig) -> Client:
         """Checks the token (``whoami``), handles the first ``/sync``, then runs; Switchboard is
-        connected in the background (discovered from the well-known when not configured)."""
+        connected in the background (discovered from the well-known when not configured). Raises
+        :class:`ConfigError`, before any request, for a ``max_held_bytes`` below one peer's
+        bounds."""
+        needed = config.limits.max_message_bytes + config.limits.reorder_buffer_bytes
+        if config.max_held_bytes < needed:
+            # One peer may rightly hold this much; below it, a large message could never complete.
+            raise ConfigError(
+                f"max_held_bytes ({config.max_held_bytes}) is below one peer's "
+                f"max_message_bytes + reorder_buffer_bytes ({needed})"
+            )
         session = aiohttp.ClientSession()
         try:
             matrix = MatrixClient(session, base_url(config.homeserver), config.access_token)
@@ -449,12 +473,39 @@ class Client:
                 return
             messages = peer.reliable.receive_matrix(now, event.content)
         except codec.NotText:
-            return
+            messages = []
         except codec.ContentError as error:
             log.debug("client.matrix: a content dropped (%s)", error)
-            return
+            messages = []
         for data in messages:
             self._emit(Message(peer.address, data))
+        self._account_held(peer)
+        self._keep_held_bytes_bounded()
+
+    def _account_held(self, peer: _PeerState) -> None:
+        """Brings ``peer``'s share of the bytes held for undelivered incoming messages up to date."""
+        held = peer.reliable.retained_bytes()
+        self._held_bytes += held - peer.held_bytes
+        peer.held_bytes = held
+
+    def _keep_held_bytes_bounded(self) -> None:
+        """Past ``max_held_bytes`` across peers, the peers holding the most let go of what they
+        hold undelivered (their senders send it again), largest first, until the total is within
+        it."""
+        # Bounded: each pass empties one peer's share.
+        for _ in range(len(self._peers)):
+            if self._held_bytes <= self.config.max_held_bytes:
+                return
+            peer = max(self._peers.values(), key=lambda p: p.held_bytes)
+            log.warning(
+                "client.memory: max_held_bytes reached; the peer's undelivered fragments are let go "
+                "(peer %s, held %d, total %d)",
+                peer.address,
+                peer.held_bytes,
+                self._held_bytes,
+            )
+            peer.reliable.shed_incoming()
+            self._account_held(peer)
 
     def _send_matrix(self, peer: _PeerState, send: ToDevice) -> None:
         peer.matrix_busy = True
@@ -693,9 +744,11 @@ class Client:
                 messages = peer.reliable.receive_dc(now, value)
             except codec.FrameError as error:
                 log.debug("client.channel: a frame dropped (%s)", error)
-                return
+                messages = []
             for data in messages:
                 self._emit(Message(peer.address, data))
+            self._account_held(peer)
+            self._keep_held_bytes_bounded()
         elif kind == "closed":
             self._drop_link(peer, now, str(value), hangup=False)
             self._schedule_retry(peer, now)

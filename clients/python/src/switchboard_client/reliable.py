@@ -368,6 +368,9 @@ class IncomingCounters:
     out_of_order_dropped: int = 0
     oversized_dropped: int = 0
     streams_forgotten: int = 0
+    sheds: int = 0
+    """Times everything undelivered was let go of (:meth:`Incoming.shed`: the client's memory
+    budget across peers, ``ClientConfig.max_held_bytes``, was exceeded)."""
 
 
 def _held_cost(line: Line) -> int:
@@ -409,6 +412,27 @@ class Incoming:
         self.held_bytes = 0
         self.limits = limits
         self.counters = IncomingCounters()
+
+    def retained_bytes(self) -> int:
+        """Bytes this half holds for the peer: the out-of-order buffer (and DATA held before a
+        HELLO; payload plus 64 per fragment) and the messages being reassembled."""
+        return self.held_bytes + sum(len(s.partial) for s in self.streams)
+
+    def shed(self) -> None:
+        """Lets go of everything not yet delivered: each stream goes back to the first fragment
+        after its last delivered message, dropping its out-of-order buffer and the message being
+        reassembled (and DATA held before a HELLO). Nothing is acked that was not delivered, so a
+        sender that speaks the protocol sends it all again (its resend timer); fragments it
+        released unacked (towards a peer it did not know to speak the protocol) are lost. For a
+        client over its memory budget across peers (``ClientConfig.max_held_bytes``)."""
+        for stream in self.streams:
+            stream.reorder.clear()
+            stream.partial = bytearray()
+            stream.discarding = False
+            stream.next = stream.delivered + 1
+        self.early = []
+        self.held_bytes = 0
+        self.counters.sheds += 1
 
     def delivered(self, stream: int) -> int | None:
         return next((s.delivered for s in self.streams if s.id == stream), None)
@@ -621,6 +645,14 @@ class Peer:
 
     def has_room(self, length: int) -> bool:
         return self.outgoing.has_room(length)
+
+    def retained_bytes(self) -> int:
+        """Bytes held for this peer's incoming messages (:meth:`Incoming.retained_bytes`)."""
+        return self.incoming.retained_bytes()
+
+    def shed_incoming(self) -> None:
+        """Lets go of every incoming fragment not yet delivered (:meth:`Incoming.shed`)."""
+        self.incoming.shed()
 
     def rtt(self) -> float | None:
         return self.channel.rtt if self.channel else None
