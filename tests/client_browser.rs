@@ -332,7 +332,13 @@ async fn delivery_layer_unit_tests_pass_under_node() {
     .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("# pass 8") && stdout.contains("# fail 0"), "{stdout}");
+    // node's summary: `# tests N`, `# pass N`, `# fail 0`; all of the suite's 11 tests ran.
+    let count = |key: &str| {
+        stdout.lines().find_map(|line| line.strip_prefix(key)).and_then(|n| n.trim().parse::<u32>().ok())
+    };
+    assert_eq!(count("# fail "), Some(0), "{stdout}");
+    assert_eq!(count("# pass "), count("# tests "), "every test passed, none skipped: {stdout}");
+    assert!(count("# pass ").is_some_and(|n| n >= 11), "the whole suite ran: {stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
