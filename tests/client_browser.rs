@@ -78,10 +78,9 @@ fn rust_message(i: usize) -> Bytes {
     Bytes::from(format!("r{i}:{body}"))
 }
 
-/// Message `i` from the browser (drive.mjs builds the same).
+/// Message `i` from the browser, as the Rust client's events carry it.
 fn browser_message(i: usize) -> Bytes {
-    let body = if i == 50 { "é".repeat(20_000) } else { "x".repeat(60) };
-    Bytes::from(format!("b{i}:{body}"))
+    common::browser::message(i).into()
 }
 
 /// What the Rust client saw.
@@ -114,6 +113,25 @@ async fn wait<T>(rx: &mut watch::Receiver<T>, what: &str, done: impl FnMut(&T) -
         .await
         .unwrap_or_else(|_| panic!("{what} within {STEP:?}"))
         .expect("the log ended");
+}
+
+/// What every browser test here starts from: playwright-core, a real Synapse with Switchboard
+/// in-process (SQLite, its embedded relay) and Switchboard's client URL; `None` (skipped, or failed
+/// when every piece is required) when the browser or Synapse cannot run here.
+struct Stack {
+    modules: std::path::PathBuf,
+    synapse: common::Synapse,
+    running: common::Running,
+    switchboard: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn stack() -> Option<Stack> {
+    let modules = browser_tools().map_err(|why| common::skip(&why)).ok()?;
+    let dir = tempfile::tempdir().unwrap();
+    let (synapse, running) = common::with_synapse(&common::sqlite_url(dir.path()), None).await?;
+    let switchboard = format!("http://{}", running.client);
+    Some(Stack { modules, synapse, running, switchboard, _dir: dir })
 }
 
 /// Every message from the Rust side reached the browser once, in order, intact: `r0`… `r<count-1>`.
@@ -153,18 +171,10 @@ enum Opener {
 /// calls again and more messages cross the new channel. Returns the browser (for a screenshot).
 #[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 async fn interop(opener: Opener, screenshot: Option<&FsPath>) {
-    let modules = match browser_tools() {
-        Ok(modules) => modules,
-        Err(why) => return common::skip(&why),
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
-        return;
-    };
+    let Some(Stack { modules, synapse, running, switchboard, _dir }) = stack().await else { return };
     let started = Instant::now();
     let alice = synapse.register_raiden(CAPS).await;
     let bob = synapse.register_raiden(CAPS).await;
-    let switchboard = format!("http://{}", running.client);
     let mut config = ClientConfig::new(synapse.base_url.parse().unwrap(), &alice.user.access_token);
     config.switchboard = Some(switchboard.parse().unwrap());
     config.relay_only = true;
@@ -366,15 +376,7 @@ async fn browser_opens_to_rust_through_the_relay_and_survives_a_cut() {
 /// cross the new channel: every message once and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_browsers_upgrade_through_the_relay_survive_a_cut_and_upgrade_again() {
-    let modules = match browser_tools() {
-        Ok(modules) => modules,
-        Err(why) => return common::skip(&why),
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
-        return;
-    };
-    let switchboard = format!("http://{}", running.client);
+    let Some(Stack { modules, synapse, running, switchboard, _dir }) = stack().await else { return };
     let page = format!("{switchboard}/_switchboard/client/v1/demo.html");
     let alice = synapse.register_raiden(CAPS).await;
     let bob = synapse.register_raiden(CAPS).await;
@@ -453,15 +455,7 @@ async fn two_browsers_upgrade_through_the_relay_survive_a_cut_and_upgrade_again(
 /// never delivered it, and the message was lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_browser_reaches_two_peers_through_matrix_alone() {
-    let modules = match browser_tools() {
-        Ok(modules) => modules,
-        Err(why) => return common::skip(&why),
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
-        return;
-    };
-    let switchboard = format!("http://{}", running.client);
+    let Some(Stack { modules, synapse, running, switchboard, _dir }) = stack().await else { return };
     let [alice, bob, carol] = [
         synapse.register_raiden(CAPS).await,
         synapse.register_raiden(CAPS).await,
@@ -500,17 +494,9 @@ async fn the_browser_reaches_two_peers_through_matrix_alone() {
 /// and the pair ends with one channel, which carries messages both ways once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rust_and_the_browser_opening_at_once_end_with_one_channel() {
-    let modules = match browser_tools() {
-        Ok(modules) => modules,
-        Err(why) => return common::skip(&why),
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
-        return;
-    };
+    let Some(Stack { modules, synapse, running, switchboard, _dir }) = stack().await else { return };
     let alice = synapse.register_raiden(CAPS).await;
     let bob = synapse.register_raiden(CAPS).await;
-    let switchboard = format!("http://{}", running.client);
     let mut config = ClientConfig::new(synapse.base_url.parse().unwrap(), &alice.user.access_token);
     config.switchboard = Some(switchboard.parse().unwrap());
     config.relay_only = true;

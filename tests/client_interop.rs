@@ -18,13 +18,6 @@ const CAPS: &str = "webRTC=1&toDevice=1&switchboard=1";
 /// Messages each way per phase.
 const COUNT: usize = 100;
 
-/// The browser's message `i` (drive.mjs builds it): `b<i>:` and 60 `x`; number 50 is 40,002 bytes
-/// of two-byte characters (three fragments).
-fn browser_message(i: usize) -> Vec<u8> {
-    let body = if i == 50 { "é".repeat(20_000) } else { "x".repeat(60) };
-    format!("b{i}:{body}").into_bytes()
-}
-
 /// The Python side's message `i` (driven_peer.py's `send`).
 fn python_message(i: usize) -> Vec<u8> {
     format!("py-{i}").into_bytes()
@@ -98,7 +91,7 @@ impl Pair {
 
     /// Every message reached the other side once, in order, intact.
     fn assert_all_once_in_order(&self, total: usize) {
-        let want: Vec<Vec<u8>> = (0..total).map(browser_message).collect();
+        let want: Vec<Vec<u8>> = (0..total).map(common::browser::message).collect();
         assert_eq!(self.py.seen.borrow().messages, want, "the browser's messages at the Python side");
         let got = self.browser.events("message");
         assert_eq!(got.len(), total, "messages in the browser");

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::browser::{Browser, browser_tools, checksum};
+use common::browser::{Browser, browser_tools, checksum, wait};
 use common::pypeer::{PyPeer, python};
 
 use std::ops::Range;
@@ -40,13 +40,6 @@ fn rust_message(index: usize) -> Bytes {
     Bytes::from(format!("r{index}:{}", "y".repeat(60)))
 }
 
-/// Message `index` from the browser (drive.mjs builds the same): number 50 is 40,002 bytes of
-/// two-byte characters (three fragments).
-fn browser_message(index: usize) -> Bytes {
-    let body = if index == 50 { "é".repeat(20_000) } else { "x".repeat(60) };
-    Bytes::from(format!("b{index}:{body}"))
-}
-
 /// What the Rust client's event stream brought so far.
 #[derive(Default)]
 struct Seen {
@@ -69,13 +62,6 @@ fn log(mut events: ClientEvents) -> watch::Receiver<Seen> {
         }
     });
     rx
-}
-
-async fn wait(seen: &mut watch::Receiver<Seen>, what: &str, mut done: impl FnMut(&Seen) -> bool) {
-    tokio::time::timeout(STEP, seen.wait_for(|seen| done(seen)))
-        .await
-        .unwrap_or_else(|_| panic!("rust: {what} within {STEP:?}"))
-        .expect("the event log ended");
 }
 
 /// What the client under test reported so far.
@@ -125,7 +111,7 @@ struct BrowserSide(Browser);
 
 impl Other for BrowserSide {
     fn message(index: usize) -> Bytes {
-        browser_message(index)
+        common::browser::message(index).into()
     }
 
     async fn open(&mut self, address: &str) {

@@ -22,6 +22,13 @@ pub async fn wait<T>(rx: &mut watch::Receiver<T>, what: &str, done: impl FnMut(&
         .expect("the log ended");
 }
 
+/// Message `i` of drive.mjs's `send`: `b<i>:` and 60 `x`; number 50 is 40,002 bytes of two-byte
+/// characters (three fragments, cut at characters).
+pub fn message(i: usize) -> Vec<u8> {
+    let body = if i == 50 { "é".repeat(20_000) } else { "x".repeat(60) };
+    format!("b{i}:{body}").into_bytes()
+}
+
 /// drive.mjs's checksum of a message.
 pub fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(7u32, |acc, &b| acc.wrapping_mul(31).wrapping_add(u32::from(b))).into()
