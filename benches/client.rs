@@ -44,6 +44,8 @@
 // Counts, sizes and milliseconds far below 2^52.
 #![allow(clippy::cast_precision_loss)]
 
+#[path = "shared/cdf.rs"]
+mod cdf;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -52,6 +54,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cdf::{percentile, sorted};
+use plotters::style::RGBColor;
 use serde_json::{Map, Value, json};
 use switchboard::client::rtc::{Invite, LinkEvent, LinkEvents, PeerLink, RtcConfig};
 use switchboard::client::{Client, ClientConfig, ClientEvent, Fallback, Path};
@@ -227,23 +231,8 @@ impl Stack {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    // Nearest rank: a non-negative index no larger than the last.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn sorted(mut values: Vec<f64>) -> Vec<f64> {
-    values.sort_by(f64::total_cmp);
-    values
 }
 
 /// One-way latencies (ms, sorted) of `n` messages of `size` bytes from `a` to `b`, one at a time,
@@ -742,23 +731,12 @@ fn report(
     }
 }
 
-const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-
-/// Two panels of CDFs on a log time axis: one-way latency at 3.2 kB per path, payment time per
-/// path.
+/// Two panels of CDFs: one-way latency at 3.2 kB per path, payment time per path.
 fn draw_chart(
     path: &std::path::Path,
     latency: &[(String, Vec<f64>)],
     payments: &[(String, Vec<f64>)],
 ) -> Result<(), Box<dyn std::error::Error>> {
-    use plotters::prelude::*;
-    let font: &'static [u8] =
-        Box::leak(std::fs::read(FONT).map_err(|e| format!("{FONT}: {e}"))?.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| "the font does not load")?;
-    let root = BitMapBackend::new(path, (1400, 560)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (left, right) = root.split_horizontally(760);
     // One color per path in both panels.
     let color_of = |name: &str| match name {
         ROOM => RGBColor(200, 60, 40),
@@ -767,45 +745,16 @@ fn draw_chart(
         BARE => RGBColor(120, 120, 120),
         _ => RGBColor(30, 160, 90),
     };
-    for (area, title, series) in [
-        (left, "One-way latency, 3.2 kB message (CDF)", latency),
-        (right, "1-mediator payment, 20 messages (CDF)", payments),
-    ] {
-        let low =
-            series.iter().filter_map(|(_, v)| v.first()).copied().fold(f64::INFINITY, f64::min).max(0.01)
-                / 1.5;
-        let high = series.iter().filter_map(|(_, v)| v.last()).copied().fold(0.0, f64::max) * 1.5;
-        let mut chart = ChartBuilder::on(&area)
-            .caption(title, ("sans-serif", 22))
-            .margin(14)
-            .x_label_area_size(44)
-            .y_label_area_size(54)
-            .build_cartesian_2d((low..high).log_scale(), 0.0..1.0)?;
-        chart
-            .configure_mesh()
-            .x_desc("milliseconds (log scale)")
-            .y_desc("fraction ≤ x")
-            .label_style(("sans-serif", 14))
-            .draw()?;
-        for (name, values) in series {
-            let color = color_of(name);
-            let n = values.len() as f64;
-            chart
-                .draw_series(LineSeries::new(
-                    values.iter().enumerate().map(|(i, v)| (*v, (i + 1) as f64 / n)),
-                    color.stroke_width(2),
-                ))?
-                .label(format!("{name} (p50 {:.2} ms)", percentile(values, 50.0)))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3)));
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .label_font(("sans-serif", 14))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
-    }
-    root.present()?;
-    Ok(())
+    let latency: Vec<cdf::Series> =
+        latency.iter().map(|(name, values)| (name.clone(), color_of(name), values.as_slice())).collect();
+    let payments: Vec<cdf::Series> =
+        payments.iter().map(|(name, values)| (name.clone(), color_of(name), values.as_slice())).collect();
+    cdf::draw(
+        path,
+        (1400, 560),
+        [
+            ("One-way latency, 3.2 kB message (CDF)", latency),
+            ("1-mediator payment, 20 messages (CDF)", payments),
+        ],
+    )
 }

@@ -34,6 +34,8 @@
 // Counts and milliseconds far below 2^52.
 #![allow(clippy::cast_precision_loss)]
 
+#[path = "shared/cdf.rs"]
+mod cdf;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -43,9 +45,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use cdf::{percentile, sorted};
 use common::browser::{Browser, browser_tools};
 use common::pypeer::PyPeer;
 use common::raiden::Raiden;
+use plotters::style::RGBColor;
 use serde_json::{Value, json};
 use switchboard::client::{Client, ClientConfig, ClientEvent};
 use tokio::sync::mpsc;
@@ -535,21 +539,6 @@ async fn payment_run(env: &Env, mediator: Kind, channels: bool, n: u64) -> Payme
     PaymentRun { mediator, channels, times: sorted(times), synapse_cpu_ms, switchboard_cpu_ms }
 }
 
-fn sorted(mut values: Vec<f64>) -> Vec<f64> {
-    values.sort_by(f64::total_cmp);
-    values
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round();
-    // `rank` is within 0..len.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    sorted[rank as usize]
-}
-
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -662,23 +651,12 @@ fn report(count: usize, pairs: &[PairRun], payments: &[PaymentRun]) {
     }
 }
 
-const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
-
-/// Two panels of CDFs on a log time axis: one-way latency per pair, payment time per mediator and
-/// path.
+/// The chart's two panels: one-way latency per pair, payment time per mediator and path.
 fn draw_chart(
     path: &std::path::Path,
     pairs: &[PairRun],
     payments: &[PaymentRun],
 ) -> Result<(), Box<dyn std::error::Error>> {
-    use plotters::prelude::*;
-    let font: &'static [u8] =
-        Box::leak(std::fs::read(FONT).map_err(|e| format!("{FONT}: {e}"))?.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
-        .map_err(|_| "the font does not load")?;
-    let root = BitMapBackend::new(path, (1500, 620)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let (left, right) = root.split_horizontally(760);
     // The sender's kind is the hue, the listener's the shade; the mediator's kind is the hue, and
     // to-device the lighter line.
     let hue = |kind: Kind| match kind {
@@ -695,58 +673,32 @@ fn draw_chart(
         let scale = |c: u8| u8::try_from(u16::from(c) * percent / 100).unwrap();
         RGBColor(scale(r), scale(g), scale(b))
     };
-    let pair_series: Vec<(String, RGBColor, &Vec<f64>)> = pairs
+    let pair_series: Vec<cdf::Series> = pairs
         .iter()
-        .map(|p| (format!("{:?} → {:?}", p.sender, p.listener), shade(hue(p.sender), p.listener), &p.oneway))
+        .map(|p| {
+            (
+                format!("{:?} → {:?}", p.sender, p.listener),
+                shade(hue(p.sender), p.listener),
+                p.oneway.as_slice(),
+            )
+        })
         .collect();
-    let payment_series: Vec<(String, RGBColor, &Vec<f64>)> = payments
+    let payment_series: Vec<cdf::Series> = payments
         .iter()
         .map(|p| {
             let (r, g, b) = hue(p.mediator);
             // To-device: the same hue, lighter.
             let light = |c: u8| c + (255 - c) / 2;
             let color = if p.channels { RGBColor(r, g, b) } else { RGBColor(light(r), light(g), light(b)) };
-            (p.name(), color, &p.times)
+            (p.name(), color, p.times.as_slice())
         })
         .collect();
-    for (area, title, series) in [
-        (left, "One-way latency through the relay, 3.2 kB (CDF)", pair_series),
-        (right, "1-mediator payment, 20 messages (CDF)", payment_series),
-    ] {
-        let low =
-            series.iter().filter_map(|(_, _, v)| v.first()).copied().fold(f64::INFINITY, f64::min).max(0.01)
-                / 1.5;
-        let high = series.iter().filter_map(|(_, _, v)| v.last()).copied().fold(0.0, f64::max) * 1.5;
-        let mut chart = ChartBuilder::on(&area)
-            .caption(title, ("sans-serif", 22))
-            .margin(14)
-            .x_label_area_size(44)
-            .y_label_area_size(54)
-            .build_cartesian_2d((low..high).log_scale(), 0.0..1.0)?;
-        chart
-            .configure_mesh()
-            .x_desc("milliseconds (log scale)")
-            .y_desc("fraction ≤ x")
-            .label_style(("sans-serif", 14))
-            .draw()?;
-        for (name, color, values) in series {
-            let n = values.len() as f64;
-            chart
-                .draw_series(LineSeries::new(
-                    values.iter().enumerate().map(|(i, v)| (*v, (i + 1) as f64 / n)),
-                    color.stroke_width(2),
-                ))?
-                .label(format!("{name} (p50 {:.2} ms)", percentile(values, 50.0)))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3)));
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .label_font(("sans-serif", 13))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
-    }
-    root.present()?;
-    Ok(())
+    cdf::draw(
+        path,
+        (1500, 620),
+        [
+            ("One-way latency through the relay, 3.2 kB (CDF)", pair_series),
+            ("1-mediator payment, 20 messages (CDF)", payment_series),
+        ],
+    )
 }
