@@ -48,6 +48,8 @@
 mod cdf;
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "shared/coturn.rs"]
+mod coturn;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -58,6 +60,7 @@ use cdf::{percentile, sorted};
 use plotters::style::RGBColor;
 use serde_json::{Map, Value, json};
 use switchboard::client::rtc::{Invite, LinkEvent, LinkEvents, PeerLink, RtcConfig};
+use switchboard::client::signal::IceServers;
 use switchboard::client::{Client, ClientConfig, ClientEvent, Fallback, Path};
 use switchboard::signalling::EventType;
 use tokio::sync::mpsc;
@@ -122,6 +125,9 @@ impl Way {
 const ROOM: &str = "Matrix room message (Client)";
 /// The reference: the `webrtc` crate alone, two `PeerLink`s on loopback, no client around them.
 const BARE: &str = "webrtc crate alone (loopback)";
+/// The same through Switchboard's TURN relay (relay-only ICE), and through coturn.
+const BARE_SWITCHBOARD: &str = "webrtc crate alone via Switchboard's relay";
+const BARE_COTURN: &str = "webrtc crate alone via coturn";
 
 /// One client: its address, its handle, and its events stamped on arrival.
 struct Peer {
@@ -303,10 +309,24 @@ fn loopback_only(content: &Map<String, Value>) -> Map<String, Value> {
     content
 }
 
-/// Two bare [`PeerLink`]s joined on loopback, the signals handed across by hand, once both
-/// channels are open: the caller, the answerer and the answerer's events (its messages).
-async fn bare_pair() -> (PeerLink, PeerLink, LinkEvents) {
-    let config = RtcConfig { include_loopback: true, ..RtcConfig::default() };
+/// Relay-only ICE through the TURN server on 127.0.0.1:`port`, with credentials under the test
+/// secret (Switchboard's and coturn's REST scheme).
+fn bare_relay_config(port: u16) -> RtcConfig {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let credentials =
+        switchboard::turn::credentials::mint(common::TURN_SECRET.as_bytes(), "bench", now, 3600);
+    let ice = IceServers {
+        uris: vec![format!("turn:127.0.0.1:{port}?transport=udp")],
+        username: credentials.username,
+        password: credentials.password,
+        ttl: credentials.ttl,
+    };
+    RtcConfig { ice_servers: Some(ice), relay_only: true, include_loopback: true, ..RtcConfig::default() }
+}
+
+/// Two bare [`PeerLink`]s with `config` joined on loopback, the signals handed across by hand,
+/// once both channels are open: the caller, the answerer and the answerer's events (its messages).
+async fn bare_pair(config: RtcConfig) -> (PeerLink, PeerLink, LinkEvents) {
     let (a, mut a_events, invite) = PeerLink::call(config.clone(), "A").await.unwrap();
     let invite = Invite::parse(&invite.call_id, &invite.content).unwrap();
     let (b, mut b_events, answer) = PeerLink::answer(config, "B", &invite).await.unwrap();
@@ -621,14 +641,25 @@ async fn run() {
         b.client.shutdown().await;
     }
 
-    println!("{BARE}…");
-    let (a, b, mut b_events) = bare_pair().await;
-    for size in SIZES {
-        lat.push((BARE.into(), size, bare_latency(&a, &mut b_events, size, dc_messages).await));
-        thr.push((BARE.into(), size, bare_throughput(&a, &mut b_events, size, dc_burst).await));
+    // The references: the crate alone on loopback host candidates, and through each relay with
+    // relay-only ICE, Switchboard's (the one the clients above used) and coturn, in this run.
+    let coturn_port = common::free_port();
+    let _coturn = coturn::start(coturn_port, common::TURN_SECRET, common::SERVER_NAME, &[]);
+    let references = [
+        (BARE, RtcConfig { include_loopback: true, ..RtcConfig::default() }),
+        (BARE_SWITCHBOARD, bare_relay_config(stack.switchboard.turn_port.expect("the relay's port"))),
+        (BARE_COTURN, bare_relay_config(coturn_port)),
+    ];
+    for (name, config) in references {
+        println!("{name}…");
+        let (a, b, mut b_events) = bare_pair(config).await;
+        for size in SIZES {
+            lat.push((name.into(), size, bare_latency(&a, &mut b_events, size, dc_messages).await));
+            thr.push((name.into(), size, bare_throughput(&a, &mut b_events, size, dc_burst).await));
+        }
+        a.close().await;
+        b.close().await;
     }
-    a.close().await;
-    b.close().await;
 
     let mut pays = Vec::new();
     for way in &ways {
@@ -691,14 +722,23 @@ fn report(
     }
     let per_sec =
         |name: &str, size: usize| thr.iter().find(|(n, s, _)| n == name && *s == size).map(|(_, _, v)| *v);
+    // Each client path against the crate alone on the nearest path: through the same relay, and
+    // (for direct) on loopback; then Switchboard's relay against coturn's, the crate alone on both.
+    let pairs = [
+        ("data channel via TURN relay", BARE_SWITCHBOARD),
+        ("data channel direct", BARE),
+        (BARE_SWITCHBOARD, BARE_COTURN),
+        (BARE_COTURN, BARE),
+    ];
     for size in SIZES {
-        let (Some(bare_p50), Some(bare_rate)) = (p50(BARE, size), per_sec(BARE, size)) else { continue };
-        for dc in ["data channel via TURN relay", "data channel direct"] {
-            if let (Some(p), Some(rate)) = (p50(dc, size), per_sec(dc, size)) {
+        for (path, reference) in pairs {
+            if let (Some(p), Some(rate), Some(ref_p50), Some(ref_rate)) =
+                (p50(path, size), per_sec(path, size), p50(reference, size), per_sec(reference, size))
+            {
                 println!(
-                    "{size} B: {dc}: p50 {:.2}× the bare crate's, throughput {:.0} % of it",
-                    p / bare_p50,
-                    100.0 * rate / bare_rate
+                    "{size} B: {path}: p50 {:.2}× that of the {reference}, throughput {:.0} % of it",
+                    p / ref_p50,
+                    100.0 * rate / ref_rate
                 );
             }
         }
@@ -743,6 +783,8 @@ fn draw_chart(
         "Matrix to-device (Client)" => RGBColor(230, 150, 30),
         "data channel via TURN relay" => RGBColor(40, 110, 200),
         BARE => RGBColor(120, 120, 120),
+        BARE_SWITCHBOARD => RGBColor(110, 170, 230),
+        BARE_COTURN => RGBColor(150, 90, 180),
         _ => RGBColor(30, 160, 90),
     };
     let latency: Vec<cdf::Series> =

@@ -14,9 +14,13 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "shared/coturn.rs"]
+mod coturn;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use coturn::KillOnDrop;
 use std::time::Duration;
 
 use stun::attributes::{ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
@@ -48,45 +52,18 @@ struct Server {
     tls_port: u16,
 }
 
-/// A child process killed when dropped (coturn, the echo peer).
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn coturn(dir: &std::path::Path, port: u16, tls_port: u16) -> (Server, KillOnDrop) {
     let (certificate, key) = common::self_signed_certificate(dir);
-    let child = Command::new("turnserver")
-        .args(["-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "--listening-port"])
-        .arg(port.to_string())
-        .args(["--tls-listening-port", &tls_port.to_string(), "--cert"])
-        .arg(certificate)
-        .arg("--pkey")
-        .arg(key)
-        .args([
-            "--use-auth-secret",
-            &format!("--static-auth-secret={SECRET}"),
-            "--realm",
-            common::SERVER_NAME,
-        ])
-        .args(["--allow-loopback-peers", "--no-cli", "--no-dtls", "--min-port", "40000"])
-        .args([
-            "--max-port",
-            "49999",
-            "--log-file",
-            "stdout",
-            "--simple-log",
-            "--no-stun-backward-compatibility",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start turnserver (apt-get install coturn)");
-    (Server { name: "coturn", pid: child.id(), port, tls_port }, KillOnDrop(child))
+    let tls = [
+        "--tls-listening-port".into(),
+        tls_port.to_string().into(),
+        "--cert".into(),
+        certificate.into_os_string(),
+        "--pkey".into(),
+        key.into_os_string(),
+    ];
+    let process = coturn::start(port, SECRET, common::SERVER_NAME, &tls);
+    (Server { name: "coturn", pid: process.0.id(), port, tls_port }, process)
 }
 
 fn switchboard(dir: &std::path::Path, port: u16, tls_port: u16) -> (Server, common::Process) {
