@@ -755,6 +755,9 @@ async fn a_plain_raiden_node_reads_every_message_and_its_replies_reach_the_clien
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_on_a_routed_lan_connect_directly_and_the_relay_carries_nothing() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
     let Some(mut lan) = common::netns::Lan::create(2) else { return };
     let dir = tempfile::tempdir().unwrap();
     let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
