@@ -51,7 +51,7 @@ mod common;
 #[path = "shared/coturn.rs"]
 mod coturn;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -259,18 +259,55 @@ async fn latency(a: &Peer, b: &mut Peer, size: usize, n: usize) -> Vec<f64> {
     sorted(out)
 }
 
-/// UDP datagrams the kernel dropped so far for want of receive-buffer room (whole machine,
-/// `RcvbufErrors` of /proc/net/snmp).
-fn udp_receive_drops() -> u64 {
+/// UDP datagrams dropped so far: on the whole machine for want of receive-buffer room
+/// (`RcvbufErrors` of /proc/net/snmp), and on this process's own sockets, the clients' (`drops` of
+/// /proc/net/udp and udp6, for the sockets among /proc/self/fd).
+fn udp_drops() -> (u64, u64) {
     let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
     let mut udp = snmp.lines().filter(|line| line.starts_with("Udp:"));
-    let (Some(names), Some(values)) = (udp.next(), udp.next()) else { return 0 };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(name, _)| *name == "RcvbufErrors")
-        .and_then(|(_, value)| value.parse().ok())
-        .unwrap_or(0)
+    let machine = match (udp.next(), udp.next()) {
+        (Some(names), Some(values)) => names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(name, _)| *name == "RcvbufErrors")
+            .and_then(|(_, value)| value.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    };
+    let own_inodes: HashSet<String> = std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut own = 0;
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(inode), Some(drops)) = (fields.get(9), fields.get(12))
+                && own_inodes.contains(*inode)
+            {
+                own += drops.parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    (machine, own)
+}
+
+/// Prints the datagrams dropped since `before` ([`udp_drops`]), if any.
+fn report_drops(n: usize, size: usize, before: (u64, u64)) {
+    let (machine, own) = udp_drops();
+    let (machine, own) = (machine.saturating_sub(before.0), own.saturating_sub(before.1));
+    if machine > 0 || own > 0 {
+        println!(
+            "  {n} × {size} B: the kernel dropped {machine} UDP datagrams (receive buffers full); \
+             {own} at the clients' own sockets"
+        );
+    }
 }
 
 /// Messages per second of `n` messages of `size` bytes from `a` to `b`, sent as fast as `send`
@@ -278,7 +315,7 @@ fn udp_receive_drops() -> u64 {
 async fn throughput(a: &Peer, b: &mut Peer, size: usize, n: usize) -> f64 {
     let client = a.client.clone();
     let to = b.address.clone();
-    let drops = udp_receive_drops();
+    let drops = udp_drops();
     let started = Instant::now();
     let sending = tokio::spawn(async move {
         for i in 0..n {
@@ -292,10 +329,7 @@ async fn throughput(a: &Peer, b: &mut Peer, size: usize, n: usize) -> f64 {
     }
     let elapsed = started.elapsed();
     sending.await.unwrap();
-    let dropped = udp_receive_drops() - drops;
-    if dropped > 0 {
-        println!("  {n} × {size} B: the kernel dropped {dropped} UDP datagrams (receive buffers full)");
-    }
+    report_drops(n, size, drops);
     n as f64 / elapsed.as_secs_f64()
 }
 
@@ -392,7 +426,7 @@ async fn bare_latency(a: &PeerLink, b: &mut LinkEvents, size: usize, n: usize) -
 /// [`throughput`] over the bare pair (unordered channel: counted, not checked in order).
 async fn bare_throughput(a: &PeerLink, b: &mut LinkEvents, size: usize, n: usize) -> f64 {
     let link = a.clone();
-    let drops = udp_receive_drops();
+    let drops = udp_drops();
     let started = Instant::now();
     let sending = tokio::spawn(async move {
         for i in 0..n {
@@ -405,10 +439,7 @@ async fn bare_throughput(a: &PeerLink, b: &mut LinkEvents, size: usize, n: usize
     }
     let elapsed = started.elapsed();
     sending.await.unwrap();
-    let dropped = udp_receive_drops() - drops;
-    if dropped > 0 {
-        println!("  {n} × {size} B: the kernel dropped {dropped} UDP datagrams (receive buffers full)");
-    }
+    report_drops(n, size, drops);
     n as f64 / elapsed.as_secs_f64()
 }
 
