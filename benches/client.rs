@@ -37,6 +37,8 @@
 //!   and Switchboard processes, per payment.
 //! - The chart (the CDFs of one-way latency at 3.2 kB and of payment time, per path) is written to
 //!   `SWITCHBOARD_BENCH_CHART` (default docs/client-latency.png).
+//! - `SWITCHBOARD_BENCH_LOG` (a `tracing` filter such as `bench=info,webrtc_ice=trace`): logs on
+//!   stderr, each upgrade's start and end among them (to trace a slow one; slows every path).
 //!
 //! Run: `cargo bench --bench client` (after tests/run, which installs Synapse's venv, iproute2 and
 //! the font).
@@ -452,8 +454,10 @@ async fn upgrades(a: &mut Peer, b: &mut Peer, n: usize) -> Vec<f64> {
         a.down().await;
         b.down().await;
         let started = Instant::now();
+        tracing::info!(target: "bench", "upgrade: open");
         a.client.open(&b.address).await.unwrap();
         let (at, _) = a.up().await;
+        tracing::info!(target: "bench", ms = ms(at - started), "upgrade: channel up");
         b.up().await;
         out.push(ms(at - started));
     }
@@ -610,6 +614,10 @@ fn row(name: &str, values: &[f64]) -> String {
 }
 
 fn main() {
+    // `SWITCHBOARD_BENCH_LOG=webrtc_ice=trace`, say: the crates' logs on stderr (slows every path).
+    if let Ok(filter) = std::env::var("SWITCHBOARD_BENCH_LOG") {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(run());
     // The namespaces' runtimes were shut down in `run`.
