@@ -40,7 +40,7 @@ async fn python_package_tests_pass_against_the_real_stack() {
         return;
     };
     let mut users = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..5 {
         let raiden = synapse.register_raiden(CAPS).await;
         users.push(serde_json::json!({
             "address": raiden.address,

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 import pytest
 
 from switchboard_client import (
+    Backoff,
     ChannelDown,
     ChannelUp,
     Client,
     ClientConfig,
+    ManualClock,
     Message,
     Presence,
     SwitchboardConnection,
@@ -30,7 +32,7 @@ STEP = 60.0
 COUNT = 200
 
 pytestmark = pytest.mark.skipif(
-    not (HOMESERVER and SWITCHBOARD and len(USERS) >= 4), reason="no stack (run through tests/client_python.rs)"
+    not (HOMESERVER and SWITCHBOARD and len(USERS) >= 5), reason="no stack (run through tests/client_python.rs)"
 )
 
 
@@ -175,3 +177,53 @@ async def test_without_switchboard_two_python_clients_exchange_over_to_device_on
         await b.shutdown()
         a_task.cancel()
         b_task.cancel()
+
+
+async def test_reconnecting_to_switchboard_backs_off_on_the_clients_clock() -> None:
+    """The reconnect backoff (here 3 s, doubling) runs on the clock the application passes in: with a
+    :class:`ManualClock`, the client tries again exactly when the test steps the clock past it."""
+    attempts = 0
+    tried = asyncio.Event()
+
+    async def hang_up(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal attempts
+        attempts += 1
+        tried.set()
+        writer.close()  # no WebSocket handshake: the connection attempt fails
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    clock = ManualClock()
+    assert HOMESERVER is not None
+    config = ClientConfig(
+        HOMESERVER,
+        USERS[4]["access_token"],
+        switchboard=f"http://127.0.0.1:{port}",
+        reconnect_backoff=Backoff(initial=3.0, maximum=20.0),
+        clock=clock,
+    )
+    client = await asyncio.wait_for(Client.connect(config), STEP)
+
+    async def until(what: str, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + STEP
+        while not done():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} within {STEP} s")
+            tried.clear()
+            try:
+                await asyncio.wait_for(tried.wait(), 0.05)
+            except TimeoutError:
+                pass
+
+    try:
+        await until("a first attempt", lambda: attempts >= 1)
+        for backoff in (3.0, 6.0, 12.0):
+            # The driver's own waits on the clock are 1 s at most: the backoff is the longer one.
+            await until(f"a backoff of {backoff} s", lambda b=backoff: b in clock.pending())
+            before = attempts
+            clock.advance(backoff)
+            await until("the next attempt", lambda n=before + 1: attempts >= n)
+            assert attempts == before + 1, "one attempt per backoff"
+    finally:
+        await client.shutdown()
+        server.close()

@@ -19,6 +19,7 @@ from .client import (
     SwitchboardConnection,
     SyncStopped,
 )
+from .clock import Clock, ManualClock, SystemClock
 from .reliable import DcState, Limits
 
 __all__ = [
@@ -31,13 +32,16 @@ __all__ = [
     "ClientError",
     "ClientEvent",
     "ClientStopped",
+    "Clock",
     "ConfigError",
     "DcState",
     "Limits",
+    "ManualClock",
     "Message",
     "MessageTooLarge",
     "PeerStats",
     "Presence",
     "SwitchboardConnection",
+    "SystemClock",
     "SyncStopped",
 ]

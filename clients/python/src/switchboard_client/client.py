@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any, Self
 import aiohttp
 
 from . import codec
+from .clock import Clock, SystemClock
 from .identity import InvalidAddress, address_of_user, parse_address
 from .matrix import HomeserverError, MatrixClient, MatrixError, ToDeviceEvent, base_url
 from .reliable import DcState, Full, Limits, Peer, ToDevice, TooLarge, generate_stream_id
@@ -105,6 +105,9 @@ class ClientConfig:
     upgrade_backoff: Backoff = field(default_factory=Backoff)
     reconnect_backoff: Backoff = field(default_factory=Backoff)
     matrix_backoff: Backoff = field(default_factory=Backoff)
+    clock: Clock = field(default_factory=SystemClock, repr=False)
+    """Where the client reads the time and waits (backoffs, timeouts, the delivery layer's timers).
+    Default: the system's; tests pass a :class:`~switchboard_client.clock.ManualClock`."""
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,7 @@ class Client:
 
     def __init__(self, config: ClientConfig, session: aiohttp.ClientSession, matrix: MatrixClient) -> None:
         self.config = config
+        self._clock = config.clock
         self._session = session
         self._matrix = matrix
         self.user_id = ""
@@ -239,7 +243,7 @@ class Client:
             )
         session = aiohttp.ClientSession()
         try:
-            matrix = MatrixClient(session, base_url(config.homeserver), config.access_token)
+            matrix = MatrixClient(session, base_url(config.homeserver), config.access_token, clock=config.clock)
             client = cls(config, session, matrix)
             answer = await matrix._with_retry("GET", "/_matrix/client/v3/account/whoami")
             client.user_id = str(answer.get("user_id"))
@@ -305,14 +309,14 @@ class Client:
             peer.wanted = False
             peer.retry_at = None
             peer.backoff = None
-            self._drop_link(peer, time.monotonic(), "closed", hangup=True)
+            self._drop_link(peer, self._clock.monotonic(), "closed", hangup=True)
             self._wake.set()
 
     async def reset_channel(self, address: str) -> None:
         """Drops the data channel silently, as a failure would (tests, and a stuck channel)."""
         peer = self._peers.get(self._address(address))
         if peer is not None:
-            now = time.monotonic()
+            now = self._clock.monotonic()
             self._drop_link(peer, now, "reset", hangup=False)
             self._schedule_retry(peer, now)
             self._wake.set()
@@ -341,7 +345,7 @@ class Client:
         if peer is None:
             return None
         return PeerStats(
-            dc_state=peer.reliable.dc_state(time.monotonic()),
+            dc_state=peer.reliable.dc_state(self._clock.monotonic()),
             path=peer.link.path if peer.link and peer.link.open else None,
             channels_up=peer.channels_up,
             calls=peer.calls,
@@ -425,7 +429,7 @@ class Client:
 
     def _push(self, peer: _PeerState, data: bytes) -> None:
         try:
-            peer.reliable.push(time.monotonic(), data)
+            peer.reliable.push(self._clock.monotonic(), data)
         except (TooLarge, Full) as error:
             raise MessageTooLarge(str(error)) from error
 
@@ -466,7 +470,7 @@ class Client:
         except Busy:
             log.warning("client.peers: max_peers reached; a message dropped")
             return
-        now = time.monotonic()
+        now = self._clock.monotonic()
         try:
             if event.type == codec.EVENT_ACK:
                 peer.reliable.receive_matrix_ack(now, event.content)
@@ -511,12 +515,12 @@ class Client:
         peer.matrix_busy = True
 
         async def run() -> None:
-            now = time.monotonic()
+            now = self._clock.monotonic()
             try:
                 await self._matrix.send_to_device(send.event_type, peer.user_id, send.content, send.txn_id)
             except (TimeoutError, MatrixError, aiohttp.ClientError) as error:
                 log.warning("client.matrix: a send failed (%s); retrying later", type(error).__name__)
-                peer.reliable.on_matrix_failed(time.monotonic(), send)
+                peer.reliable.on_matrix_failed(self._clock.monotonic(), send)
                 peer.matrix_backoff = self.config.matrix_backoff.next(peer.matrix_backoff)
                 peer.matrix_retry_at = now + peer.matrix_backoff
             else:
@@ -552,7 +556,7 @@ class Client:
             except (SignalError, MatrixError) as error:
                 backoff = self.config.reconnect_backoff.next(backoff)
                 log.info("client.signal: not connected (%s); retrying in %.0f s", error, backoff)
-                await asyncio.sleep(backoff)
+                await self._clock.sleep(backoff)
                 continue
             backoff = None
             if conn.ready.device_id:
@@ -569,7 +573,7 @@ class Client:
             self._emit(SwitchboardConnection(False))
             if conn.close_code != 1012:
                 backoff = self.config.reconnect_backoff.next(backoff)
-                await asyncio.sleep(backoff)
+                await self._clock.sleep(backoff)
 
     async def _read_signals(self, conn: SignalConnection) -> None:
         while True:
@@ -591,7 +595,7 @@ class Client:
                 call_id = item.get("call_id")
                 for peer in self._peers.values():
                     if peer.link is not None and peer.link.call_id == call_id and not peer.link.open:
-                        now = time.monotonic()
+                        now = self._clock.monotonic()
                         self._drop_link(peer, now, f"the broker ended the call ({item.get('type')})", False)
                         self._schedule_retry(peer, now)
             self._wake.set()
@@ -626,7 +630,7 @@ class Client:
 
     def _hold(self, address: str, signal: IncomingSignal) -> None:
         """Keeps a peer's invite (and its call's next signals) until Switchboard is connected."""
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if signal.event_type == "m.call.invite":
             try:
                 peer = self._peer(address)
@@ -645,7 +649,7 @@ class Client:
 
     def _release_held(self) -> None:
         """Switchboard is connected: held invites younger than HELD_SIGNALS_FOR are answered."""
-        now = time.monotonic()
+        now = self._clock.monotonic()
         for peer in list(self._peers.values()):
             held, peer.held = peer.held, []
             if peer.link is None and peer.retry_at is not None:
@@ -660,7 +664,7 @@ class Client:
         conn = self._conn
         if conn is None:
             return
-        now = time.monotonic()
+        now = self._clock.monotonic()
         link = peer.link
         if link is not None:
             if link.call_id == signal.call_id:
@@ -713,7 +717,7 @@ class Client:
         except (RtcError, SignalError, ValueError) as error:
             log.info("client.call: the call failed (%s)", error)
             if peer.link is link:
-                now = time.monotonic()
+                now = self._clock.monotonic()
                 self._drop_link(peer, now, f"the call failed: {error}", hangup=False)
                 self._schedule_retry(peer, now)
                 self._wake.set()
@@ -721,7 +725,7 @@ class Client:
     def _link_event(self, peer: _PeerState, link: _Link, kind: str, value: Any) -> None:
         if peer.link is not link:
             return
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if kind == "open":
             link.open = True
             link.path = str(value)
@@ -791,7 +795,7 @@ class Client:
 
     async def _run(self) -> None:
         while not self._stopped:
-            now = time.monotonic()
+            now = self._clock.monotonic()
             deadline = now + 1.0
             for peer in list(self._peers.values()):
                 peer.reliable.handle_timeout(now)
@@ -805,9 +809,7 @@ class Client:
                     if at is not None:
                         deadline = min(deadline, at)
             self._wake.clear()
-            wait = max(deadline - time.monotonic(), 0.001)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            await self._clock.wait(self._wake, max(deadline - self._clock.monotonic(), 0.001))
 
     def _pump(self, peer: _PeerState, now: float) -> None:
         while peer.waiting and peer.reliable.has_room(len(peer.waiting[0][0])):

@@ -6,7 +6,6 @@ logged."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -16,6 +15,8 @@ from urllib.parse import quote
 
 import aiohttp
 import yarl
+
+from .clock import Clock, SystemClock
 
 log = logging.getLogger("switchboard_client.matrix")
 
@@ -71,7 +72,9 @@ class MatrixClient:
         access_token: str,
         request_timeout: float = 30.0,
         attempts: int = 5,
+        clock: Clock | None = None,
     ) -> None:
+        self._clock: Clock = clock or SystemClock()
         self._session = session
         self.homeserver = base_url(homeserver)
         self._token = access_token
@@ -118,7 +121,7 @@ class MatrixClient:
             except (TimeoutError, aiohttp.ClientError) as error:
                 if attempt + 1 == self._attempts:
                     raise MatrixError(f"{method}: {type(error).__name__}") from error
-            await asyncio.sleep(delay)
+            await self._clock.sleep(delay)
             delay = min(delay * 2, 8.0)
         raise MatrixError("unreachable")
 
@@ -191,12 +194,12 @@ class MatrixClient:
                 if error.status in (401, 403):
                     raise
                 log.warning("matrix.sync: %s; retrying in %.0f s", error, delay)
-                await asyncio.sleep(delay)
+                await self._clock.sleep(delay)
                 delay = min(delay * 2, 30.0)
                 continue
             except (TimeoutError, aiohttp.ClientError, MatrixError) as error:
                 log.warning("matrix.sync: %s; retrying in %.0f s", type(error).__name__, delay)
-                await asyncio.sleep(delay)
+                await self._clock.sleep(delay)
                 delay = min(delay * 2, 30.0)
                 continue
             yield events
