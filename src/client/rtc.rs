@@ -729,9 +729,6 @@ impl PeerLink {
     }
 }
 
-/// Queues the terminal event once, and wakes senders waiting for a drain. The event is queued by a
-/// task of its own, behind whatever waits for room already: whoever ends the link (a `webrtc`
-/// callback, [`PeerLink::close`]) never waits for the application to read its events.
 /// Waits for our first local candidate (or the end of gathering, `None`) and returns what it took
 /// from `candidates`: that one, or nothing if none came within
 /// [`RtcConfig::answer_candidate_wait`].
@@ -745,6 +742,9 @@ async fn first_candidate(
     }
 }
 
+/// Queues the terminal event once, and wakes senders waiting for a drain. The event is queued by a
+/// task of its own, behind whatever waits for room already: whoever ends the link (a `webrtc`
+/// callback, [`PeerLink::close`]) never waits for the application to read its events.
 fn end(inner: &Inner, event: LinkEvent) {
     if inner.ended.swap(true, Ordering::SeqCst) {
         return;
