@@ -335,12 +335,24 @@ async fn throughput(a: &Peer, b: &mut Peer, size: usize, n: usize) -> f64 {
     n as f64 / elapsed.as_secs_f64()
 }
 
-/// Only the loopback candidates of a candidates signal (and its end marker): ICE then sends
-/// nothing beyond 127.0.0.1.
+/// Only the loopback candidates of a signal (a candidates signal's list and its end marker, an
+/// invite's or answer's SDP): ICE then sends nothing beyond 127.0.0.1.
 fn loopback_only(content: &Map<String, Value>) -> Map<String, Value> {
     let mut content = content.clone();
     if let Some(Value::Array(list)) = content.get_mut("candidates") {
         list.retain(|c| c["candidate"].as_str().is_some_and(|c| c.is_empty() || c.contains(" 127.0.0.1 ")));
+    }
+    // The offer and the answer carry the first candidates in their SDP too.
+    for kind in ["offer", "answer"] {
+        let Some(Value::String(sdp)) =
+            content.get_mut(kind).and_then(|description| description.get_mut("sdp"))
+        else {
+            continue;
+        };
+        *sdp = sdp
+            .split_inclusive('\n')
+            .filter(|line| !line.starts_with("a=candidate:") || line.contains(" 127.0.0.1 "))
+            .collect();
     }
     content
 }
@@ -364,7 +376,7 @@ fn bare_relay_config(port: u16) -> RtcConfig {
 /// once both channels are open: the caller, the answerer and the answerer's events (its messages).
 async fn bare_pair(config: RtcConfig) -> (PeerLink, PeerLink, LinkEvents) {
     let (a, mut a_events, invite) = PeerLink::call(config.clone(), "A").await.unwrap();
-    let invite = Invite::parse(&invite.call_id, &invite.content).unwrap();
+    let invite = Invite::parse(&invite.call_id, &loopback_only(&invite.content)).unwrap();
     let (b, mut b_events, answer) = PeerLink::answer(config, "B", &invite).await.unwrap();
     let (mut a_open, mut b_open, mut answered) = (false, false, false);
     // The answerer's candidates, then its answer, go to the caller; the caller's candidates to
@@ -388,7 +400,7 @@ async fn bare_pair(config: RtcConfig) -> (PeerLink, PeerLink, LinkEvents) {
             (false, Some(LinkEvent::Signal(signal))) => {
                 a.handle_signal(signal.event_type, &loopback_only(&signal.content)).await.unwrap();
                 if !answered {
-                    a.handle_signal(EventType::Answer, &answer.content).await.unwrap();
+                    a.handle_signal(EventType::Answer, &loopback_only(&answer.content)).await.unwrap();
                     answered = true;
                 }
             }

@@ -3,8 +3,8 @@
 //! A [`PeerLink`] is one call (Matrix VoIP v1) that carries one data channel, labelled
 //! [`CHANNEL_LABEL`] and negotiated in-band. The caller creates it with [`PeerLink::call`], which
 //! also gives the `m.call.invite` content; the callee with [`PeerLink::answer`], from the invite,
-//! which gives the `m.call.answer` content (with the candidates gathered by our first one in its
-//! SDP). Everything else a side must send (its trickled
+//! which gives the `m.call.answer` content (both carry the candidates gathered by our first one
+//! in their SDP). Everything else a side must send (its trickled
 //! `m.call.candidates` in small batches, ending with the empty end-of-candidates candidate; the
 //! caller's `m.call.select_answer`) comes out of [`LinkEvents`] as [`LinkEvent::Signal`], and
 //! what the peer sends goes in through [`PeerLink::handle_signal`] (candidates that arrive before
@@ -99,12 +99,11 @@ pub struct RtcConfig {
     pub events_capacity: usize,
     /// Also gather loopback host candidates (tests on one machine without TURN). Default false.
     pub include_loopback: bool,
-    /// How long an answer waits for our first local candidate, to carry it in its SDP rather
-    /// than trickle it after (a host candidate comes at once, a relay one after the TURN
-    /// allocation). Past this, the answer goes without and every candidate trickles. Default
-    /// 250 ms.
-    pub answer_candidate_wait: Duration,
-    /// Where time comes from (the send stall timeout, the answer's candidate wait, closing).
+    /// How long an invite or an answer waits for our first local candidate, to carry it in its
+    /// SDP rather than trickle it after (a host candidate comes at once, a relay one after the
+    /// TURN allocation). Past this, it goes without and every candidate trickles. Default 250 ms.
+    pub first_candidate_wait: Duration,
+    /// Where time comes from (the send stall timeout, the first candidate's wait, closing).
     pub clock: Clock,
 }
 
@@ -121,7 +120,7 @@ impl Default for RtcConfig {
             stall_timeout: Duration::from_secs(30),
             events_capacity: 256,
             include_loopback: false,
-            answer_candidate_wait: Duration::from_millis(250),
+            first_candidate_wait: Duration::from_millis(250),
             clock: Clock::system(),
         }
     }
@@ -315,7 +314,8 @@ impl PeerLink {
         party_id: &str,
     ) -> Result<(PeerLink, LinkEvents, OutgoingSignal), RtcError> {
         let call_id = new_call_id();
-        let (link, events, candidates) = Self::new(config, call_id.clone(), party_id, Role::Caller).await?;
+        let (link, events, mut candidates) =
+            Self::new(config, call_id.clone(), party_id, Role::Caller).await?;
         let inner = &link.inner;
         let init = RTCDataChannelInit {
             ordered: Some(inner.config.channel.ordered),
@@ -327,7 +327,11 @@ impl PeerLink {
         wire_channel(inner, &channel);
         let offer = inner.pc.create_offer(None).await?;
         inner.pc.set_local_description(offer.clone()).await?;
-        link.start_trickle(&offer.sdp, Vec::new(), candidates);
+        // As the answer (below): the callee then knows our first candidates when it starts its
+        // checks, and through TURN its first check makes its allocation's permission for ours.
+        let taken = first_candidate(&mut candidates, &inner.config).await;
+        let offer = inner.pc.local_description().await.unwrap_or(offer);
+        link.start_trickle(&offer.sdp, taken, candidates);
         let lifetime = u64::try_from(inner.config.invite_lifetime.as_millis()).unwrap_or(u64::MAX);
         let content = link.content(json!({
             "lifetime": lifetime,
@@ -731,14 +735,14 @@ impl PeerLink {
 
 /// Waits for our first local candidate (or the end of gathering, `None`) and returns what it took
 /// from `candidates`: that one, or nothing if none came within
-/// [`RtcConfig::answer_candidate_wait`].
+/// [`RtcConfig::first_candidate_wait`].
 async fn first_candidate(
     candidates: &mut mpsc::Receiver<Option<RTCIceCandidate>>,
     config: &RtcConfig,
 ) -> Vec<Option<RTCIceCandidate>> {
     tokio::select! {
         first = candidates.recv() => first.into_iter().collect(),
-        () = config.clock.sleep(config.answer_candidate_wait) => Vec::new(),
+        () = config.clock.sleep(config.first_candidate_wait) => Vec::new(),
     }
 }
 
@@ -936,7 +940,12 @@ mod tests {
                 c["candidate"].as_str().is_some_and(|c| c.is_empty() || c.contains(" 127.0.0.1 "))
             });
         }
-        if let Some(Value::String(sdp)) = content.get_mut("answer").and_then(|answer| answer.get_mut("sdp")) {
+        for kind in ["offer", "answer"] {
+            let Some(Value::String(sdp)) =
+                content.get_mut(kind).and_then(|description| description.get_mut("sdp"))
+            else {
+                continue;
+            };
             *sdp = sdp
                 .split_inclusive('\n')
                 .filter(|line| !line.starts_with("a=candidate:") || line.contains(" 127.0.0.1 "))
@@ -945,9 +954,10 @@ mod tests {
         content
     }
 
-    /// The `a=candidate:` lines of an answer's SDP, as `candidate:…` strings.
-    fn sdp_candidates(answer: &Map<String, Value>) -> Vec<String> {
-        let sdp = answer["answer"]["sdp"].as_str().expect("an SDP");
+    /// The `a=candidate:` lines of an invite's or answer's SDP (`kind`: "offer" or "answer"), as
+    /// `candidate:…` strings.
+    fn sdp_candidates(content: &Map<String, Value>, kind: &str) -> Vec<String> {
+        let sdp = content[kind]["sdp"].as_str().expect("an SDP");
         sdp.lines()
             .filter_map(|line| line.strip_prefix("a="))
             .filter(|line| line.starts_with("candidate:"))
@@ -956,12 +966,20 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_answer_carries_the_first_candidates_and_does_not_trickle_them_again() {
+    async fn the_offer_and_the_answer_carry_the_first_candidates_and_do_not_trickle_them_again() {
         let config = RtcConfig { include_loopback: true, ..RtcConfig::default() };
         let (_a, _a_events, invite) = PeerLink::call(config.clone(), "A").await.unwrap();
-        let invite = Invite::parse(&invite.call_id, &invite.content).unwrap();
+        let in_offer = sdp_candidates(&invite.content, "offer");
+        assert!(
+            in_offer
+                .iter()
+                .any(|candidate| candidate.contains(" 127.0.0.1 ") && candidate.contains(" typ host")),
+            "the loopback host candidate is in the offer: {in_offer:?}"
+        );
+        // The invite's candidates stay out of `b`'s way: `b` gets none of them but the loopback ones.
+        let invite = Invite::parse(&invite.call_id, &loopback_only(&invite.content)).unwrap();
         let (_b, mut b_events, answer) = PeerLink::answer(config, "B", &invite).await.unwrap();
-        let in_answer = sdp_candidates(&answer.content);
+        let in_answer = sdp_candidates(&answer.content, "answer");
         assert!(
             in_answer
                 .iter()
@@ -995,7 +1013,7 @@ mod tests {
     async fn candidates_before_the_answer_are_kept_and_a_loopback_pair_is_direct() {
         let config = RtcConfig { include_loopback: true, ..RtcConfig::default() };
         let (a, mut a_events, invite) = PeerLink::call(config.clone(), "A").await.unwrap();
-        let invite = Invite::parse(&invite.call_id, &invite.content).unwrap();
+        let invite = Invite::parse(&invite.call_id, &loopback_only(&invite.content)).unwrap();
         let (b, mut b_events, answer) = PeerLink::answer(config, "B", &invite).await.unwrap();
         let step = Duration::from_secs(10);
 
