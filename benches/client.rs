@@ -61,7 +61,7 @@ use bytes::Bytes;
 use cdf::{percentile, sorted};
 use plotters::style::RGBColor;
 use serde_json::{Map, Value, json};
-use switchboard::client::rtc::{Invite, LinkEvent, LinkEvents, PeerLink, RtcConfig};
+use switchboard::client::rtc::{Invite, LinkEvent, LinkEvents, PeerLink, RtcConfig, retain_candidates};
 use switchboard::client::signal::IceServers;
 use switchboard::client::{Client, ClientConfig, ClientEvent, Fallback, Path};
 use switchboard::signalling::EventType;
@@ -335,25 +335,10 @@ async fn throughput(a: &Peer, b: &mut Peer, size: usize, n: usize) -> f64 {
     n as f64 / elapsed.as_secs_f64()
 }
 
-/// Only the loopback candidates of a signal (a candidates signal's list and its end marker, an
-/// invite's or answer's SDP): ICE then sends nothing beyond 127.0.0.1.
+/// Only the loopback candidates of a signal: ICE then sends nothing beyond 127.0.0.1.
 fn loopback_only(content: &Map<String, Value>) -> Map<String, Value> {
     let mut content = content.clone();
-    if let Some(Value::Array(list)) = content.get_mut("candidates") {
-        list.retain(|c| c["candidate"].as_str().is_some_and(|c| c.is_empty() || c.contains(" 127.0.0.1 ")));
-    }
-    // The offer and the answer carry the first candidates in their SDP too.
-    for kind in ["offer", "answer"] {
-        let Some(Value::String(sdp)) =
-            content.get_mut(kind).and_then(|description| description.get_mut("sdp"))
-        else {
-            continue;
-        };
-        *sdp = sdp
-            .split_inclusive('\n')
-            .filter(|line| !line.starts_with("a=candidate:") || line.contains(" 127.0.0.1 "))
-            .collect();
-    }
+    retain_candidates(&mut content, |candidate| candidate.contains(" 127.0.0.1 "));
     content
 }
 

@@ -145,6 +145,13 @@ async fn connect(
 }
 
 /// The tests' client settings: relay-only ICE, back on Switchboard within 2 s of its restart.
+/// `TEST_LOG=webrtc_ice=trace`, say: the crates' logs in the test's output.
+fn log_from_env() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
+}
+
 fn config(homeserver: &str, token: &str, switchboard: Option<String>) -> ClientConfig {
     let mut config = ClientConfig::new(homeserver.parse().unwrap(), token);
     config.switchboard = switchboard.map(|url| url.parse().unwrap());
@@ -183,9 +190,7 @@ async fn hundred_more_over_the_new_channel(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_upgrade_through_the_relay_and_exchange_a_thousand_messages_in_order() {
-    if let Ok(filter) = std::env::var("TEST_LOG") {
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
-    }
+    log_from_env();
     let dir = tempfile::tempdir().unwrap();
     let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {
         return;
@@ -484,9 +489,7 @@ async fn with_fallback_room_two_clients_exchange_messages_in_their_private_room_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchboard_stopped_mid_stream_leaves_matrix_carrying_on_and_a_restart_upgrades_again() {
-    if let Ok(filter) = std::env::var("TEST_LOG") {
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
-    }
+    log_from_env();
     let dir = tempfile::tempdir().unwrap();
     let database = common::sqlite_url(dir.path());
     let Some((synapse, running)) = common::with_synapse(&database, None).await else {
@@ -755,9 +758,7 @@ async fn a_plain_raiden_node_reads_every_message_and_its_replies_reach_the_clien
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_on_a_routed_lan_connect_directly_and_the_relay_carries_nothing() {
-    if let Ok(filter) = std::env::var("TEST_LOG") {
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
-    }
+    log_from_env();
     let Some(mut lan) = common::netns::Lan::create(2) else { return };
     let dir = tempfile::tempdir().unwrap();
     let Some((synapse, running)) = common::with_synapse(&common::sqlite_url(dir.path()), None).await else {

@@ -478,7 +478,8 @@ impl PeerLink {
         let in_sdp: HashSet<String> = sdp
             .lines()
             .filter_map(|line| line.strip_prefix("a="))
-            .map(|line| line.trim().to_owned())
+            .filter(|attribute| attribute.starts_with("candidate:"))
+            .map(|attribute| attribute.trim().to_owned())
             .collect();
         let weak = Arc::downgrade(&self.inner);
         let per_signal = self.inner.config.candidates_per_signal.max(1);
@@ -746,6 +747,32 @@ async fn first_candidate(
     }
 }
 
+/// Keeps only the candidates of a signal's `content` that `keep` accepts, wherever they are: an
+/// `m.call.candidates` list (whose end-of-candidates marker stays) and the `a=candidate:` lines of
+/// an invite's offer or an answer's SDP (which carry the first candidates). `keep` gets the
+/// candidate as `candidate:…`. For tests and operators who want ICE to try only some addresses,
+/// such as loopback ones.
+pub fn retain_candidates(content: &mut Map<String, Value>, keep: impl Fn(&str) -> bool) {
+    if let Some(Value::Array(list)) = content.get_mut("candidates") {
+        list.retain(|c| c["candidate"].as_str().is_some_and(|c| c.is_empty() || keep(c)));
+    }
+    for kind in ["offer", "answer"] {
+        let Some(Value::String(sdp)) =
+            content.get_mut(kind).and_then(|description| description.get_mut("sdp"))
+        else {
+            continue;
+        };
+        *sdp = sdp
+            .split_inclusive('\n')
+            .filter(|line| {
+                line.strip_prefix("a=").is_none_or(|attribute| {
+                    !attribute.starts_with("candidate:") || keep(attribute.trim_end())
+                })
+            })
+            .collect();
+    }
+}
+
 /// Queues the terminal event once, and wakes senders waiting for a drain. The event is queued by a
 /// task of its own, behind whatever waits for room already: whoever ends the link (a `webrtc`
 /// callback, [`PeerLink::close`]) never waits for the application to read its events.
@@ -931,27 +958,32 @@ mod tests {
         assert!(matches!(Invite::parse("c1", &Map::new()), Err(RtcError::Malformed(_))));
     }
 
-    /// `content` with only its loopback candidates (and the end-of-candidates marker), so that ICE
-    /// sends nothing beyond 127.0.0.1.
+    /// `content` with only its loopback candidates, so that ICE sends nothing beyond loopback.
     fn loopback_only(content: &Map<String, Value>) -> Map<String, Value> {
         let mut content = content.clone();
-        if let Some(Value::Array(list)) = content.get_mut("candidates") {
-            list.retain(|c| {
-                c["candidate"].as_str().is_some_and(|c| c.is_empty() || c.contains(" 127.0.0.1 "))
-            });
-        }
-        for kind in ["offer", "answer"] {
-            let Some(Value::String(sdp)) =
-                content.get_mut(kind).and_then(|description| description.get_mut("sdp"))
-            else {
-                continue;
-            };
-            *sdp = sdp
-                .split_inclusive('\n')
-                .filter(|line| !line.starts_with("a=candidate:") || line.contains(" 127.0.0.1 "))
-                .collect();
-        }
+        retain_candidates(&mut content, is_loopback);
         content
+    }
+
+    /// A loopback candidate, IPv4 or IPv6.
+    fn is_loopback(candidate: &str) -> bool {
+        candidate.contains(" 127.0.0.1 ") || candidate.contains(" ::1 ")
+    }
+
+    #[test]
+    fn retain_candidates_filters_the_list_and_the_sdp_and_keeps_the_rest() {
+        let lo = "candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host";
+        let lan = "candidate:2 1 udp 2130706431 10.0.0.2 5001 typ host";
+        let mut content = json!({
+            "candidates": [{ "candidate": lo }, { "candidate": lan }, { "candidate": "" }],
+            "answer": { "type": "answer", "sdp": format!("v=0\r\na=mid:0\r\na={lo}\r\na={lan}\r\na=end-of-candidates\r\n") },
+        })
+        .as_object()
+        .unwrap()
+        .clone();
+        retain_candidates(&mut content, |candidate| candidate.contains(" 127.0.0.1 "));
+        assert_eq!(content["candidates"], json!([{ "candidate": lo }, { "candidate": "" }]));
+        assert_eq!(content["answer"]["sdp"], format!("v=0\r\na=mid:0\r\na={lo}\r\na=end-of-candidates\r\n"));
     }
 
     /// The `a=candidate:` lines of an invite's or answer's SDP (`kind`: "offer" or "answer"), as
@@ -965,27 +997,26 @@ mod tests {
             .collect()
     }
 
+    /// Asserts that `content`'s SDP (`kind`: "offer" or "answer") carries a host candidate, and
+    /// returns its candidates. Which interface's comes first varies (loopback, IPv4, IPv6).
+    fn with_host_candidate(content: &Map<String, Value>, kind: &str) -> Vec<String> {
+        let candidates = sdp_candidates(content, kind);
+        assert!(
+            candidates.iter().any(|candidate| candidate.contains(" typ host")),
+            "a host candidate is in the {kind}: {candidates:?}"
+        );
+        candidates
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_offer_and_the_answer_carry_the_first_candidates_and_do_not_trickle_them_again() {
         let config = RtcConfig { include_loopback: true, ..RtcConfig::default() };
         let (_a, _a_events, invite) = PeerLink::call(config.clone(), "A").await.unwrap();
-        let in_offer = sdp_candidates(&invite.content, "offer");
-        assert!(
-            in_offer
-                .iter()
-                .any(|candidate| candidate.contains(" 127.0.0.1 ") && candidate.contains(" typ host")),
-            "the loopback host candidate is in the offer: {in_offer:?}"
-        );
+        with_host_candidate(&invite.content, "offer");
         // The invite's candidates stay out of `b`'s way: `b` gets none of them but the loopback ones.
         let invite = Invite::parse(&invite.call_id, &loopback_only(&invite.content)).unwrap();
         let (_b, mut b_events, answer) = PeerLink::answer(config, "B", &invite).await.unwrap();
-        let in_answer = sdp_candidates(&answer.content, "answer");
-        assert!(
-            in_answer
-                .iter()
-                .any(|candidate| candidate.contains(" 127.0.0.1 ") && candidate.contains(" typ host")),
-            "the loopback host candidate is in the answer: {in_answer:?}"
-        );
+        let in_answer = with_host_candidate(&answer.content, "answer");
 
         let mut trickled = Vec::new();
         for _ in 0..64 {
